@@ -1,0 +1,2 @@
+//! flowgate: a real-time access and credit gateway.
+pub mod waterfall;

@@ -1,0 +1,863 @@
+//! The waterfall engine: how much of a request is allowed, and from which pool.
+//!
+//! This module is pure. It reads no clock (the caller passes `now`), does no I/O and cannot
+//! fail: every input it receives has been validated at the boundary (config, store, request).
+//! That is what lets it be property-tested exhaustively and benchmarked in isolation.
+//!
+//! A [`Plan`] is an ordered list of [`Layer`]s. [`decide`] walks them in order against an
+//! [`AccountState`]; each eligible layer covers what it can of the units still uncovered, and
+//! the request is admitted when the layers together cover all of it (possibly split across
+//! layers and grants). [`reserve`] then applies the decision's [`Draw`]s to the state (the
+//! hold), and [`release`] gives them back exactly to the pools that paid.
+//!
+//! Units and credits are integers. A credit-priced layer covers whole units only: the credits
+//! of a fraction of a unit stay where they are.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use serde::Serialize;
+use smallvec::SmallVec;
+
+/// Units of a feature (tasks, seconds of video). Always whole.
+pub type Units = u64;
+/// Credits, the prepaid currency. Always whole.
+pub type Credits = u64;
+/// Milliseconds since the Unix epoch, UTC. The engine never reads a clock: time is passed in.
+pub type Millis = i64;
+
+const MINUTE_MS: Millis = 60_000;
+
+/// Index of a feature in the config's feature table. Interned so that the hot path compares
+/// integers, not strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FeatureId(pub u16);
+
+/// A set of features as a bitmask: at most [`FeatureSet::CAPACITY`] features per config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FeatureSet(u64);
+
+impl FeatureSet {
+    /// How many distinct features one config may declare.
+    pub const CAPACITY: usize = 64;
+    /// Every feature.
+    pub const ALL: FeatureSet = FeatureSet(u64::MAX);
+    /// No feature.
+    pub const EMPTY: FeatureSet = FeatureSet(0);
+
+    /// Adds `feature` to the set.
+    #[must_use]
+    pub fn with(self, feature: FeatureId) -> FeatureSet {
+        debug_assert!((feature.0 as usize) < Self::CAPACITY);
+        FeatureSet(self.0 | (1u64 << feature.0))
+    }
+
+    /// Whether `feature` is in the set.
+    pub fn contains(self, feature: FeatureId) -> bool {
+        self.0 & (1u64 << feature.0) != 0
+    }
+}
+
+/// A plan: the waterfall an account's requests walk, and the prices in force.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The plan's name, as configured.
+    pub name: Arc<str>,
+    /// The layers, in the order they are walked.
+    pub layers: Vec<Layer>,
+    /// Credits per unit, by [`FeatureId`]; `None` means the plan is not entitled to the feature.
+    pub prices: Vec<Option<Credits>>,
+    /// Identifies the price table, so that every charge can be explained by the price in force.
+    pub price_version: Arc<str>,
+}
+
+impl Plan {
+    /// Credits per unit of `feature`, or `None` when the plan does not include it.
+    pub fn price(&self, feature: FeatureId) -> Option<Credits> {
+        self.prices.get(feature.0 as usize).copied().flatten()
+    }
+
+    /// The longest usage-limit window of the plan, in minutes (0 if none): how much usage
+    /// history the state must keep.
+    pub fn longest_window_minutes(&self) -> u32 {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.kind {
+                LayerKind::UsageLimit { windows } => windows.iter().map(|w| w.minutes).max(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One layer of the waterfall.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// The layer's name (used in headers, decisions and error bodies).
+    pub name: Arc<str>,
+    /// Which features this layer may pay for.
+    pub features: FeatureSet,
+    /// What kind of pool the layer is.
+    pub kind: LayerKind,
+}
+
+/// The five kinds of layer of the design brief.
+#[derive(Debug, Clone)]
+pub enum LayerKind {
+    /// Included units in rate-limit windows; a unit is available only if every window has room.
+    UsageLimit {
+        /// The windows, all of which must have room.
+        windows: Vec<Window>,
+    },
+    /// An allowance of units that resets at the start of each period.
+    FreeTier {
+        /// Units per period.
+        units: Units,
+        /// The period.
+        period: Period,
+    },
+    /// Prepaid credit grants (purchases), spent in [`Grant`] order.
+    Credits,
+    /// Promotional grants, possibly limited to features, spent in [`Grant`] order.
+    Promotions,
+    /// An enterprise entitlement: a contracted pool of credits, or unlimited postpaid usage.
+    Enterprise {
+        /// Whether usage is billed afterwards instead of drawn from a pool.
+        postpaid: bool,
+    },
+}
+
+impl LayerKind {
+    /// The grant kind this layer draws from, if it is a grant-backed layer.
+    pub fn grant_kind(&self) -> Option<GrantKind> {
+        match self {
+            LayerKind::Credits => Some(GrantKind::Credits),
+            LayerKind::Promotions => Some(GrantKind::Promotion),
+            LayerKind::Enterprise { postpaid: false } => Some(GrantKind::Enterprise),
+            _ => None,
+        }
+    }
+
+    /// A short stable name for the kind, as it appears in decisions.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            LayerKind::UsageLimit { .. } => "usage_limit",
+            LayerKind::FreeTier { .. } => "free_tier",
+            LayerKind::Credits => "credits",
+            LayerKind::Promotions => "promotions",
+            LayerKind::Enterprise { postpaid: false } => "enterprise_pool",
+            LayerKind::Enterprise { postpaid: true } => "enterprise_postpaid",
+        }
+    }
+}
+
+/// A rolling usage-limit window with minute precision.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// The window's name, e.g. `5h` (used in `x-ratelimit-*` header names).
+    pub name: Arc<str>,
+    /// Length of the window in minutes.
+    pub minutes: u32,
+    /// Units allowed within any `minutes`-long span.
+    pub limit: Units,
+}
+
+/// A calendar period (UTC) after which a free tier resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    /// From midnight to midnight.
+    Day,
+    /// From Monday midnight to Monday midnight.
+    Week,
+    /// From the first of the month to the first of the next.
+    Month,
+}
+
+impl Period {
+    /// Start and end (exclusive) of the period containing `now`.
+    pub fn bounds(self, now: Millis) -> (Millis, Millis) {
+        let t = DateTime::<Utc>::from_timestamp_millis(now).unwrap_or_default();
+        let day = t.date_naive();
+        let (start, end) = match self {
+            Period::Day => (day, day.succ_opt().unwrap_or(day)),
+            Period::Week => {
+                let start = day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()));
+                (start, start + chrono::Days::new(7))
+            }
+            Period::Month => {
+                let start = NaiveDate::from_ymd_opt(day.year(), day.month(), 1).unwrap_or(day);
+                (start, start + chrono::Months::new(1))
+            }
+        };
+        let ms = |d: NaiveDate| {
+            Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+                .timestamp_millis()
+        };
+        (ms(start), ms(end))
+    }
+}
+
+/// What a grant-backed pool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// Purchased credits.
+    Credits,
+    /// Promotional credits.
+    Promotion,
+    /// An enterprise contract's pool.
+    Enterprise,
+}
+
+impl GrantKind {
+    /// The name stored in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Credits => "credits",
+            GrantKind::Promotion => "promotion",
+            GrantKind::Enterprise => "enterprise",
+        }
+    }
+
+    /// Parses the stored name.
+    pub fn parse(s: &str) -> Option<GrantKind> {
+        match s {
+            "credits" => Some(GrantKind::Credits),
+            "promotion" => Some(GrantKind::Promotion),
+            "enterprise" => Some(GrantKind::Enterprise),
+            _ => None,
+        }
+    }
+}
+
+/// A grant of credits: a purchase, a promotion or an enterprise pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The store's id of the grant; draws and balance updates refer to it.
+    pub id: i64,
+    /// Which layer kind may draw from it.
+    pub kind: GrantKind,
+    /// Credits left.
+    pub balance: Credits,
+    /// After this instant the grant is never drawn from.
+    pub expires_at: Option<Millis>,
+    /// Lower is spent first; ties go to the earliest expiry.
+    pub priority: i32,
+    /// Which features it may pay for (promotions may be limited).
+    pub features: FeatureSet,
+}
+
+impl Grant {
+    /// Whether the grant may pay for `feature` at `now`.
+    pub fn usable(&self, kind: GrantKind, feature: FeatureId, now: Millis) -> bool {
+        self.kind == kind
+            && self.features.contains(feature)
+            && self.expires_at.is_none_or(|at| now < at)
+    }
+
+    /// The order in which grants are spent: priority, then earliest expiry (never-expiring
+    /// last), then the oldest grant.
+    fn spend_order(&self) -> (i32, Millis, i64) {
+        (self.priority, self.expires_at.unwrap_or(Millis::MAX), self.id)
+    }
+}
+
+/// The in-memory state of one account: what the hot path decides against.
+#[derive(Debug, Clone)]
+pub struct AccountState {
+    /// Per-layer state, index-aligned with the plan's layers.
+    pub layers: Vec<LayerState>,
+    /// The account's grants, kept in spend order.
+    grants: Vec<Grant>,
+}
+
+/// The state a layer keeps for one account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerState {
+    /// Units used per minute, oldest first, for a usage-limit layer.
+    UsageLimit(UsageLog),
+    /// Units used in the free tier's current period.
+    FreeTier {
+        /// Start of the period the count belongs to.
+        period_start: Millis,
+        /// Units used in that period.
+        used: Units,
+    },
+    /// Grant-backed and postpaid layers keep their state in the grants.
+    Stateless,
+}
+
+/// Units used per minute, oldest first; minutes with no usage are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageLog {
+    buckets: VecDeque<(i64, Units)>,
+}
+
+impl UsageLog {
+    /// Units used in the `minutes` minutes ending with the minute of `now`.
+    pub fn used(&self, minutes: u32, now: Millis) -> Units {
+        let first = now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1;
+        self.buckets
+            .iter()
+            .rev()
+            .take_while(|(m, _)| *m >= first)
+            .map(|(_, u)| *u)
+            .sum()
+    }
+
+    /// The instant at which at least `needed` units of `window` are free, given no further
+    /// usage: the end of the minute after which enough old usage has slid out. `now` if they
+    /// are free already; `None` if the window is too small to ever hold `needed`.
+    pub fn free_at(&self, window: &Window, needed: Units, now: Millis) -> Option<Millis> {
+        if needed > window.limit {
+            return None;
+        }
+        let mut used = self.used(window.minutes, now);
+        if window.limit - used >= needed {
+            return Some(now);
+        }
+        let first = now.div_euclid(MINUTE_MS) - i64::from(window.minutes) + 1;
+        for &(minute, units) in self.buckets.iter().filter(|(m, _)| *m >= first) {
+            used -= units;
+            if window.limit - used >= needed {
+                return Some((minute + i64::from(window.minutes)) * MINUTE_MS);
+            }
+        }
+        Some(now)
+    }
+
+    /// Records `units` used in the minute of `at`.
+    fn add(&mut self, at_minute: i64, units: Units) {
+        match self.buckets.iter_mut().rev().find(|(m, _)| *m == at_minute) {
+            Some((_, u)) => *u += units,
+            None => {
+                let pos = self.buckets.partition_point(|(m, _)| *m < at_minute);
+                self.buckets.insert(pos, (at_minute, units));
+            }
+        }
+    }
+
+    /// Takes back `units` recorded in `at_minute` (a released hold).
+    fn remove(&mut self, at_minute: i64, units: Units) {
+        if let Some(pos) = self.buckets.iter().position(|(m, _)| *m == at_minute) {
+            let (_, u) = &mut self.buckets[pos];
+            *u = u.saturating_sub(units);
+            if *u == 0 {
+                self.buckets.remove(pos);
+            }
+        }
+    }
+
+    /// Forgets minutes older than `keep_minutes` before `now`: they can no longer count.
+    fn prune(&mut self, keep_minutes: u32, now: Millis) {
+        let first = now.div_euclid(MINUTE_MS) - i64::from(keep_minutes) + 1;
+        while self.buckets.front().is_some_and(|(m, _)| *m < first) {
+            self.buckets.pop_front();
+        }
+    }
+}
+
+impl AccountState {
+    /// A fresh state for `plan` at `now`: nothing used, the given grants.
+    pub fn new(plan: &Plan, grants: Vec<Grant>, now: Millis) -> AccountState {
+        let layers = plan
+            .layers
+            .iter()
+            .map(|l| match &l.kind {
+                LayerKind::UsageLimit { .. } => LayerState::UsageLimit(UsageLog::default()),
+                LayerKind::FreeTier { period, .. } => LayerState::FreeTier {
+                    period_start: period.bounds(now).0,
+                    used: 0,
+                },
+                _ => LayerState::Stateless,
+            })
+            .collect();
+        let mut state = AccountState {
+            layers,
+            grants: Vec::with_capacity(grants.len()),
+        };
+        for g in grants {
+            state.add_grant(g);
+        }
+        state
+    }
+
+    /// Adds a grant, keeping spend order.
+    pub fn add_grant(&mut self, grant: Grant) {
+        let pos = self
+            .grants
+            .partition_point(|g| g.spend_order() <= grant.spend_order());
+        self.grants.insert(pos, grant);
+    }
+
+    /// The account's grants, in spend order.
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+
+    /// Replays past usage (from the ledger, on start-up) into the layers' state.
+    pub fn replay(&mut self, plan: &Plan, draw: &Draw, now: Millis) {
+        match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
+            (Pool::Window { minute }, Some(LayerState::UsageLimit(log))) => {
+                log.add(*minute, draw.units);
+                log.prune(plan.longest_window_minutes(), now);
+            }
+            (
+                Pool::FreeTier { period_start: p },
+                Some(LayerState::FreeTier { period_start, used }),
+            ) if *p == *period_start => *used += draw.units,
+            _ => {}
+        }
+    }
+
+    /// Credits left in grants of `kind` usable for `feature` at `now`.
+    pub fn credits_available(&self, kind: GrantKind, feature: FeatureId, now: Millis) -> Credits {
+        self.grants
+            .iter()
+            .filter(|g| g.usable(kind, feature, now))
+            .map(|g| g.balance)
+            .sum()
+    }
+
+    /// Credits left in every unexpired credit and promotion grant usable for `feature`.
+    pub fn spendable_credits(&self, feature: FeatureId, now: Millis) -> Credits {
+        self.credits_available(GrantKind::Credits, feature, now)
+            + self.credits_available(GrantKind::Promotion, feature, now)
+    }
+
+    fn free_tier_used(&self, layer: usize, period: Period, now: Millis) -> Units {
+        match self.layers.get(layer) {
+            Some(LayerState::FreeTier { period_start, used })
+                if *period_start == period.bounds(now).0 =>
+            {
+                *used
+            }
+            _ => 0,
+        }
+    }
+
+    fn usage_log(&self, layer: usize) -> Option<&UsageLog> {
+        match self.layers.get(layer) {
+            Some(LayerState::UsageLimit(log)) => Some(log),
+            _ => None,
+        }
+    }
+
+    /// The status of each window of usage-limit layer `layer` at `now`.
+    pub fn windows<'a>(
+        &'a self,
+        plan: &'a Plan,
+        layer: usize,
+        now: Millis,
+    ) -> impl Iterator<Item = WindowStatus<'a>> + 'a {
+        let windows: &[Window] = match plan.layers.get(layer).map(|l| &l.kind) {
+            Some(LayerKind::UsageLimit { windows }) => windows,
+            _ => &[],
+        };
+        let log = self.usage_log(layer);
+        windows.iter().map(move |w| {
+            let used = log.map_or(0, |l| l.used(w.minutes, now));
+            let reset_at = log.and_then(|l| l.free_at(w, w.limit, now)).unwrap_or(now);
+            WindowStatus {
+                window: w,
+                used,
+                remaining: w.limit.saturating_sub(used),
+                reset_at,
+            }
+        })
+    }
+}
+
+/// A window's numbers at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowStatus<'a> {
+    /// The window.
+    pub window: &'a Window,
+    /// Units used inside it.
+    pub used: Units,
+    /// Units still allowed.
+    pub remaining: Units,
+    /// When all its current usage has slid out (equal to now when nothing is used).
+    pub reset_at: Millis,
+}
+
+/// Where a draw was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "pool", rename_all = "snake_case")]
+pub enum Pool {
+    /// A usage-limit layer, in the given minute.
+    Window {
+        /// Minute (since the epoch) the units were counted in.
+        minute: i64,
+    },
+    /// A free tier, in the period starting at `period_start`.
+    FreeTier {
+        /// Start of the period, in ms.
+        period_start: Millis,
+    },
+    /// A grant (credits, promotion or enterprise pool).
+    Grant {
+        /// The grant's store id.
+        grant_id: i64,
+    },
+    /// Unlimited enterprise usage, billed afterwards.
+    Postpaid,
+}
+
+/// One part of an admitted request's cost: `units` covered by `layer` from `pool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Draw {
+    /// Index of the layer in the plan.
+    pub layer: u8,
+    /// Where the units were taken from.
+    #[serde(flatten)]
+    pub pool: Pool,
+    /// Units covered.
+    pub units: Units,
+    /// Credits taken (0 for windows and the free tier).
+    pub credits: Credits,
+}
+
+/// What one layer had and gave, as recorded in a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerReport {
+    /// Index of the layer in the plan.
+    pub layer: u8,
+    /// Whether the layer may pay for the request's feature.
+    pub eligible: bool,
+    /// Units the layer could have covered before this request.
+    pub available_units: Units,
+    /// Credits the layer held (grant-backed layers), before this request.
+    pub available_credits: Option<Credits>,
+    /// Units it gave to this request.
+    pub gave_units: Units,
+    /// Credits it gave to this request.
+    pub gave_credits: Credits,
+    /// When the layer next has more room (windows, free tier), if it is short.
+    pub reset_at: Option<Millis>,
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Denial {
+    /// The usage limits are used up and nothing after them can pay; waiting will help.
+    UsageLimitReached {
+        /// When enough of the limits has freed up.
+        retry_at: Millis,
+    },
+    /// Nothing can pay, and waiting will not help.
+    InsufficientCredits {
+        /// Credits the uncovered units would cost.
+        needed_credits: Credits,
+        /// Credits usable for the feature.
+        available_credits: Credits,
+    },
+    /// The plan does not include the feature.
+    NotEntitled,
+}
+
+/// The answer to "how much of this request is allowed, and from which pool".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The feature asked for.
+    pub feature: FeatureId,
+    /// Units asked for.
+    pub units: Units,
+    /// Price in force (0 when not entitled).
+    pub credits_per_unit: Credits,
+    /// `None` when admitted.
+    pub denial: Option<Denial>,
+    /// How the cost is covered (empty when denied).
+    pub draws: SmallVec<[Draw; 4]>,
+    /// What every layer had and gave, in plan order.
+    pub layers: SmallVec<[LayerReport; 6]>,
+}
+
+impl Decision {
+    /// Whether the request may proceed.
+    pub fn admitted(&self) -> bool {
+        self.denial.is_none()
+    }
+
+    /// Total credits drawn.
+    pub fn credits(&self) -> Credits {
+        self.draws.iter().map(|d| d.credits).sum()
+    }
+}
+
+/// Decides how `units` of `feature` are covered for an account in `state` at `now`.
+///
+/// Walks the plan's layers in order; each eligible layer covers what it can of what is still
+/// uncovered. Does not change the state: [`reserve`] applies an admitted decision.
+pub fn decide(
+    plan: &Plan,
+    state: &AccountState,
+    feature: FeatureId,
+    units: Units,
+    now: Millis,
+) -> Decision {
+    let mut decision = Decision {
+        feature,
+        units,
+        credits_per_unit: 0,
+        denial: None,
+        draws: SmallVec::new(),
+        layers: SmallVec::new(),
+    };
+    let Some(price) = plan.price(feature) else {
+        decision.denial = Some(Denial::NotEntitled);
+        return decision;
+    };
+    decision.credits_per_unit = price;
+    let minute = now.div_euclid(MINUTE_MS);
+    let mut left = units;
+
+    for (index, layer) in plan.layers.iter().enumerate() {
+        let idx = index as u8;
+        let mut report = LayerReport {
+            layer: idx,
+            eligible: layer.features.contains(feature),
+            available_units: 0,
+            available_credits: None,
+            gave_units: 0,
+            gave_credits: 0,
+            reset_at: None,
+        };
+        if !report.eligible {
+            decision.layers.push(report);
+            continue;
+        }
+        match &layer.kind {
+            LayerKind::UsageLimit { windows } => {
+                let log = state.usage_log(index);
+                let available = windows
+                    .iter()
+                    .map(|w| {
+                        w.limit
+                            .saturating_sub(log.map_or(0, |l| l.used(w.minutes, now)))
+                    })
+                    .min()
+                    .unwrap_or(0);
+                let give = available.min(left);
+                report.available_units = available;
+                report.gave_units = give;
+                if give > 0 {
+                    decision.draws.push(Draw {
+                        layer: idx,
+                        pool: Pool::Window { minute },
+                        units: give,
+                        credits: 0,
+                    });
+                }
+                if available == give {
+                    // Short (or exactly used up): say when one more unit frees up.
+                    report.reset_at = windows
+                        .iter()
+                        .filter_map(|w| log.and_then(|l| l.free_at(w, give + 1, now)))
+                        .max();
+                }
+                left -= give;
+            }
+            LayerKind::FreeTier { units: allowance, period } => {
+                let (start, end) = period.bounds(now);
+                let available = allowance.saturating_sub(state.free_tier_used(index, *period, now));
+                let give = available.min(left);
+                report.available_units = available;
+                report.gave_units = give;
+                if available == give {
+                    report.reset_at = Some(end);
+                }
+                if give > 0 {
+                    decision.draws.push(Draw {
+                        layer: idx,
+                        pool: Pool::FreeTier {
+                            period_start: start,
+                        },
+                        units: give,
+                        credits: 0,
+                    });
+                }
+                left -= give;
+            }
+            LayerKind::Enterprise { postpaid: true } => {
+                report.available_units = left;
+                report.gave_units = left;
+                report.gave_credits = left * price;
+                if left > 0 {
+                    decision.draws.push(Draw {
+                        layer: idx,
+                        pool: Pool::Postpaid,
+                        units: left,
+                        credits: left * price,
+                    });
+                }
+                left = 0;
+            }
+            kind => {
+                let Some(grant_kind) = kind.grant_kind() else {
+                    continue;
+                };
+                let held = state.credits_available(grant_kind, feature, now);
+                let coverable = if price == 0 { left } else { held / price };
+                let give = coverable.min(left);
+                report.available_credits = Some(held);
+                report.available_units = coverable;
+                report.gave_units = give;
+                report.gave_credits = give * price;
+                let mut owed = give * price;
+                for grant in state.grants.iter().filter(|g| g.usable(grant_kind, feature, now)) {
+                    if owed == 0 {
+                        break;
+                    }
+                    let take = grant.balance.min(owed);
+                    if take == 0 {
+                        continue;
+                    }
+                    owed -= take;
+                    decision.draws.push(Draw {
+                        layer: idx,
+                        pool: Pool::Grant { grant_id: grant.id },
+                        units: 0,
+                        credits: take,
+                    });
+                }
+                debug_assert_eq!(owed, 0, "grants held less than they reported");
+                attribute_units(&mut decision.draws, idx, give, price);
+                left -= give;
+            }
+        }
+        decision.layers.push(report);
+        if left == 0 {
+            break;
+        }
+    }
+
+    if left > 0 {
+        decision.draws.clear();
+        decision.denial = Some(deny_reason(plan, state, &decision, feature, left, now));
+    }
+    decision
+}
+
+/// Spreads a grant layer's `units` over its draws in proportion to their credits, so that each
+/// draw says how many units it paid for (a unit split between two grants goes to the first).
+fn attribute_units(draws: &mut [Draw], layer: u8, units: Units, price: Credits) {
+    if price == 0 {
+        if let Some(first) = draws.iter_mut().find(|d| d.layer == layer) {
+            first.units = units;
+        }
+        return;
+    }
+    let mut paid: Credits = 0;
+    let mut given: Units = 0;
+    for draw in draws.iter_mut().filter(|d| d.layer == layer) {
+        paid += draw.credits;
+        let covered = paid.div_ceil(price).min(units);
+        draw.units = covered - given;
+        given = covered;
+    }
+}
+
+/// Decides whether waiting for the usage limits would admit the request (429 with a reset
+/// time) or whether only more credits would (no point retrying).
+fn deny_reason(
+    plan: &Plan,
+    state: &AccountState,
+    decision: &Decision,
+    feature: FeatureId,
+    short: Units,
+    now: Millis,
+) -> Denial {
+    let price = decision.credits_per_unit;
+    // Waiting helps only if one usage-limit layer, once enough of it frees up, could cover
+    // what it gives now plus the shortfall.
+    let retry_at = plan
+        .layers
+        .iter()
+        .zip(&decision.layers)
+        .filter(|(_, r)| r.eligible)
+        .filter_map(|(layer, report)| match &layer.kind {
+            LayerKind::UsageLimit { windows } => {
+                let log = state.usage_log(report.layer as usize)?;
+                let needed = report.gave_units + short;
+                windows
+                    .iter()
+                    .map(|w| log.free_at(w, needed, now))
+                    .try_fold(now, |latest, at| at.map(|at| latest.max(at)))
+            }
+            _ => None,
+        })
+        .min();
+    match retry_at {
+        Some(retry_at) if retry_at > now => Denial::UsageLimitReached { retry_at },
+        _ => Denial::InsufficientCredits {
+            needed_credits: short.saturating_mul(price),
+            available_credits: state.spendable_credits(feature, now),
+        },
+    }
+}
+
+/// Applies an admitted decision's draws to the state: the hold.
+pub fn reserve(plan: &Plan, state: &mut AccountState, decision: &Decision, now: Millis) {
+    debug_assert!(decision.admitted());
+    for draw in &decision.draws {
+        apply_draw(plan, state, draw, now, Direction::Take);
+    }
+}
+
+/// Gives `draws` back to exactly the pools that paid them (a released hold, a refund).
+pub fn release(plan: &Plan, state: &mut AccountState, draws: &[Draw], now: Millis) {
+    for draw in draws {
+        apply_draw(plan, state, draw, now, Direction::Give);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Take,
+    Give,
+}
+
+fn apply_draw(plan: &Plan, state: &mut AccountState, draw: &Draw, now: Millis, dir: Direction) {
+    match (&draw.pool, state.layers.get_mut(draw.layer as usize)) {
+        (Pool::Window { minute }, Some(LayerState::UsageLimit(log))) => match dir {
+            Direction::Take => {
+                log.add(*minute, draw.units);
+                log.prune(plan.longest_window_minutes(), now);
+            }
+            Direction::Give => log.remove(*minute, draw.units),
+        },
+        (Pool::FreeTier { period_start: p }, Some(LayerState::FreeTier { period_start, used })) => {
+            match dir {
+                Direction::Take => {
+                    if *period_start != *p {
+                        *period_start = *p;
+                        *used = 0;
+                    }
+                    *used += draw.units;
+                }
+                // A hold released after its period ended has nothing left to give back.
+                Direction::Give if *period_start == *p => *used = used.saturating_sub(draw.units),
+                Direction::Give => {}
+            }
+        }
+        (Pool::Grant { grant_id }, _) => {
+            if let Some(grant) = state.grants.iter_mut().find(|g| g.id == *grant_id) {
+                match dir {
+                    Direction::Take => {
+                        debug_assert!(grant.balance >= draw.credits, "overdrawn grant");
+                        grant.balance = grant.balance.saturating_sub(draw.credits);
+                    }
+                    Direction::Give => grant.balance += draw.credits,
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;
