@@ -183,7 +183,8 @@ impl Period {
         let (start, end) = match self {
             Period::Day => (day, day.succ_opt().unwrap_or(day)),
             Period::Week => {
-                let start = day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()));
+                let start =
+                    day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()));
                 (start, start + chrono::Days::new(7))
             }
             Period::Month => {
@@ -260,7 +261,11 @@ impl Grant {
     /// The order in which grants are spent: priority, then earliest expiry (never-expiring
     /// last), then the oldest grant.
     fn spend_order(&self) -> (i32, Millis, i64) {
-        (self.priority, self.expires_at.unwrap_or(Millis::MAX), self.id)
+        (
+            self.priority,
+            self.expires_at.unwrap_or(Millis::MAX),
+            self.id,
+        )
     }
 }
 
@@ -661,7 +666,10 @@ pub fn decide(
                 }
                 left -= give;
             }
-            LayerKind::FreeTier { units: allowance, period } => {
+            LayerKind::FreeTier {
+                units: allowance,
+                period,
+            } => {
                 let (start, end) = period.bounds(now);
                 let available = allowance.saturating_sub(state.free_tier_used(index, *period, now));
                 let give = available.min(left);
@@ -708,7 +716,11 @@ pub fn decide(
                 report.gave_units = give;
                 report.gave_credits = give * price;
                 let mut owed = give * price;
-                for grant in state.grants.iter().filter(|g| g.usable(grant_kind, feature, now)) {
+                for grant in state
+                    .grants
+                    .iter()
+                    .filter(|g| g.usable(grant_kind, feature, now))
+                {
                     if owed == 0 {
                         break;
                     }

@@ -1,0 +1,790 @@
+//! Configuration: one TOML file, parsed at the boundary into validated [`Settings`].
+//!
+//! Parsing happens in two steps. serde turns the text into the `Raw*` structs (rejecting
+//! unknown keys and wrong types, with the line of the offence); [`Settings::compile`] then checks
+//! what serde cannot (references between sections, positive amounts, durations) and interns
+//! feature names, so that nothing downstream handles an unchecked string. Every error names the
+//! key and, where the text has one, the line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::waterfall::{self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Period, Plan};
+
+/// A configuration that cannot be used, with the key and line at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config error{}: {key}: {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The dotted path of the offending key, e.g. `routes[2].upstream`.
+    pub key: String,
+    /// The 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// The environment variable that overrides `store.url` (it may carry a password).
+pub const STORE_URL_ENV: &str = "FLOWGATE_STORE_URL";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerSettings,
+    store: StoreSettings,
+    identity: IdentitySettings,
+    #[serde(default)]
+    upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    accounts: Vec<RawAccount>,
+}
+
+/// `[server]`: the listener and how requests are answered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// How long to wait for an upstream's response headers before answering 504.
+    #[serde(default = "defaults::upstream_timeout_ms")]
+    pub upstream_timeout_ms: u64,
+    /// Largest request body read to compute a cost from a JSON field.
+    #[serde(default = "defaults::request_body_bytes_max")]
+    pub request_body_bytes_max: usize,
+    /// How a request that only more credits would admit is answered.
+    #[serde(default)]
+    pub credits_denial: CreditsDenial,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Idle upstream connections are closed after this long.
+    #[serde(default = "defaults::upstream_idle_timeout_ms")]
+    pub upstream_idle_timeout_ms: u64,
+    /// How long an `Idempotency-Key` is remembered in memory (the store remembers forever).
+    #[serde(default = "defaults::idempotency_ttl_s")]
+    pub idempotency_ttl_s: u64,
+}
+
+/// The answer when credits are short and waiting will not help.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditsDenial {
+    /// 402 Payment Required, error type `insufficient_credits`.
+    #[default]
+    PaymentRequired,
+    /// 429 with error type `insufficient_quota`, as OpenAI answers (for clients on its SDKs).
+    InsufficientQuota,
+}
+
+/// `[store]`: where the ledger lives and how it is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://path/to/file.db` (created if missing). Overridden by `FLOWGATE_STORE_URL`.
+    pub url: String,
+    /// Whether `serve` applies migrations on start-up.
+    #[serde(default = "defaults::yes")]
+    pub migrate_on_start: bool,
+    /// Most ledger entries committed in one transaction.
+    #[serde(default = "defaults::ledger_batch_size_max")]
+    pub ledger_batch_size_max: usize,
+    /// Longest an entry waits for its batch to fill before it is committed anyway.
+    #[serde(default = "defaults::ledger_flush_interval_ms")]
+    pub ledger_flush_interval_ms: u64,
+    /// Most entries waiting to be committed; past it, new requests are refused with 503 until
+    /// the writer catches up (queued usage itself is never dropped).
+    #[serde(default = "defaults::ledger_queue_max")]
+    pub ledger_queue_max: usize,
+}
+
+/// `[identity]`: who is calling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// `api_key`: a key in `header` (optionally `Bearer `-prefixed) maps to an account;
+    /// `trusted_header`: an upstream auth layer has put the account id in `header`.
+    pub mode: IdentityMode,
+    /// The header to read.
+    #[serde(default = "defaults::identity_header")]
+    pub header: String,
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMode {
+    /// An API key mapped to an account.
+    ApiKey,
+    /// A header set by a trusted layer in front (sidecar mode).
+    TrustedHeader,
+}
+
+mod defaults {
+    pub fn upstream_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn request_body_bytes_max() -> usize {
+        1 << 20
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        10_000
+    }
+    pub fn upstream_idle_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn idempotency_ttl_s() -> u64 {
+        24 * 3600
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn ledger_batch_size_max() -> usize {
+        512
+    }
+    pub fn ledger_flush_interval_ms() -> u64 {
+        5
+    }
+    pub fn ledger_queue_max() -> usize {
+        100_000
+    }
+    pub fn identity_header() -> String {
+        "authorization".into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    method: Spanned<String>,
+    path: Spanned<String>,
+    feature: Spanned<String>,
+    upstream: Spanned<String>,
+    cost: Spanned<CostRule>,
+}
+
+/// How a route's cost in units is found.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CostRule {
+    /// Every request costs this many units.
+    Fixed(u64),
+    /// The units are the integer value of this request header.
+    Header(String),
+    /// The units are the integer at this JSON pointer (RFC 6901, e.g. `/seconds`) of the body.
+    Json(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    price_version: String,
+    #[serde(default)]
+    prices: BTreeMap<String, Spanned<u64>>,
+    #[serde(default)]
+    layers: Vec<RawLayer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayer {
+    kind: Spanned<String>,
+    name: Option<String>,
+    features: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    windows: Vec<RawWindow>,
+    units: Option<u64>,
+    period: Option<Spanned<String>>,
+    #[serde(default)]
+    postpaid: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    name: Spanned<String>,
+    duration: Spanned<String>,
+    limit: Spanned<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: Spanned<String>,
+    plan: Spanned<String>,
+    #[serde(default)]
+    suspended: bool,
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    grants: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    id: String,
+    kind: Spanned<String>,
+    amount: Spanned<u64>,
+    expires_at: Option<Spanned<String>>,
+    #[serde(default)]
+    priority: i32,
+    features: Option<Spanned<Vec<String>>>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[store]`, with the environment override applied.
+    pub store: StoreSettings,
+    /// `[identity]`.
+    pub identity: IdentitySettings,
+    /// Feature names, indexed by [`FeatureId`].
+    pub features: Vec<Arc<str>>,
+    /// Upstreams, indexed by [`Route::upstream`].
+    pub upstreams: Vec<Upstream>,
+    /// Proxied routes.
+    pub routes: Vec<Route>,
+    /// Plans by name.
+    pub plans: HashMap<String, Arc<Plan>>,
+    /// Accounts to create (and grants to give) on start-up if the store lacks them.
+    pub accounts: Vec<AccountSeed>,
+}
+
+/// An upstream server.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Its name in the config.
+    pub name: String,
+    /// `http://host:port`, without a path.
+    pub base: http::uri::Authority,
+}
+
+/// A proxied route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The HTTP method it matches.
+    pub method: http::Method,
+    /// The path pattern (axum syntax: `/v1/tasks/{id}`).
+    pub path: String,
+    /// The feature its units count as.
+    pub feature: FeatureId,
+    /// Index into [`Settings::upstreams`].
+    pub upstream: usize,
+    /// How its cost is found.
+    pub cost: CostRule,
+}
+
+/// An account declared in the config.
+#[derive(Debug, Clone)]
+pub struct AccountSeed {
+    /// The account id.
+    pub id: String,
+    /// Its plan's name (checked to exist).
+    pub plan: String,
+    /// Whether its requests are refused.
+    pub suspended: bool,
+    /// SHA-256 hashes (hex) of its API keys; the keys themselves are not kept.
+    pub key_hashes: Vec<String>,
+    /// Grants to give it once.
+    pub grants: Vec<GrantSeed>,
+}
+
+/// A grant declared in the config, given once (keyed by account and `external_id`).
+#[derive(Debug, Clone)]
+pub struct GrantSeed {
+    /// The grant's id in the config, unique per account.
+    pub external_id: String,
+    /// What it is.
+    pub kind: GrantKind,
+    /// Credits granted (> 0).
+    pub amount: u64,
+    /// When it expires.
+    pub expires_at: Option<i64>,
+    /// Spend priority (lower first).
+    pub priority: i32,
+    /// Feature names it may pay for (`None`: all).
+    pub features: Option<Vec<String>>,
+}
+
+/// Hashes an API key for storage and lookup; keys are never stored or logged in clear.
+pub fn hash_api_key(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(
+        &self,
+        key: impl Into<String>,
+        span: Option<std::ops::Range<usize>>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            key: key.into(),
+            line: span.map(|s| {
+                self.text[..s.start.min(self.text.len())]
+                    .lines()
+                    .count()
+                    .max(1)
+            }),
+            message: message.into(),
+        })
+    }
+}
+
+impl Settings {
+    /// Reads and validates the file at `path`, applying environment overrides.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: path.display().to_string(),
+            line: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        let mut settings = Settings::parse(&text)?;
+        if let Ok(url) = std::env::var(STORE_URL_ENV) {
+            settings.store.url = url;
+        }
+        Ok(settings)
+    }
+
+    /// Parses and validates config text (no environment overrides).
+    pub fn parse(text: &str) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                key: "(parse)".into(),
+                line,
+                message: e.message().to_string(),
+            }
+        })?;
+        Settings::compile(raw, &Ctx { text })
+    }
+
+    fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigError> {
+        let store = raw.store;
+        if store.ledger_batch_size_max == 0 || store.ledger_queue_max == 0 {
+            return cx.err("store.ledger_batch_size_max", None, "must be at least 1");
+        }
+
+        let mut upstreams = Vec::new();
+        for (name, up) in &raw.upstreams {
+            let uri: http::Uri = match up.url.get_ref().parse() {
+                Ok(u) => u,
+                Err(e) => {
+                    return cx.err(
+                        format!("upstreams.{name}.url"),
+                        Some(up.url.span()),
+                        format!("not a URL: {e}"),
+                    );
+                }
+            };
+            let (Some("http"), Some(authority), true) = (
+                uri.scheme_str(),
+                uri.authority(),
+                uri.path() == "/" || uri.path().is_empty(),
+            ) else {
+                return cx.err(
+                    format!("upstreams.{name}.url"),
+                    Some(up.url.span()),
+                    "must be http://host:port with no path",
+                );
+            };
+            upstreams.push(Upstream {
+                name: name.clone(),
+                base: authority.clone(),
+            });
+        }
+
+        let mut features: Vec<Arc<str>> = Vec::new();
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            let method = match http::Method::from_bytes(
+                r.method.get_ref().to_ascii_uppercase().as_bytes(),
+            ) {
+                Ok(m) => m,
+                Err(_) => {
+                    return cx.err(key("method"), Some(r.method.span()), "not an HTTP method");
+                }
+            };
+            if !r.path.get_ref().starts_with('/') {
+                return cx.err(key("path"), Some(r.path.span()), "must start with '/'");
+            }
+            let Some(upstream) = upstreams
+                .iter()
+                .position(|u| &u.name == r.upstream.get_ref())
+            else {
+                return cx.err(
+                    key("upstream"),
+                    Some(r.upstream.span()),
+                    format!(
+                        "unknown upstream {:?} (declared: {})",
+                        r.upstream.get_ref(),
+                        upstreams
+                            .iter()
+                            .map(|u| u.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            };
+            let name = r.feature.get_ref();
+            if !valid_name(name) {
+                return cx.err(
+                    key("feature"),
+                    Some(r.feature.span()),
+                    "use letters, digits, '_' and '-' only",
+                );
+            }
+            let feature = match features.iter().position(|f| &**f == name.as_str()) {
+                Some(p) => p,
+                None => {
+                    if features.len() == FeatureSet::CAPACITY {
+                        return cx.err(
+                            key("feature"),
+                            Some(r.feature.span()),
+                            format!("at most {} features", FeatureSet::CAPACITY),
+                        );
+                    }
+                    features.push(name.as_str().into());
+                    features.len() - 1
+                }
+            };
+            let cost = r.cost.get_ref().clone();
+            match &cost {
+                CostRule::Fixed(0) => {
+                    return cx.err(key("cost.fixed"), Some(r.cost.span()), "must be at least 1");
+                }
+                CostRule::Header(h) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                    return cx.err(
+                        key("cost.header"),
+                        Some(r.cost.span()),
+                        "not a valid header name",
+                    );
+                }
+                CostRule::Json(p) if !p.starts_with('/') => {
+                    return cx.err(
+                        key("cost.json"),
+                        Some(r.cost.span()),
+                        "a JSON pointer starts with '/', e.g. \"/seconds\"",
+                    );
+                }
+                _ => {}
+            }
+            routes.push(Route {
+                method,
+                path: r.path.get_ref().clone(),
+                feature: FeatureId(feature as u16),
+                upstream,
+                cost,
+            });
+        }
+
+        let feature_set =
+            |key: String, list: &Option<Spanned<Vec<String>>>| -> Result<FeatureSet, ConfigError> {
+                let Some(list) = list else {
+                    return Ok(FeatureSet::ALL);
+                };
+                let mut set = FeatureSet::EMPTY;
+                for name in list.get_ref() {
+                    match features.iter().position(|f| **f == **name) {
+                        Some(p) => set = set.with(FeatureId(p as u16)),
+                        None => {
+                            return cx.err(
+                                key,
+                                Some(list.span()),
+                                format!(
+                                    "unknown feature {name:?} (routes declare: {})",
+                                    features.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                Ok(set)
+            };
+
+        let mut plans = HashMap::new();
+        for (plan_name, p) in &raw.plans {
+            let mut prices = vec![None; features.len()];
+            for (feature, price) in &p.prices {
+                let Some(pos) = features.iter().position(|f| **f == **feature) else {
+                    return cx.err(
+                        format!("plans.{plan_name}.prices.{feature}"),
+                        Some(price.span()),
+                        format!("unknown feature (routes declare: {})", features.join(", ")),
+                    );
+                };
+                prices[pos] = Some(*price.get_ref());
+            }
+            let mut layers = Vec::new();
+            for (i, l) in p.layers.iter().enumerate() {
+                let key = |k: &str| format!("plans.{plan_name}.layers[{i}].{k}");
+                let kind = match l.kind.get_ref().as_str() {
+                    "usage_limit" => {
+                        if l.windows.is_empty() {
+                            return cx.err(key("windows"), Some(l.kind.span()), "a usage_limit layer needs at least one window");
+                        }
+                        let mut windows = Vec::new();
+                        for (j, w) in l.windows.iter().enumerate() {
+                            let wkey = |k: &str| key(&format!("windows[{j}].{k}"));
+                            let name = w.name.get_ref();
+                            if !valid_name(name) {
+                                return cx.err(wkey("name"), Some(w.name.span()), "use letters, digits, '_' and '-' only (it becomes a header name)");
+                            }
+                            let minutes = match humantime::parse_duration(w.duration.get_ref()) {
+                                Ok(d) if d.as_secs() >= 60 && d.as_secs() % 60 == 0 && d.as_secs() / 60 <= u64::from(u32::MAX) => (d.as_secs() / 60) as u32,
+                                Ok(_) => return cx.err(wkey("duration"), Some(w.duration.span()), "must be a whole number of minutes, at least 1m"),
+                                Err(e) => return cx.err(wkey("duration"), Some(w.duration.span()), format!("not a duration like \"5h\" or \"7days\": {e}")),
+                            };
+                            if *w.limit.get_ref() == 0 {
+                                return cx.err(wkey("limit"), Some(w.limit.span()), "must be at least 1");
+                            }
+                            windows.push(waterfall::Window { name: name.as_str().into(), minutes, limit: *w.limit.get_ref() });
+                        }
+                        LayerKind::UsageLimit { windows }
+                    }
+                    "free_tier" => {
+                        let Some(units) = l.units.filter(|u| *u > 0) else {
+                            return cx.err(key("units"), Some(l.kind.span()), "a free_tier layer needs units >= 1");
+                        };
+                        let period = match l.period.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+                            Some(("day", _)) => Period::Day,
+                            Some(("week", _)) => Period::Week,
+                            Some(("month", _)) | None => Period::Month,
+                            Some((_, span)) => return cx.err(key("period"), Some(span), "must be \"day\", \"week\" or \"month\""),
+                        };
+                        LayerKind::FreeTier { units, period }
+                    }
+                    "credits" => LayerKind::Credits,
+                    "promotions" => LayerKind::Promotions,
+                    "enterprise" => LayerKind::Enterprise { postpaid: l.postpaid },
+                    other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise)")),
+                };
+                let name = l.name.clone().unwrap_or_else(|| kind.tag().to_string());
+                layers.push(Layer {
+                    name: name.into(),
+                    features: feature_set(key("features"), &l.features)?,
+                    kind,
+                });
+            }
+            if layers.len() > usize::from(u8::MAX) {
+                return cx.err(
+                    format!("plans.{plan_name}.layers"),
+                    None,
+                    "at most 255 layers",
+                );
+            }
+            plans.insert(
+                plan_name.clone(),
+                Arc::new(Plan {
+                    name: plan_name.as_str().into(),
+                    layers,
+                    prices,
+                    price_version: p.price_version.as_str().into(),
+                }),
+            );
+        }
+
+        let mut accounts: Vec<AccountSeed> = Vec::new();
+        for (i, a) in raw.accounts.iter().enumerate() {
+            let key = |k: &str| format!("accounts[{i}].{k}");
+            let id = a.id.get_ref();
+            if id.is_empty() || id.len() > 128 || accounts.iter().any(|s| &s.id == id) {
+                return cx.err(
+                    key("id"),
+                    Some(a.id.span()),
+                    "must be unique, 1 to 128 characters",
+                );
+            }
+            if !plans.contains_key(a.plan.get_ref()) {
+                return cx.err(
+                    key("plan"),
+                    Some(a.plan.span()),
+                    format!("unknown plan {:?}", a.plan.get_ref()),
+                );
+            }
+            let mut grants: Vec<GrantSeed> = Vec::new();
+            for (j, g) in a.grants.iter().enumerate() {
+                let gkey = |k: &str| key(&format!("grants[{j}].{k}"));
+                if grants.iter().any(|s| s.external_id == g.id) {
+                    return cx.err(
+                        gkey("id"),
+                        Some(g.kind.span()),
+                        "duplicate grant id for this account",
+                    );
+                }
+                let Some(kind) = GrantKind::parse(g.kind.get_ref()) else {
+                    return cx.err(
+                        gkey("kind"),
+                        Some(g.kind.span()),
+                        "must be \"credits\", \"promotion\" or \"enterprise\"",
+                    );
+                };
+                if *g.amount.get_ref() == 0 || *g.amount.get_ref() > i64::MAX as u64 {
+                    return cx.err(
+                        gkey("amount"),
+                        Some(g.amount.span()),
+                        "must be a positive integer",
+                    );
+                }
+                let expires_at = match &g.expires_at {
+                    None => None,
+                    Some(s) => match DateTime::parse_from_rfc3339(s.get_ref()) {
+                        Ok(t) => Some(t.with_timezone(&Utc).timestamp_millis()),
+                        Err(e) => {
+                            return cx.err(
+                                gkey("expires_at"),
+                                Some(s.span()),
+                                format!("not an RFC 3339 time like 2027-01-01T00:00:00Z: {e}"),
+                            );
+                        }
+                    },
+                };
+                let features = match &g.features {
+                    None => None,
+                    Some(list) => {
+                        feature_set(gkey("features"), &g.features)?;
+                        Some(list.get_ref().clone())
+                    }
+                };
+                grants.push(GrantSeed {
+                    external_id: g.id.clone(),
+                    kind,
+                    amount: *g.amount.get_ref(),
+                    expires_at,
+                    priority: g.priority,
+                    features,
+                });
+            }
+            accounts.push(AccountSeed {
+                id: id.clone(),
+                plan: a.plan.get_ref().clone(),
+                suspended: a.suspended,
+                key_hashes: a.api_keys.iter().map(|k| hash_api_key(k)).collect(),
+                grants,
+            });
+        }
+
+        Ok(Settings {
+            server: raw.server,
+            store,
+            identity: raw.identity,
+            features,
+            upstreams,
+            routes,
+            plans,
+            accounts,
+        })
+    }
+
+    /// The id of a feature name, if the config declares it.
+    pub fn feature_id(&self, name: &str) -> Option<FeatureId> {
+        self.features
+            .iter()
+            .position(|f| &**f == name)
+            .map(|p| FeatureId(p as u16))
+    }
+
+    /// The set of the named features; unknown names are ignored (the config checked them).
+    pub fn feature_set(&self, names: Option<&[String]>) -> FeatureSet {
+        match names {
+            None => FeatureSet::ALL,
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.feature_id(n))
+                .fold(FeatureSet::EMPTY, FeatureSet::with),
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Parses an RFC 3339 instant into epoch milliseconds.
+pub fn parse_instant(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/flowgate.toml");
+
+    #[test]
+    fn example_config_is_valid() {
+        let s = Settings::parse(EXAMPLE).expect("example config parses");
+        assert!(!s.routes.is_empty());
+        assert!(!s.plans.is_empty());
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        Settings::parse(text).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn unknown_upstream_names_key_and_line() {
+        let bad = EXAMPLE.replacen("upstream = \"codex\"", "upstream = \"nope\"", 1);
+        let line = bad.lines().position(|l| l.contains("\"nope\"")).unwrap() + 1;
+        let e = error_of(&bad);
+        assert!(e.key.ends_with(".upstream"), "{e}");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.message.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_carry_the_line() {
+        let bad = EXAMPLE.replacen(
+            "upstream_timeout_ms = 30000",
+            "upstream_timeout_ms = \"soon\"",
+            1,
+        );
+        let line = bad.lines().position(|l| l.contains("\"soon\"")).unwrap() + 1;
+        let e = error_of(&bad);
+        assert_eq!(e.line, Some(line), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = error_of(&EXAMPLE.replacen("[server]", "[server]\nlisten_adress = 1", 1));
+        assert!(e.message.contains("listen_adress"), "{e}");
+    }
+
+    #[test]
+    fn zero_grant_and_bad_duration_are_rejected() {
+        let e = error_of(&EXAMPLE.replacen("amount = 100", "amount = 0", 1));
+        assert!(e.key.ends_with("amount"), "{e}");
+        let e = error_of(&EXAMPLE.replacen("duration = \"5h\"", "duration = \"90s\"", 1));
+        assert!(e.key.ends_with("duration"), "{e}");
+    }
+}
