@@ -1,0 +1,193 @@
+//! The cached view of accounts: what the hot path decides against, without the store.
+//!
+//! Each [`Account`] holds its waterfall state behind a `parking_lot::Mutex`. The lock is held
+//! only for a decision and its hold (microseconds, no `.await` inside), never across the
+//! upstream call: that is what lets one account's concurrent requests see each other's holds
+//! immediately, so that nobody is admitted on numbers another request has already spent.
+//!
+//! The view is rebuilt from the store on start-up ([`Accounts::load`]): balances from grants,
+//! window and free-tier usage from recent monetization events. There is no eviction: an evicted
+//! account would lose its in-flight holds, so the cache must hold every active account.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::config::Settings;
+use crate::store::{Store, StoreError};
+use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan};
+
+/// An account id, shared cheaply between the view, holds and ledger entries.
+pub type AccountId = Arc<str>;
+
+/// One account in the cached view.
+#[derive(Debug)]
+pub struct Account {
+    /// Its id.
+    pub id: AccountId,
+    /// Its plan.
+    pub plan: Arc<Plan>,
+    /// Whether its requests are refused.
+    pub suspended: bool,
+    /// Windows, free tier and grants, with every hold already applied.
+    state: Mutex<AccountState>,
+}
+
+impl Account {
+    /// A new account with the given state.
+    pub fn new(id: AccountId, plan: Arc<Plan>, suspended: bool, state: AccountState) -> Account {
+        Account {
+            id,
+            plan,
+            suspended,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Runs `f` on the state under the account's lock. `f` must not block.
+    pub fn with_state<R>(&self, f: impl FnOnce(&Plan, &mut AccountState) -> R) -> R {
+        f(&self.plan, &mut self.state.lock())
+    }
+}
+
+/// The cached view: accounts by id and by API-key hash.
+#[derive(Clone)]
+pub struct Accounts {
+    by_id: moka::sync::Cache<AccountId, Arc<Account>>,
+    by_key_hash: moka::sync::Cache<Arc<str>, AccountId>,
+}
+
+impl Default for Accounts {
+    fn default() -> Self {
+        Accounts::new()
+    }
+}
+
+impl Accounts {
+    /// An empty view.
+    pub fn new() -> Accounts {
+        Accounts {
+            by_id: moka::sync::Cache::builder().build(),
+            by_key_hash: moka::sync::Cache::builder().build(),
+        }
+    }
+
+    /// Adds or replaces an account.
+    pub fn insert(&self, account: Account) {
+        self.by_id.insert(account.id.clone(), Arc::new(account));
+    }
+
+    /// Maps an API-key hash to an account.
+    pub fn insert_key(&self, key_hash: &str, account: AccountId) {
+        self.by_key_hash.insert(key_hash.into(), account);
+    }
+
+    /// The account with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Account>> {
+        self.by_id.get(id)
+    }
+
+    /// The account that owns the API key with this hash.
+    pub fn by_key_hash(&self, key_hash: &str) -> Option<Arc<Account>> {
+        self.by_key_hash.get(key_hash).and_then(|id| self.get(&id))
+    }
+
+    /// Number of accounts in the view.
+    pub fn len(&self) -> u64 {
+        self.by_id.run_pending_tasks();
+        self.by_id.entry_count()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gives `draws` back to the account's pools (a hold ended without a charge, or the store
+    /// found a charge to be a duplicate).
+    pub fn release(&self, id: &str, draws: &[Draw]) {
+        if draws.is_empty() {
+            return;
+        }
+        if let Some(account) = self.get(id) {
+            let now = crate::clock::now_ms();
+            account.with_state(|plan, state| waterfall::release(plan, state, draws, now));
+        }
+    }
+
+    /// Builds the view from the store: every account, its grants' balances, and the usage
+    /// still inside its windows and free-tier period at `now`.
+    pub async fn load(
+        store: &Store,
+        settings: &Settings,
+        now: Millis,
+    ) -> Result<Accounts, StoreError> {
+        let accounts = Accounts::new();
+        let since = settings
+            .plans
+            .values()
+            .map(|p| history_start(p, now))
+            .min()
+            .unwrap_or(now);
+        let mut loaded = Vec::new();
+        for stored in store.load_accounts().await? {
+            let Some(plan) = settings.plans.get(&stored.plan) else {
+                tracing::error!(account = %stored.id, plan = %stored.plan, "account's plan is not in the config; its requests will be refused");
+                continue;
+            };
+            let grants = stored
+                .grants
+                .iter()
+                .map(|g| Grant {
+                    id: g.id,
+                    kind: g.kind,
+                    balance: g.balance,
+                    expires_at: g.expires_at,
+                    priority: g.priority,
+                    features: settings.feature_set(g.features.as_deref()),
+                })
+                .collect();
+            let id: AccountId = stored.id.as_str().into();
+            for hash in &stored.key_hashes {
+                accounts.insert_key(hash, id.clone());
+            }
+            let state = AccountState::new(plan, grants, now);
+            loaded.push(id.clone());
+            accounts.insert(Account::new(id, plan.clone(), stored.suspended, state));
+        }
+        for (account, draws) in store.load_draws_since(since).await? {
+            if let Some(a) = accounts.get(&account) {
+                a.with_state(|plan, state| {
+                    for draw in &draws {
+                        state.replay(plan, draw, now);
+                    }
+                });
+            }
+        }
+        tracing::info!(
+            accounts = loaded.len(),
+            "account view loaded from the store"
+        );
+        Ok(accounts)
+    }
+}
+
+/// The earliest instant whose usage still counts for `plan` at `now`.
+fn history_start(plan: &Plan, now: Millis) -> Millis {
+    plan.layers
+        .iter()
+        .map(|l| match &l.kind {
+            waterfall::LayerKind::UsageLimit { windows } => {
+                now - windows
+                    .iter()
+                    .map(|w| i64::from(w.minutes))
+                    .max()
+                    .unwrap_or(0)
+                    * 60_000
+            }
+            waterfall::LayerKind::FreeTier { period, .. } => period.bounds(now).0,
+            _ => now,
+        })
+        .min()
+        .unwrap_or(now)
+}

@@ -1,0 +1,55 @@
+//! Time, read in one place so that tests can control it.
+//!
+//! The waterfall engine never reads a clock; the gateway reads [`Clock::now_ms`] once per
+//! request and passes the instant down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use crate::waterfall::Millis;
+
+/// The gateway's source of "now".
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system's wall clock.
+    #[default]
+    System,
+    /// A clock that only moves when told to (tests).
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    /// A manual clock starting at `start`.
+    pub fn manual(start: Millis) -> Clock {
+        Clock::Manual(Arc::new(AtomicI64::new(start)))
+    }
+
+    /// Now, in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> Millis {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(t) => t.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Moves a manual clock forward (no effect on the system clock).
+    pub fn advance_ms(&self, by: Millis) {
+        if let Clock::Manual(t) = self {
+            t.fetch_add(by, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The system's wall clock, in milliseconds since the Unix epoch.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Formats an instant as RFC 3339 (UTC, seconds).
+pub fn rfc3339(ms: Millis) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
