@@ -29,6 +29,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The highest price, in credits per unit, a plan may set (with [`crate::cost::UNITS_MAX`] it
+/// keeps every `units × price` within an `i64`).
+pub const PRICE_MAX: u64 = 1_000_000_000;
+
 /// The environment variable that overrides `store.url` (it may carry a password).
 pub const STORE_URL_ENV: &str = "FLOWGATE_STORE_URL";
 
@@ -538,6 +542,9 @@ impl Settings {
                         format!("unknown feature (routes declare: {})", features.join(", ")),
                     );
                 };
+                if *price.get_ref() > PRICE_MAX {
+                    return cx.err(format!("plans.{plan_name}.prices.{feature}"), Some(price.span()), format!("at most {PRICE_MAX} credits per unit"));
+                }
                 prices[pos] = Some(*price.get_ref());
             }
             let mut layers = Vec::new();

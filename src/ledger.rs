@@ -155,13 +155,14 @@ pub struct WriterSettings {
 }
 
 /// The gateway's handle on the ledger queue.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LedgerQueue {
     tx: mpsc::UnboundedSender<LedgerEntry>,
     shared: Arc<QueueState>,
 }
 
 /// State shared by the queue's producers, the writer and the health checks.
+#[derive(Debug)]
 struct QueueState {
     /// Entries sent but not yet committed.
     depth: AtomicUsize,
@@ -235,17 +236,28 @@ pub fn channel(
 }
 
 impl LedgerWriter {
-    /// Commits batches until every [`LedgerQueue`] handle is dropped and the queue is empty.
-    pub async fn run(mut self) {
+    /// Commits batches until `stop` resolves (or every [`LedgerQueue`] handle is dropped), then
+    /// commits whatever is still queued and returns.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let mut batch = Vec::with_capacity(self.settings.batch_size_max);
+        let mut stop = std::pin::pin!(stop);
+        let mut stopping = false;
         loop {
-            if self
-                .rx
-                .recv_many(&mut batch, self.settings.batch_size_max)
-                .await
-                == 0
-            {
-                return; // every sender is gone and nothing is left
+            let received = if stopping {
+                self.rx.recv_many(&mut batch, self.settings.batch_size_max).await
+            } else {
+                tokio::select! {
+                    n = self.rx.recv_many(&mut batch, self.settings.batch_size_max) => n,
+                    () = &mut stop => {
+                        // No new entries from here on; drain what is queued.
+                        stopping = true;
+                        self.rx.close();
+                        continue;
+                    }
+                }
+            };
+            if received == 0 {
+                return; // closed and drained
             }
             // Give a small batch a moment to fill: fewer, larger transactions.
             if batch.len() < self.settings.batch_size_max && !self.settings.flush_interval.is_zero()

@@ -2,6 +2,10 @@
 pub mod accounts;
 pub mod clock;
 pub mod config;
+pub mod cost;
+pub mod gateway;
+pub mod hold;
+pub mod idempotency;
 pub mod ledger;
 pub mod store;
 pub mod waterfall;

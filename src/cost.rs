@@ -1,0 +1,100 @@
+//! A request's cost in units, read by the route's [`CostRule`].
+
+use http::HeaderMap;
+
+use crate::config::CostRule;
+use crate::waterfall::Units;
+
+/// The most units one request may ask for. Keeps `units × price` far from overflow (prices are
+/// capped at [`crate::config::PRICE_MAX`]) and catches typos like a cost in milliseconds.
+pub const UNITS_MAX: Units = 1_000_000_000;
+
+/// Why a request's cost could not be read; answered 400 naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CostError {
+    /// The header the route reads is absent.
+    #[error("header {0:?} is required: it gives the request's cost in units")]
+    MissingHeader(String),
+    /// The JSON field the route reads is absent.
+    #[error("body field {0:?} is required: it gives the request's cost in units")]
+    MissingField(String),
+    /// The body is not JSON.
+    #[error("the request body must be JSON: {0}")]
+    NotJson(String),
+    /// The value is not a whole number in range.
+    #[error("{0} must be a whole number from 0 to {UNITS_MAX}")]
+    NotUnits(String),
+}
+
+impl CostError {
+    /// The header or body field at fault.
+    pub fn field(&self) -> String {
+        match self {
+            CostError::MissingHeader(h) => format!("header:{h}"),
+            CostError::MissingField(p) | CostError::NotUnits(p) => p.clone(),
+            CostError::NotJson(_) => "body".into(),
+        }
+    }
+}
+
+/// Whether the rule needs the request body.
+pub fn needs_body(rule: &CostRule) -> bool {
+    matches!(rule, CostRule::Json(_))
+}
+
+/// Reads the cost of a request: from the rule alone, a header, or the JSON `body`.
+pub fn units(rule: &CostRule, headers: &HeaderMap, body: &[u8]) -> Result<Units, CostError> {
+    let units = match rule {
+        CostRule::Fixed(n) => *n,
+        CostRule::Header(name) => {
+            let value = headers.get(name.as_str()).ok_or_else(|| CostError::MissingHeader(name.clone()))?;
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<Units>().ok())
+                .ok_or_else(|| CostError::NotUnits(format!("header {name}")))?
+        }
+        CostRule::Json(pointer) => {
+            let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| CostError::NotJson(e.to_string()))?;
+            let value = doc.pointer(pointer).ok_or_else(|| CostError::MissingField(pointer.clone()))?;
+            value.as_u64().ok_or_else(|| CostError::NotUnits(pointer.clone()))?
+        }
+    };
+    if units > UNITS_MAX {
+        return Err(CostError::NotUnits(match rule {
+            CostRule::Header(h) => format!("header {h}"),
+            CostRule::Json(p) => p.clone(),
+            CostRule::Fixed(_) => "cost.fixed".into(),
+        }));
+    }
+    Ok(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_each_rule() {
+        let mut h = HeaderMap::new();
+        h.insert("x-seconds", "12".parse().unwrap());
+        assert_eq!(units(&CostRule::Fixed(3), &h, b""), Ok(3));
+        assert_eq!(units(&CostRule::Header("x-seconds".into()), &h, b""), Ok(12));
+        assert_eq!(units(&CostRule::Json("/video/seconds".into()), &h, br#"{"video":{"seconds":8}}"#), Ok(8));
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_field() {
+        let h = HeaderMap::new();
+        let e = units(&CostRule::Header("x-seconds".into()), &h, b"").unwrap_err();
+        assert_eq!(e.field(), "header:x-seconds");
+        let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":-1}"#).unwrap_err();
+        assert_eq!(e, CostError::NotUnits("/seconds".into()));
+        let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":1.5}"#).unwrap_err();
+        assert_eq!(e.field(), "/seconds");
+        let e = units(&CostRule::Json("/seconds".into()), &h, b"not json").unwrap_err();
+        assert_eq!(e.field(), "body");
+        let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":10000000000}"#).unwrap_err();
+        assert_eq!(e, CostError::NotUnits("/seconds".into()));
+    }
+}

@@ -1,0 +1,55 @@
+//! The response body of an admitted request: passed through frame by frame, and the hold
+//! settled when the upstream's last frame has gone by.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+
+use crate::hold::Hold;
+use crate::ledger::Outcome;
+
+/// Streams `inner` unchanged (no buffering: an SSE event reaches the client when the upstream
+/// sends it) and ends the hold: settled at the end of the stream, released on an upstream
+/// error, and released by the hold's own `Drop` if the client goes away first.
+pub struct MeteredBody<B> {
+    inner: B,
+    hold: Option<Hold>,
+}
+
+impl<B> MeteredBody<B> {
+    /// Wraps `inner`; `hold` ends with it.
+    pub fn new(inner: B, hold: Hold) -> Self {
+        MeteredBody {
+            inner,
+            hold: Some(hold),
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let ended = match &frame {
+            None => Some(Outcome::Completed),
+            Some(Err(_)) => Some(Outcome::UpstreamAborted),
+            Some(Ok(_)) => None,
+        };
+        if let (Some(outcome), Some(hold)) = (ended, self.hold.take()) {
+            hold.end(outcome);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Until the hold is settled the server must poll us once more to see the end.
+        self.hold.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,301 @@
+//! Every way a request can be refused, turned into an HTTP answer in one place.
+//!
+//! Each answer is a JSON body `{"error": {"type", "code", "message", ...}}` and the headers a
+//! client (or an OpenAI/Anthropic SDK) needs to act on it: `Retry-After` when waiting helps,
+//! `x-should-retry: false` when it does not.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use serde_json::json;
+
+use crate::config::CreditsDenial;
+use crate::cost::CostError;
+use crate::waterfall::{Denial, Millis};
+
+/// Why a request was not (or could not be) served.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No credentials in the identity header.
+    #[error("missing credentials")]
+    MissingCredentials {
+        /// The header that should carry them.
+        header: String,
+    },
+    /// The API key matches no account.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The trusted header names no known account.
+    #[error("unknown account")]
+    UnknownAccount,
+    /// The account is suspended.
+    #[error("account suspended")]
+    Suspended,
+    /// The request's cost could not be read.
+    #[error("invalid cost: {0}")]
+    InvalidCost(#[from] CostError),
+    /// The request body is larger than the gateway reads.
+    #[error("request body too large")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The `Idempotency-Key` header is not a short printable string.
+    #[error("invalid idempotency key")]
+    InvalidIdempotencyKey,
+    /// A request with the same `Idempotency-Key` is still running.
+    #[error("idempotency key in use")]
+    IdempotencyKeyInUse {
+        /// The decision of the running request.
+        decision_id: uuid::Uuid,
+    },
+    /// The waterfall denied the request.
+    #[error("denied")]
+    Denied(Box<DenialReport>),
+    /// Too much usage is waiting to be recorded; new work waits until the ledger catches up.
+    #[error("ledger backlog")]
+    LedgerBacklog,
+    /// The upstream did not answer in time.
+    #[error("upstream timeout")]
+    UpstreamTimeout,
+    /// The upstream could not be reached.
+    #[error("upstream unavailable")]
+    UpstreamUnavailable,
+    /// No route matches.
+    #[error("no route")]
+    RouteNotFound,
+    /// A bug; details are logged, not sent.
+    #[error("internal error")]
+    Internal,
+}
+
+/// A denial with everything needed to explain it.
+#[derive(Debug)]
+pub struct DenialReport {
+    /// Why.
+    pub denial: Denial,
+    /// How credit shortfalls are answered.
+    pub credits_denial: CreditsDenial,
+    /// The feature's name.
+    pub feature: String,
+    /// Units asked for.
+    pub units: u64,
+    /// Price per unit in force.
+    pub credits_per_unit: u64,
+    /// Credits the account could spend on the feature.
+    pub credits_available: u64,
+    /// Every layer checked and what it had, with windows in detail.
+    pub layers: serde_json::Value,
+    /// Now, to turn the retry time into seconds.
+    pub now: Millis,
+}
+
+fn body(status: StatusCode, kind: &str, code: &str, message: String, extra: serde_json::Value) -> Response {
+    let mut error = json!({ "type": kind, "code": code, "message": message });
+    if let (Some(e), serde_json::Value::Object(extra)) = (error.as_object_mut(), extra) {
+        e.extend(extra);
+    }
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn no_retry(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("false"));
+    response
+}
+
+fn retry_after(mut response: Response, seconds: u64) -> Response {
+    let h = response.headers_mut();
+    h.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    h.insert("retry-after-ms", HeaderValue::from(seconds.saturating_mul(1000)));
+    response
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        use GatewayError as E;
+        match self {
+            E::MissingCredentials { header } => no_retry(body(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing_api_key",
+                format!("no credentials: send your API key in the {header} header"),
+                json!({ "field": format!("header:{header}") }),
+            )),
+            E::InvalidApiKey => no_retry(body(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                "the API key is not valid".into(),
+                json!({}),
+            )),
+            E::UnknownAccount => no_retry(body(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unknown_account",
+                "the account is not known to the gateway".into(),
+                json!({}),
+            )),
+            E::Suspended => no_retry(body(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "account_suspended",
+                "the account is suspended".into(),
+                json!({}),
+            )),
+            E::InvalidCost(e) => no_retry(body(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_cost",
+                e.to_string(),
+                json!({ "field": e.field() }),
+            )),
+            E::BodyTooLarge { limit } => no_retry(body(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes"),
+                json!({ "field": "body" }),
+            )),
+            E::InvalidIdempotencyKey => no_retry(body(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                json!({ "field": "header:idempotency-key" }),
+            )),
+            E::IdempotencyKeyInUse { decision_id } => retry_after(
+                body(
+                    StatusCode::CONFLICT,
+                    "conflict_error",
+                    "idempotency_key_in_use",
+                    "a request with this Idempotency-Key is still running; retry when it has finished".into(),
+                    json!({ "original_decision_id": decision_id.to_string() }),
+                ),
+                1,
+            ),
+            E::Denied(report) => report.into_response(),
+            E::LedgerBacklog => retry_after(
+                body(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded_error",
+                    "ledger_backlog",
+                    "usage is waiting to be recorded; retry shortly".into(),
+                    json!({}),
+                ),
+                1,
+            ),
+            E::UpstreamTimeout => body(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_timeout",
+                "the upstream did not answer in time; nothing was charged".into(),
+                json!({}),
+            ),
+            E::UpstreamUnavailable => body(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_unavailable",
+                "the upstream could not be reached; nothing was charged".into(),
+                json!({}),
+            ),
+            E::RouteNotFound => no_retry(body(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "route_not_found",
+                "no route matches this method and path".into(),
+                json!({}),
+            )),
+            E::Internal => body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal_error",
+                "the gateway failed; nothing was charged".into(),
+                json!({}),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for DenialReport {
+    fn into_response(self) -> Response {
+        let common = json!({
+            "feature": self.feature,
+            "units": self.units,
+            "credits_per_unit": self.credits_per_unit,
+            "credits_available": self.credits_available,
+            "layers": self.layers,
+        });
+        match self.denial {
+            Denial::UsageLimitReached { retry_at } => {
+                let seconds = ((retry_at - self.now).max(0) as u64).div_ceil(1000).max(1);
+                let mut extra = common;
+                extra["reset_at"] = json!(crate::clock::rfc3339(retry_at));
+                extra["retry_after_seconds"] = json!(seconds);
+                let message = format!(
+                    "usage limit reached for {}: retry after {} (at {}), or add credits to continue now ({} available, {} needed per unit)",
+                    self.feature,
+                    format_duration(seconds),
+                    crate::clock::rfc3339(retry_at),
+                    self.credits_available,
+                    self.credits_per_unit
+                );
+                retry_after(
+                    body(StatusCode::TOO_MANY_REQUESTS, "usage_limit_reached", "usage_limit_reached", message, extra),
+                    seconds,
+                )
+            }
+            Denial::InsufficientCredits {
+                needed_credits,
+                available_credits,
+            } => {
+                let mut extra = common;
+                extra["credits_needed"] = json!(needed_credits);
+                let message = format!(
+                    "insufficient credits for {}: the uncovered part of this request costs {needed_credits} credits ({} per unit), {available_credits} available; waiting will not help",
+                    self.feature, self.credits_per_unit
+                );
+                let (status, kind, code) = match self.credits_denial {
+                    CreditsDenial::PaymentRequired => {
+                        (StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "insufficient_credits")
+                    }
+                    CreditsDenial::InsufficientQuota => {
+                        (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "insufficient_quota")
+                    }
+                };
+                no_retry(body(status, kind, code, message, extra))
+            }
+            Denial::NotEntitled => no_retry(body(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "not_entitled",
+                format!("the account's plan does not include {}", self.feature),
+                common,
+            )),
+        }
+    }
+}
+
+/// Formats seconds the way OpenAI's `x-ratelimit-reset-*` headers do: `1h2m3s`, `6m0s`, `42s`.
+pub fn format_duration(seconds: u64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_duration;
+
+    #[test]
+    fn durations_read_like_openai() {
+        assert_eq!(format_duration(0), "0s");
+        assert_eq!(format_duration(42), "42s");
+        assert_eq!(format_duration(360), "6m0s");
+        assert_eq!(format_duration(3723), "1h2m3s");
+    }
+}

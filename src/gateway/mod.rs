@@ -1,0 +1,272 @@
+//! The gateway: an axum router whose configured routes are proxied through the waterfall, and
+//! its lifecycle (start-up from the store, graceful shutdown that flushes the ledger).
+//!
+//! Read [`router`] top to bottom for the whole request path: operational endpoints, then one
+//! axum route per configured route (each handled by [`proxy::handle`]), a JSON 404, and a
+//! panic guard around everything (a panicking handler answers 500; its hold is released by
+//! `Drop` while the stack unwinds).
+
+mod body;
+pub mod error;
+pub mod proxy;
+mod quota;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, get, on};
+use http::StatusCode;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde_json::json;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::accounts::Accounts;
+use crate::clock::Clock;
+use crate::config::{ConfigError, Settings};
+use crate::idempotency::Idempotency;
+use crate::ledger::{self, LedgerQueue, WriterSettings};
+use crate::store::{Store, StoreError};
+use crate::waterfall::{AccountState, Decision, LayerKind, Millis, Plan};
+use error::GatewayError;
+
+/// What every request handler shares.
+pub struct App {
+    /// The validated configuration.
+    pub settings: Arc<Settings>,
+    /// The cached view of accounts (the hot path's only source of numbers).
+    pub accounts: Accounts,
+    /// The ledger store (operational endpoints only; never on the hot path).
+    pub store: Store,
+    /// Where finished requests are queued for the ledger.
+    pub ledger: LedgerQueue,
+    /// Recent idempotency keys.
+    pub idempotency: Idempotency,
+    /// Pooled HTTP client to the upstreams.
+    pub client: Client<HttpConnector, axum::body::Body>,
+    /// The source of "now".
+    pub clock: Clock,
+    /// How long to wait for an upstream's response headers.
+    pub upstream_timeout: Duration,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened, migrated or read.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    addr: SocketAddr,
+    app: Arc<App>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    writer_stop: oneshot::Sender<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Opens the store, loads the account view from it, and starts serving on `listener`.
+    pub async fn start(settings: Settings, listener: tokio::net::TcpListener, clock: Clock) -> Result<Gateway, StartError> {
+        let store = Store::open(&settings.store.url).await?;
+        if settings.store.migrate_on_start {
+            store.migrate().await?;
+        }
+        store.seed(&settings.accounts, clock.now_ms()).await?;
+        let accounts = Accounts::load(&store, &settings, clock.now_ms()).await?;
+        let (queue, writer) = ledger::channel(
+            store.clone(),
+            accounts.clone(),
+            WriterSettings {
+                batch_size_max: settings.store.ledger_batch_size_max,
+                flush_interval: Duration::from_millis(settings.store.ledger_flush_interval_ms),
+                queue_max: settings.store.ledger_queue_max,
+            },
+        );
+        let (writer_stop, writer_stopped) = oneshot::channel();
+        let writer = tokio::spawn(writer.run(async {
+            let _ = writer_stopped.await;
+        }));
+
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        // The pool honours its idle timeout only with a timer (hyper-util).
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(settings.server.upstream_idle_timeout_ms))
+            .build(connector);
+        let app = Arc::new(App {
+            upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
+            idempotency: Idempotency::new(Duration::from_secs(settings.server.idempotency_ttl_s)),
+            settings: Arc::new(settings),
+            accounts,
+            store,
+            ledger: queue,
+            client,
+            clock,
+        });
+        let router = router(app.clone())?;
+        let addr = listener.local_addr().map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
+        let grace = Duration::from_millis(app.settings.server.shutdown_grace_ms);
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, router, stopped, grace));
+        tracing::info!(%addr, "flowgate listening");
+        Ok(Gateway {
+            addr,
+            app,
+            stop,
+            server,
+            writer_stop,
+            writer,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (for inspection by tests and the demo).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `shutdown_grace_ms`), then
+    /// commits everything queued for the ledger.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.writer_stop.send(());
+        let _ = self.writer.await;
+        tracing::info!("flowgate stopped; ledger flushed");
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, router: Router, stopped: watch::Receiver<bool>, grace: Duration) {
+    let mut signal = stopped.clone();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = signal.wait_for(|s| *s).await;
+    });
+    let mut deadline = stopped;
+    tokio::select! {
+        result = server.into_future() => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "server failed");
+            }
+        }
+        _ = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("shutdown grace elapsed; abandoning in-flight requests (released, not charged)"),
+    }
+}
+
+/// The whole request path: operational endpoints, the configured proxied routes, a JSON 404,
+/// and a guard that turns a panic into a 500.
+pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    for (i, route) in app.settings.routes.iter().enumerate() {
+        let route = Arc::new(route.clone());
+        let bad_path = |message: String| ConfigError {
+            key: format!("routes[{i}].path"),
+            line: None,
+            message,
+        };
+        let filter = MethodFilter::try_from(route.method.clone()).map_err(|e| bad_path(e.to_string()))?;
+        let handler = {
+            let route = route.clone();
+            move |State(app): State<Arc<App>>, req: axum::extract::Request| proxy::handle(app, route.clone(), req)
+        };
+        // axum panics on a path it cannot route (bad syntax, a conflict): report it as config.
+        router = std::panic::catch_unwind(AssertUnwindSafe(move || router.route(&route.path, on(filter, handler))))
+            .map_err(|p| {
+                let reason = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                bad_path(format!("axum cannot route this path: {reason}"))
+            })?;
+    }
+    Ok(router
+        .fallback(|| async { GatewayError::RouteNotFound })
+        .with_state(app)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_panic| {
+            tracing::error!("request handler panicked");
+            GatewayError::Internal.into_response()
+        })))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let store = app.store.ping().await;
+    let writing = !app.ledger.store_failing();
+    let ready = store.is_ok() && writing;
+    let body = json!({
+        "ready": ready,
+        "store_reachable": store.is_ok(),
+        "ledger_committing": writing,
+        "ledger_queue_depth": app.ledger.depth(),
+        "accounts_cached": app.accounts.len(),
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Every layer a decision checked, with what it had and gave, and each usage-limit window in
+/// detail (limit, used, remaining, reset time): the explanation attached to a denial.
+pub fn explain_layers(plan: &Plan, state: &AccountState, decision: &Decision, now: Millis) -> serde_json::Value {
+    let layers = decision
+        .layers
+        .iter()
+        .filter_map(|r| {
+            let layer = plan.layers.get(r.layer as usize)?;
+            let mut v = json!({
+                "layer": &*layer.name,
+                "kind": layer.kind.tag(),
+                "eligible": r.eligible,
+                "available_units": r.available_units,
+            });
+            if let Some(c) = r.available_credits {
+                v["available_credits"] = json!(c);
+            }
+            if let Some(at) = r.reset_at {
+                v["reset_at"] = json!(crate::clock::rfc3339(at));
+            }
+            if let LayerKind::UsageLimit { .. } = layer.kind {
+                v["windows"] = state
+                    .windows(plan, r.layer as usize, now)
+                    .map(|w| {
+                        json!({
+                            "name": &*w.window.name,
+                            "limit": w.window.limit,
+                            "used": w.used,
+                            "remaining": w.remaining,
+                            "reset_at": crate::clock::rfc3339(w.reset_at),
+                        })
+                    })
+                    .collect();
+            }
+            Some(v)
+        })
+        .collect();
+    serde_json::Value::Array(layers)
+}

@@ -1,0 +1,354 @@
+//! The hot path, in named phases: identify → cost → decide and hold → forward → settle.
+//!
+//! Nothing here touches the store. The decision runs against the account's in-memory view
+//! under its lock (no `.await` while it is held); the hold then travels with the response
+//! body and ends when the body does.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, request};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use uuid::Uuid;
+
+use super::App;
+use super::body::MeteredBody;
+use super::error::{DenialReport, GatewayError};
+use super::quota::Quota;
+use crate::accounts::Account;
+use crate::config::{IdentityMode, Route, hash_api_key};
+use crate::cost;
+use crate::hold::Hold;
+use crate::idempotency::Claim;
+use crate::ledger::{LedgerEntry, Outcome};
+use crate::waterfall::{self, Decision, Millis};
+
+/// Header carrying the decision id on every answer.
+pub const DECISION_ID: HeaderName = HeaderName::from_static("x-flowgate-decision-id");
+/// Header naming the decision that charged a replayed `Idempotency-Key`.
+pub const REPLAY_OF: HeaderName = HeaderName::from_static("x-flowgate-replay-of");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const ACCOUNT: HeaderName = HeaderName::from_static("x-flowgate-account");
+
+/// Handles one proxied request on `route`.
+pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Response {
+    let started = Instant::now();
+    let decision_id = Uuid::now_v7();
+    let request_id = req.headers().get(&REQUEST_ID).cloned();
+    let mut log = Log::default();
+    let mut response = match proxy(&app, &route, req, decision_id, &mut log).await {
+        Ok(r) => r,
+        Err(e) => {
+            log.outcome = e.to_string();
+            e.into_response()
+        }
+    };
+    let id = HeaderValue::try_from(decision_id.to_string()).unwrap_or(HeaderValue::from_static("-"));
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, request_id.unwrap_or_else(|| id.clone()));
+    headers.insert(DECISION_ID, id);
+    tracing::info!(
+        target: "flowgate::access",
+        decision_id = %decision_id,
+        account = log.account.as_deref().unwrap_or("-"),
+        feature = &*app.settings.features[route.feature.0 as usize],
+        units = log.units,
+        decision = %log.outcome,
+        status = response.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+/// What the access log line says about a request.
+#[derive(Default)]
+struct Log {
+    account: Option<Arc<str>>,
+    units: u64,
+    outcome: String,
+}
+
+async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &mut Log) -> Result<Response, GatewayError> {
+    // Phase 1: identify.
+    let account = identify(app, req.headers())?;
+    log.account = Some(account.id.clone());
+    if account.suspended {
+        return Err(GatewayError::Suspended);
+    }
+    if app.ledger.full() {
+        return Err(GatewayError::LedgerBacklog);
+    }
+
+    // Phase 2: cost.
+    let (parts, body) = req.into_parts();
+    let (units, body) = if cost::needs_body(&route.cost) {
+        let limit = app.settings.server.request_body_bytes_max;
+        let bytes = http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|_| GatewayError::BodyTooLarge { limit })?
+            .to_bytes();
+        (cost::units(&route.cost, &parts.headers, &bytes)?, Body::from(bytes))
+    } else {
+        (cost::units(&route.cost, &parts.headers, &[])?, body)
+    };
+    log.units = units;
+    let idempotency_key = match parts.headers.get(&IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => Some(idempotency_key(v)?),
+    };
+
+    // Phase 3: decide and hold.
+    let claim = match idempotency_key {
+        None => None,
+        Some(key) => match app.idempotency.claim(&account.id, key, decision_id) {
+            Claim::Claimed(claim) => Some(claim),
+            Claim::InFlight(id) => return Err(GatewayError::IdempotencyKeyInUse { decision_id: id }),
+            Claim::Charged(original) => {
+                log.outcome = "replay".into();
+                return replay(app, route, &account, parts, body, decision_id, original, units).await;
+            }
+        },
+    };
+    let now = app.clock.now_ms();
+    let feature = route.feature;
+    let (decision, quota, denial_layers) = account.with_state(|plan, state| {
+        let decision = waterfall::decide(plan, state, feature, units, now);
+        let denial_layers = if decision.admitted() {
+            waterfall::reserve(plan, state, &decision, now);
+            None
+        } else {
+            Some(super::explain_layers(plan, state, &decision, now))
+        };
+        (decision, Quota::snapshot(plan, state, feature, now), denial_layers)
+    });
+    let entry = new_entry(app, &account, route, decision, decision_id, idempotency_key, now);
+
+    if let Some(layers) = denial_layers {
+        let Some(denial) = entry.decision.denial else {
+            return Err(GatewayError::Internal);
+        };
+        log.outcome = format!("denied:{}", denial_code(&denial));
+        let report = DenialReport {
+            denial,
+            credits_denial: app.settings.server.credits_denial,
+            feature: entry.feature.to_string(),
+            units,
+            credits_per_unit: entry.decision.credits_per_unit,
+            credits_available: quota.credits,
+            layers,
+            now,
+        };
+        app.ledger.push(LedgerEntry {
+            outcome: Outcome::Denied,
+            code: Some(denial_code(&denial)),
+            completed_at: now,
+            ..entry
+        });
+        let mut response = GatewayError::Denied(Box::new(report)).into_response();
+        quota.apply(response.headers_mut());
+        return Ok(response);
+    }
+    log.outcome = format!("admitted:{}", entry.decision.draws.len());
+    let mut hold = Hold::new(account.clone(), entry, claim, app.ledger.clone(), app.clock.clone());
+
+    // Phase 4: forward. Dropping this future (client gone) drops the hold: released.
+    let upstream = forward(app, route, &account, parts, body, decision_id).await;
+    let response = match upstream {
+        Ok(r) => r,
+        Err(e) => {
+            hold.end(if matches!(e, GatewayError::UpstreamTimeout) { Outcome::UpstreamTimeout } else { Outcome::UpstreamUnavailable });
+            return Err(e);
+        }
+    };
+
+    // Phase 5: settle when the body has been delivered; release at once if it failed.
+    hold.set_upstream_status(response.status().as_u16());
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    quota.apply(&mut parts.headers);
+    let body = if !parts.status.is_success() {
+        log.outcome = format!("upstream_error:{}", parts.status.as_u16());
+        hold.end(Outcome::UpstreamError);
+        Body::new(body)
+    } else if body.is_end_stream() {
+        hold.end(Outcome::Completed);
+        Body::new(body)
+    } else {
+        hold.on_drop(Outcome::ClientAborted);
+        Body::new(MeteredBody::new(body, hold))
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A repeat of a key already charged: forwarded (the upstream may answer it from its own
+/// idempotency cache), recorded, not charged.
+#[allow(clippy::too_many_arguments)]
+async fn replay(
+    app: &App,
+    route: &Route,
+    account: &Arc<Account>,
+    parts: request::Parts,
+    body: Body,
+    decision_id: Uuid,
+    original: Uuid,
+    units: u64,
+) -> Result<Response, GatewayError> {
+    let now = app.clock.now_ms();
+    let decision = Decision {
+        feature: route.feature,
+        units,
+        credits_per_unit: account.plan.price(route.feature).unwrap_or(0),
+        denial: None,
+        draws: Default::default(),
+        layers: Default::default(),
+    };
+    let key = parts.headers.get(&IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
+    let mut entry = new_entry(app, account, route, decision, decision_id, key, now);
+    entry.outcome = Outcome::Replay;
+    let result = forward(app, route, account, parts, body, decision_id).await;
+    entry.upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
+    entry.completed_at = app.clock.now_ms();
+    app.ledger.push(entry);
+    let response = result?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Ok(v) = HeaderValue::try_from(original.to_string()) {
+        parts.headers.insert(REPLAY_OF, v);
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+fn new_entry(
+    app: &App,
+    account: &Account,
+    route: &Route,
+    decision: Decision,
+    decision_id: Uuid,
+    idempotency_key: Option<&str>,
+    now: Millis,
+) -> LedgerEntry {
+    LedgerEntry {
+        decision_id,
+        account: account.id.clone(),
+        plan: account.plan.clone(),
+        feature: app.settings.features[route.feature.0 as usize].clone(),
+        decision,
+        outcome: Outcome::Internal,
+        code: None,
+        upstream_status: None,
+        idempotency_key: idempotency_key.map(Into::into),
+        decided_at: now,
+        completed_at: now,
+    }
+}
+
+fn denial_code(denial: &waterfall::Denial) -> &'static str {
+    match denial {
+        waterfall::Denial::UsageLimitReached { .. } => "usage_limit_reached",
+        waterfall::Denial::InsufficientCredits { .. } => "insufficient_credits",
+        waterfall::Denial::NotEntitled => "not_entitled",
+    }
+}
+
+fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, GatewayError> {
+    let identity = &app.settings.identity;
+    let value = headers
+        .get(identity.header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| GatewayError::MissingCredentials {
+            header: identity.header.clone(),
+        })?;
+    match identity.mode {
+        IdentityMode::ApiKey => {
+            let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
+            app.accounts
+                .by_key_hash(&hash_api_key(key))
+                .ok_or(GatewayError::InvalidApiKey)
+        }
+        IdentityMode::TrustedHeader => app.accounts.get(value).ok_or(GatewayError::UnknownAccount),
+    }
+}
+
+fn idempotency_key(value: &HeaderValue) -> Result<&str, GatewayError> {
+    value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or(GatewayError::InvalidIdempotencyKey)
+}
+
+/// Sends the request to the route's upstream and waits (at most `upstream_timeout_ms`) for
+/// its response headers. The body is not awaited: it streams.
+async fn forward(
+    app: &App,
+    route: &Route,
+    account: &Account,
+    mut parts: request::Parts,
+    body: Body,
+    decision_id: Uuid,
+) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
+    let upstream = &app.settings.upstreams[route.upstream];
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = http::Uri::builder()
+        .scheme("http")
+        .authority(upstream.base.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| GatewayError::Internal)?;
+    parts.version = http::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    if app.settings.identity.mode == IdentityMode::ApiKey {
+        // The upstream trusts the gateway; the client's key is not its business.
+        headers.remove(app.settings.identity.header.as_str());
+    }
+    if let Ok(v) = HeaderValue::try_from(&*account.id) {
+        headers.insert(ACCOUNT, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(decision_id.to_string()) {
+        headers.insert(DECISION_ID, v);
+    }
+    let request = http::Request::from_parts(parts, body);
+    match tokio::time::timeout(app.upstream_timeout, app.client.request(request)).await {
+        Err(_) => Err(GatewayError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
+            Err(GatewayError::UpstreamUnavailable)
+        }
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(listed) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(listed) = listed.to_str() {
+            for name in listed.split(',') {
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}

@@ -1,0 +1,93 @@
+//! The hold: an admitted request's reservation, which always ends.
+//!
+//! A [`Hold`] is created when the waterfall admits a request and its draws have been taken
+//! from the account's in-memory view. It ends exactly once, in one of two ways: settled
+//! (the upstream completed with success: the draws become a charge) or released (anything
+//! else: the draws go back to the pools that gave them). Either way its [`LedgerEntry`] is
+//! queued. Ending it is tied to `Drop`, so a client that disconnects mid-stream, a handler
+//! that panics or a future that is cancelled on timeout all release it: a hold never leaks.
+
+use std::sync::Arc;
+
+use crate::accounts::Account;
+use crate::clock::Clock;
+use crate::idempotency::ClaimedKey;
+use crate::ledger::{LedgerEntry, LedgerQueue, Outcome};
+use crate::waterfall;
+
+/// An admitted request's reservation. See the module docs.
+#[derive(Debug)]
+pub struct Hold {
+    /// The account whose view holds the draws.
+    account: Arc<Account>,
+    /// What will be recorded; `None` once the hold has ended.
+    entry: Option<LedgerEntry>,
+    /// The request's idempotency key, marked charged or freed when the hold ends.
+    key: Option<ClaimedKey>,
+    queue: LedgerQueue,
+    clock: Clock,
+    /// How the hold ends if it is dropped before [`Hold::end`]: the request's current phase
+    /// decides (a drop while streaming means the client left; before, a handler failure).
+    on_drop: Outcome,
+}
+
+impl Hold {
+    /// A hold for `entry`, whose decision's draws have already been reserved.
+    pub fn new(account: Arc<Account>, entry: LedgerEntry, key: Option<ClaimedKey>, queue: LedgerQueue, clock: Clock) -> Hold {
+        Hold {
+            account,
+            entry: Some(entry),
+            key,
+            queue,
+            clock,
+            on_drop: Outcome::Internal,
+        }
+    }
+
+    /// Sets how the hold ends if it is dropped without being ended.
+    pub fn on_drop(&mut self, outcome: Outcome) {
+        self.on_drop = outcome;
+    }
+
+    /// Records the upstream's status for the ledger.
+    pub fn set_upstream_status(&mut self, status: u16) {
+        if let Some(entry) = &mut self.entry {
+            entry.upstream_status = Some(status);
+        }
+    }
+
+    /// The decision id of the held request.
+    pub fn decision_id(&self) -> Option<uuid::Uuid> {
+        self.entry.as_ref().map(|e| e.decision_id)
+    }
+
+    /// Ends the hold: `Completed` settles (charges) it, anything else releases it.
+    pub fn end(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        let Some(mut entry) = self.entry.take() else {
+            return;
+        };
+        entry.outcome = outcome;
+        entry.completed_at = self.clock.now_ms();
+        if entry.charged() {
+            if let Some(key) = self.key.take() {
+                key.charged(entry.decision_id);
+            }
+        } else {
+            let now = entry.completed_at;
+            self.account
+                .with_state(|plan, state| waterfall::release(plan, state, &entry.decision.draws, now));
+            self.key = None;
+        }
+        self.queue.push(entry);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.finish(self.on_drop);
+    }
+}
