@@ -543,7 +543,11 @@ impl Settings {
                     );
                 };
                 if *price.get_ref() > PRICE_MAX {
-                    return cx.err(format!("plans.{plan_name}.prices.{feature}"), Some(price.span()), format!("at most {PRICE_MAX} credits per unit"));
+                    return cx.err(
+                        format!("plans.{plan_name}.prices.{feature}"),
+                        Some(price.span()),
+                        format!("at most {PRICE_MAX} credits per unit"),
+                    );
                 }
                 prices[pos] = Some(*price.get_ref());
             }

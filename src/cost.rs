@@ -47,7 +47,9 @@ pub fn units(rule: &CostRule, headers: &HeaderMap, body: &[u8]) -> Result<Units,
     let units = match rule {
         CostRule::Fixed(n) => *n,
         CostRule::Header(name) => {
-            let value = headers.get(name.as_str()).ok_or_else(|| CostError::MissingHeader(name.clone()))?;
+            let value = headers
+                .get(name.as_str())
+                .ok_or_else(|| CostError::MissingHeader(name.clone()))?;
             value
                 .to_str()
                 .ok()
@@ -55,9 +57,14 @@ pub fn units(rule: &CostRule, headers: &HeaderMap, body: &[u8]) -> Result<Units,
                 .ok_or_else(|| CostError::NotUnits(format!("header {name}")))?
         }
         CostRule::Json(pointer) => {
-            let doc: serde_json::Value = serde_json::from_slice(body).map_err(|e| CostError::NotJson(e.to_string()))?;
-            let value = doc.pointer(pointer).ok_or_else(|| CostError::MissingField(pointer.clone()))?;
-            value.as_u64().ok_or_else(|| CostError::NotUnits(pointer.clone()))?
+            let doc: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| CostError::NotJson(e.to_string()))?;
+            let value = doc
+                .pointer(pointer)
+                .ok_or_else(|| CostError::MissingField(pointer.clone()))?;
+            value
+                .as_u64()
+                .ok_or_else(|| CostError::NotUnits(pointer.clone()))?
         }
     };
     if units > UNITS_MAX {
@@ -79,8 +86,18 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-seconds", "12".parse().unwrap());
         assert_eq!(units(&CostRule::Fixed(3), &h, b""), Ok(3));
-        assert_eq!(units(&CostRule::Header("x-seconds".into()), &h, b""), Ok(12));
-        assert_eq!(units(&CostRule::Json("/video/seconds".into()), &h, br#"{"video":{"seconds":8}}"#), Ok(8));
+        assert_eq!(
+            units(&CostRule::Header("x-seconds".into()), &h, b""),
+            Ok(12)
+        );
+        assert_eq!(
+            units(
+                &CostRule::Json("/video/seconds".into()),
+                &h,
+                br#"{"video":{"seconds":8}}"#
+            ),
+            Ok(8)
+        );
     }
 
     #[test]
@@ -90,11 +107,21 @@ mod tests {
         assert_eq!(e.field(), "header:x-seconds");
         let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":-1}"#).unwrap_err();
         assert_eq!(e, CostError::NotUnits("/seconds".into()));
-        let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":1.5}"#).unwrap_err();
+        let e = units(
+            &CostRule::Json("/seconds".into()),
+            &h,
+            br#"{"seconds":1.5}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.field(), "/seconds");
         let e = units(&CostRule::Json("/seconds".into()), &h, b"not json").unwrap_err();
         assert_eq!(e.field(), "body");
-        let e = units(&CostRule::Json("/seconds".into()), &h, br#"{"seconds":10000000000}"#).unwrap_err();
+        let e = units(
+            &CostRule::Json("/seconds".into()),
+            &h,
+            br#"{"seconds":10000000000}"#,
+        )
+        .unwrap_err();
         assert_eq!(e, CostError::NotUnits("/seconds".into()));
     }
 }

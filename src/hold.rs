@@ -33,7 +33,13 @@ pub struct Hold {
 
 impl Hold {
     /// A hold for `entry`, whose decision's draws have already been reserved.
-    pub fn new(account: Arc<Account>, entry: LedgerEntry, key: Option<ClaimedKey>, queue: LedgerQueue, clock: Clock) -> Hold {
+    pub fn new(
+        account: Arc<Account>,
+        entry: LedgerEntry,
+        key: Option<ClaimedKey>,
+        queue: LedgerQueue,
+        clock: Clock,
+    ) -> Hold {
         Hold {
             account,
             entry: Some(entry),
@@ -71,6 +77,7 @@ impl Hold {
             return;
         };
         entry.outcome = outcome;
+        tracing::debug!(decision_id = %entry.decision_id, outcome = outcome.as_str(), "hold ended");
         entry.completed_at = self.clock.now_ms();
         if entry.charged() {
             if let Some(key) = self.key.take() {
@@ -78,8 +85,9 @@ impl Hold {
             }
         } else {
             let now = entry.completed_at;
-            self.account
-                .with_state(|plan, state| waterfall::release(plan, state, &entry.decision.draws, now));
+            self.account.with_state(|plan, state| {
+                waterfall::release(plan, state, &entry.decision.draws, now)
+            });
             self.key = None;
         }
         self.queue.push(entry);

@@ -84,7 +84,9 @@ impl Idempotency {
 impl ClaimedKey {
     /// Marks the key charged by `decision`: later requests with it are replays.
     pub fn charged(mut self, decision: Uuid) {
-        self.registry.keys.insert(self.key.clone(), KeyState::Charged(decision));
+        self.registry
+            .keys
+            .insert(self.key.clone(), KeyState::Charged(decision));
         self.charged = true;
     }
 }
@@ -105,14 +107,18 @@ mod tests {
     fn a_key_is_claimed_once_then_replayed_or_freed() {
         let reg = Idempotency::new(Duration::from_secs(60));
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let Claim::Claimed(first) = reg.claim("acct", "k1", a) else { panic!("first claim") };
+        let Claim::Claimed(first) = reg.claim("acct", "k1", a) else {
+            panic!("first claim")
+        };
         assert!(matches!(reg.claim("acct", "k1", b), Claim::InFlight(id) if id == a));
         // Another account's identical key is independent.
         assert!(matches!(reg.claim("other", "k1", b), Claim::Claimed(_)));
         first.charged(a);
         assert!(matches!(reg.claim("acct", "k1", b), Claim::Charged(id) if id == a));
 
-        let Claim::Claimed(failed) = reg.claim("acct", "k2", a) else { panic!("claim k2") };
+        let Claim::Claimed(failed) = reg.claim("acct", "k2", a) else {
+            panic!("claim k2")
+        };
         drop(failed);
         assert!(matches!(reg.claim("acct", "k2", b), Claim::Claimed(_)));
     }

@@ -244,7 +244,9 @@ impl LedgerWriter {
         let mut stopping = false;
         loop {
             let received = if stopping {
-                self.rx.recv_many(&mut batch, self.settings.batch_size_max).await
+                self.rx
+                    .recv_many(&mut batch, self.settings.batch_size_max)
+                    .await
             } else {
                 tokio::select! {
                     n = self.rx.recv_many(&mut batch, self.settings.batch_size_max) => n,

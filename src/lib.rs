@@ -3,6 +3,7 @@ pub mod accounts;
 pub mod clock;
 pub mod config;
 pub mod cost;
+pub mod demo;
 pub mod gateway;
 pub mod hold;
 pub mod idempotency;

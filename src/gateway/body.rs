@@ -31,22 +31,28 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         let ended = match &frame {
             None => Some(Outcome::Completed),
             Some(Err(_)) => Some(Outcome::UpstreamAborted),
+            // A body of known length is over with its last byte: the server may not poll again.
+            Some(Ok(_)) if self.inner.is_end_stream() => Some(Outcome::Completed),
             Some(Ok(_)) => None,
         };
-        if let (Some(outcome), Some(hold)) = (ended, self.hold.take()) {
-            hold.end(outcome);
+        if let Some(outcome) = ended {
+            if let Some(hold) = self.hold.take() {
+                hold.end(outcome);
+            }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        // Until the hold is settled the server must poll us once more to see the end.
-        self.hold.is_none() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

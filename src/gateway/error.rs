@@ -90,7 +90,13 @@ pub struct DenialReport {
     pub now: Millis,
 }
 
-fn body(status: StatusCode, kind: &str, code: &str, message: String, extra: serde_json::Value) -> Response {
+fn body(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: String,
+    extra: serde_json::Value,
+) -> Response {
     let mut error = json!({ "type": kind, "code": code, "message": message });
     if let (Some(e), serde_json::Value::Object(extra)) = (error.as_object_mut(), extra) {
         e.extend(extra);
@@ -108,7 +114,10 @@ fn no_retry(mut response: Response) -> Response {
 fn retry_after(mut response: Response, seconds: u64) -> Response {
     let h = response.headers_mut();
     h.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
-    h.insert("retry-after-ms", HeaderValue::from(seconds.saturating_mul(1000)));
+    h.insert(
+        "retry-after-ms",
+        HeaderValue::from(seconds.saturating_mul(1000)),
+    );
     response
 }
 
@@ -242,7 +251,13 @@ impl IntoResponse for DenialReport {
                     self.credits_per_unit
                 );
                 retry_after(
-                    body(StatusCode::TOO_MANY_REQUESTS, "usage_limit_reached", "usage_limit_reached", message, extra),
+                    body(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "usage_limit_reached",
+                        "usage_limit_reached",
+                        message,
+                        extra,
+                    ),
                     seconds,
                 )
             }
@@ -252,17 +267,24 @@ impl IntoResponse for DenialReport {
             } => {
                 let mut extra = common;
                 extra["credits_needed"] = json!(needed_credits);
+                let short = needed_credits
+                    .checked_div(self.credits_per_unit)
+                    .unwrap_or(0);
                 let message = format!(
-                    "insufficient credits for {}: the uncovered part of this request costs {needed_credits} credits ({} per unit), {available_credits} available; waiting will not help",
-                    self.feature, self.credits_per_unit
+                    "insufficient credits for {}: {short} of the {} units asked for are not covered by the plan's limits or the {available_credits} credits available; they need {needed_credits} more credits ({} per unit). Waiting will not help",
+                    self.feature, self.units, self.credits_per_unit
                 );
                 let (status, kind, code) = match self.credits_denial {
-                    CreditsDenial::PaymentRequired => {
-                        (StatusCode::PAYMENT_REQUIRED, "insufficient_credits", "insufficient_credits")
-                    }
-                    CreditsDenial::InsufficientQuota => {
-                        (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", "insufficient_quota")
-                    }
+                    CreditsDenial::PaymentRequired => (
+                        StatusCode::PAYMENT_REQUIRED,
+                        "insufficient_credits",
+                        "insufficient_credits",
+                    ),
+                    CreditsDenial::InsufficientQuota => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "insufficient_quota",
+                        "insufficient_quota",
+                    ),
                 };
                 no_retry(body(status, kind, code, message, extra))
             }

@@ -80,7 +80,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// Opens the store, loads the account view from it, and starts serving on `listener`.
-    pub async fn start(settings: Settings, listener: tokio::net::TcpListener, clock: Clock) -> Result<Gateway, StartError> {
+    pub async fn start(
+        settings: Settings,
+        listener: tokio::net::TcpListener,
+        clock: Clock,
+    ) -> Result<Gateway, StartError> {
         let store = Store::open(&settings.store.url).await?;
         if settings.store.migrate_on_start {
             store.migrate().await?;
@@ -106,7 +110,9 @@ impl Gateway {
         // The pool honours its idle timeout only with a timer (hyper-util).
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(settings.server.upstream_idle_timeout_ms))
+            .pool_idle_timeout(Duration::from_millis(
+                settings.server.upstream_idle_timeout_ms,
+            ))
             .build(connector);
         let app = Arc::new(App {
             upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
@@ -119,7 +125,9 @@ impl Gateway {
             clock,
         });
         let router = router(app.clone())?;
-        let addr = listener.local_addr().map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
         let grace = Duration::from_millis(app.settings.server.shutdown_grace_ms);
         let (stop, stopped) = watch::channel(false);
         let server = tokio::spawn(serve(listener, router, stopped, grace));
@@ -155,7 +163,12 @@ impl Gateway {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, router: Router, stopped: watch::Receiver<bool>, grace: Duration) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stopped: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let mut signal = stopped.clone();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = signal.wait_for(|s| *s).await;
@@ -187,21 +200,26 @@ pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
             line: None,
             message,
         };
-        let filter = MethodFilter::try_from(route.method.clone()).map_err(|e| bad_path(e.to_string()))?;
+        let filter =
+            MethodFilter::try_from(route.method.clone()).map_err(|e| bad_path(e.to_string()))?;
         let handler = {
             let route = route.clone();
-            move |State(app): State<Arc<App>>, req: axum::extract::Request| proxy::handle(app, route.clone(), req)
+            move |State(app): State<Arc<App>>, req: axum::extract::Request| {
+                proxy::handle(app, route.clone(), req)
+            }
         };
         // axum panics on a path it cannot route (bad syntax, a conflict): report it as config.
-        router = std::panic::catch_unwind(AssertUnwindSafe(move || router.route(&route.path, on(filter, handler))))
-            .map_err(|p| {
-                let reason = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                bad_path(format!("axum cannot route this path: {reason}"))
-            })?;
+        router = std::panic::catch_unwind(AssertUnwindSafe(move || {
+            router.route(&route.path, on(filter, handler))
+        }))
+        .map_err(|p| {
+            let reason = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            bad_path(format!("axum cannot route this path: {reason}"))
+        })?;
     }
     Ok(router
         .fallback(|| async { GatewayError::RouteNotFound })
@@ -227,13 +245,22 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "ledger_queue_depth": app.ledger.depth(),
         "accounts_cached": app.accounts.len(),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 
 /// Every layer a decision checked, with what it had and gave, and each usage-limit window in
 /// detail (limit, used, remaining, reset time): the explanation attached to a denial.
-pub fn explain_layers(plan: &Plan, state: &AccountState, decision: &Decision, now: Millis) -> serde_json::Value {
+pub fn explain_layers(
+    plan: &Plan,
+    state: &AccountState,
+    decision: &Decision,
+    now: Millis,
+) -> serde_json::Value {
     let layers = decision
         .layers
         .iter()

@@ -34,6 +34,8 @@ pub const DECISION_ID: HeaderName = HeaderName::from_static("x-flowgate-decision
 pub const REPLAY_OF: HeaderName = HeaderName::from_static("x-flowgate-replay-of");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Header saying which layers paid how many units of an admitted request.
+pub const POOLS: HeaderName = HeaderName::from_static("x-flowgate-pools");
 const ACCOUNT: HeaderName = HeaderName::from_static("x-flowgate-account");
 
 /// Handles one proxied request on `route`.
@@ -49,7 +51,8 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
             e.into_response()
         }
     };
-    let id = HeaderValue::try_from(decision_id.to_string()).unwrap_or(HeaderValue::from_static("-"));
+    let id =
+        HeaderValue::try_from(decision_id.to_string()).unwrap_or(HeaderValue::from_static("-"));
     let headers = response.headers_mut();
     headers.insert(REQUEST_ID, request_id.unwrap_or_else(|| id.clone()));
     headers.insert(DECISION_ID, id);
@@ -75,7 +78,13 @@ struct Log {
     outcome: String,
 }
 
-async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &mut Log) -> Result<Response, GatewayError> {
+async fn proxy(
+    app: &App,
+    route: &Route,
+    req: Request,
+    decision_id: Uuid,
+    log: &mut Log,
+) -> Result<Response, GatewayError> {
     // Phase 1: identify.
     let account = identify(app, req.headers())?;
     log.account = Some(account.id.clone());
@@ -95,7 +104,10 @@ async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &
             .await
             .map_err(|_| GatewayError::BodyTooLarge { limit })?
             .to_bytes();
-        (cost::units(&route.cost, &parts.headers, &bytes)?, Body::from(bytes))
+        (
+            cost::units(&route.cost, &parts.headers, &bytes)?,
+            Body::from(bytes),
+        )
     } else {
         (cost::units(&route.cost, &parts.headers, &[])?, body)
     };
@@ -110,10 +122,22 @@ async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &
         None => None,
         Some(key) => match app.idempotency.claim(&account.id, key, decision_id) {
             Claim::Claimed(claim) => Some(claim),
-            Claim::InFlight(id) => return Err(GatewayError::IdempotencyKeyInUse { decision_id: id }),
+            Claim::InFlight(id) => {
+                return Err(GatewayError::IdempotencyKeyInUse { decision_id: id });
+            }
             Claim::Charged(original) => {
                 log.outcome = "replay".into();
-                return replay(app, route, &account, parts, body, decision_id, original, units).await;
+                return replay(
+                    app,
+                    route,
+                    &account,
+                    parts,
+                    body,
+                    decision_id,
+                    original,
+                    units,
+                )
+                .await;
             }
         },
     };
@@ -127,9 +151,21 @@ async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &
         } else {
             Some(super::explain_layers(plan, state, &decision, now))
         };
-        (decision, Quota::snapshot(plan, state, feature, now), denial_layers)
+        (
+            decision,
+            Quota::snapshot(plan, state, feature, now),
+            denial_layers,
+        )
     });
-    let entry = new_entry(app, &account, route, decision, decision_id, idempotency_key, now);
+    let entry = new_entry(
+        app,
+        &account,
+        route,
+        decision,
+        decision_id,
+        idempotency_key,
+        now,
+    );
 
     if let Some(layers) = denial_layers {
         let Some(denial) = entry.decision.denial else {
@@ -157,14 +193,25 @@ async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &
         return Ok(response);
     }
     log.outcome = format!("admitted:{}", entry.decision.draws.len());
-    let mut hold = Hold::new(account.clone(), entry, claim, app.ledger.clone(), app.clock.clone());
+    let pools = pools_header(&account.plan, &entry.decision);
+    let mut hold = Hold::new(
+        account.clone(),
+        entry,
+        claim,
+        app.ledger.clone(),
+        app.clock.clone(),
+    );
 
     // Phase 4: forward. Dropping this future (client gone) drops the hold: released.
     let upstream = forward(app, route, &account, parts, body, decision_id).await;
     let response = match upstream {
         Ok(r) => r,
         Err(e) => {
-            hold.end(if matches!(e, GatewayError::UpstreamTimeout) { Outcome::UpstreamTimeout } else { Outcome::UpstreamUnavailable });
+            hold.end(if matches!(e, GatewayError::UpstreamTimeout) {
+                Outcome::UpstreamTimeout
+            } else {
+                Outcome::UpstreamUnavailable
+            });
             return Err(e);
         }
     };
@@ -174,6 +221,7 @@ async fn proxy(app: &App, route: &Route, req: Request, decision_id: Uuid, log: &
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     quota.apply(&mut parts.headers);
+    parts.headers.insert(POOLS, pools);
     let body = if !parts.status.is_success() {
         log.outcome = format!("upstream_error:{}", parts.status.as_u16());
         hold.end(Outcome::UpstreamError);
@@ -210,7 +258,10 @@ async fn replay(
         draws: Default::default(),
         layers: Default::default(),
     };
-    let key = parts.headers.get(&IDEMPOTENCY_KEY).and_then(|v| v.to_str().ok());
+    let key = parts
+        .headers
+        .get(&IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok());
     let mut entry = new_entry(app, account, route, decision, decision_id, key, now);
     entry.outcome = Outcome::Replay;
     let result = forward(app, route, account, parts, body, decision_id).await;
@@ -248,6 +299,22 @@ fn new_entry(
         decided_at: now,
         completed_at: now,
     }
+}
+
+/// `x-flowgate-pools`: which layers paid how many units, e.g. `tasks=3,credits=7`.
+fn pools_header(plan: &waterfall::Plan, decision: &Decision) -> HeaderValue {
+    let mut out = String::new();
+    for report in decision.layers.iter().filter(|r| r.gave_units > 0) {
+        if let Some(layer) = plan.layers.get(report.layer as usize) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&layer.name);
+            out.push('=');
+            out.push_str(&report.gave_units.to_string());
+        }
+    }
+    HeaderValue::try_from(out).unwrap_or(HeaderValue::from_static(""))
 }
 
 fn denial_code(denial: &waterfall::Denial) -> &'static str {

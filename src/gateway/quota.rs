@@ -33,7 +33,9 @@ impl Quota {
     pub fn snapshot(plan: &Plan, state: &AccountState, feature: FeatureId, now: Millis) -> Quota {
         let mut windows = SmallVec::new();
         for (i, layer) in plan.layers.iter().enumerate() {
-            if !layer.features.contains(feature) || !matches!(layer.kind, LayerKind::UsageLimit { .. }) {
+            if !layer.features.contains(feature)
+                || !matches!(layer.kind, LayerKind::UsageLimit { .. })
+            {
                 continue;
             }
             for w in state.windows(plan, i, now) {
@@ -57,9 +59,15 @@ impl Quota {
             for (prefix, value) in [
                 ("x-ratelimit-limit-", HeaderValue::from(w.limit)),
                 ("x-ratelimit-remaining-", HeaderValue::from(w.remaining)),
-                ("x-ratelimit-reset-", HeaderValue::try_from(super::error::format_duration(w.reset_in_s)).unwrap_or(HeaderValue::from_static("0s"))),
+                (
+                    "x-ratelimit-reset-",
+                    HeaderValue::try_from(super::error::format_duration(w.reset_in_s))
+                        .unwrap_or(HeaderValue::from_static("0s")),
+                ),
             ] {
-                if let Ok(name) = HeaderName::try_from(format!("{prefix}{}", w.name.to_ascii_lowercase())) {
+                if let Ok(name) =
+                    HeaderName::try_from(format!("{prefix}{}", w.name.to_ascii_lowercase()))
+                {
                     headers.insert(name, value);
                 }
             }
