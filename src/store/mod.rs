@@ -94,6 +94,29 @@ pub struct LedgerCounts {
     pub balance_updates: u64,
 }
 
+/// A usage event as stored (for listings and explanations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageEventRow {
+    /// The decision id.
+    pub decision_id: String,
+    /// The feature.
+    pub feature: String,
+    /// Units asked for.
+    pub units: u64,
+    /// How the request ended.
+    pub outcome: String,
+    /// The denial or error code.
+    pub code: Option<String>,
+    /// The upstream's status.
+    pub upstream_status: Option<u16>,
+    /// Whether it was charged (has a monetization event).
+    pub charged: bool,
+    /// Credits drawn from grants, when charged.
+    pub credits: u64,
+    /// When it was decided.
+    pub decided_at: Millis,
+}
+
 /// The ledger store.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -170,6 +193,17 @@ impl Store {
     pub async fn counts(&self) -> Result<LedgerCounts, StoreError> {
         match self {
             Store::Sqlite(s) => s.counts().await,
+        }
+    }
+
+    /// An account's most recent usage events, newest first.
+    pub async fn usage_events(
+        &self,
+        account: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageEventRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.usage_events(account, limit).await,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{Committed, LedgerCounts, StoreError, StoredAccount, StoredGrant};
+use super::{Committed, LedgerCounts, StoreError, StoredAccount, StoredGrant, UsageEventRow};
 use crate::config::AccountSeed;
 use crate::ledger::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis, Pool};
@@ -342,6 +342,37 @@ impl SqliteStore {
             monetization_events: r.get::<i64, _>("m") as u64,
             balance_updates: r.get::<i64, _>("b") as u64,
         })
+    }
+
+    pub(super) async fn usage_events(
+        &self,
+        account: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageEventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT u.decision_id, u.feature, u.units, u.outcome, u.code, u.upstream_status, u.decided_at,
+                    m.id IS NOT NULL AS charged, COALESCE(m.credits, 0) AS credits
+             FROM usage_events u LEFT JOIN monetization_events m ON m.usage_event_id = u.id
+             WHERE u.account_id = ? ORDER BY u.id DESC LIMIT ?",
+        )
+        .bind(account)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageEventRow {
+                decision_id: r.get("decision_id"),
+                feature: r.get("feature"),
+                units: r.get::<i64, _>("units") as u64,
+                outcome: r.get("outcome"),
+                code: r.get("code"),
+                upstream_status: r.get::<Option<i64>, _>("upstream_status").map(|s| s as u16),
+                charged: r.get("charged"),
+                credits: r.get::<i64, _>("credits") as u64,
+                decided_at: r.get("decided_at"),
+            })
+            .collect())
     }
 
     pub(super) async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {

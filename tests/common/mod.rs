@@ -1,0 +1,266 @@
+//! Test harness: a real mock backend on a loopback port, a real gateway on another, and a real
+//! ledger store, one fresh database per test.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use flowgate::clock::Clock;
+use flowgate::config::Settings;
+use flowgate::demo::backend::MockBackend;
+use flowgate::gateway::Gateway;
+use flowgate::store::Store;
+
+/// Which ledger store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A SQLite file in a temporary folder.
+    Sqlite,
+}
+
+/// The configuration the tests run with; `__STORE__`, `__BACKEND__` are filled in.
+pub const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+upstream_timeout_ms = 1000
+shutdown_grace_ms = 3000
+credits_denial = "payment_required"
+
+[store]
+url = "__STORE__"
+ledger_flush_interval_ms = 1
+
+[identity]
+mode = "api_key"
+
+[upstreams.backend]
+url = "__BACKEND__"
+
+[[routes]]
+method = "POST"
+path = "/v1/tasks"
+feature = "task"
+upstream = "backend"
+cost = { header = "x-units" }
+
+[[routes]]
+method = "POST"
+path = "/v1/videos"
+feature = "video_second"
+upstream = "backend"
+cost = { json = "/seconds" }
+
+[plans.pro]
+price_version = "test-1"
+prices = { task = 5, video_second = 2 }
+
+[[plans.pro.layers]]
+kind = "usage_limit"
+name = "limits"
+features = ["task"]
+windows = [
+  { name = "5h", duration = "5h", limit = 3 },
+  { name = "week", duration = "7days", limit = 10 },
+]
+
+[[plans.pro.layers]]
+kind = "credits"
+
+[[plans.pro.layers]]
+kind = "promotions"
+
+[plans.lite]
+price_version = "test-1"
+prices = { task = 5 }
+
+[[plans.lite.layers]]
+kind = "usage_limit"
+name = "limits"
+windows = [{ name = "5h", duration = "5h", limit = 2 }]
+
+[[accounts]]
+id = "alice"
+plan = "pro"
+api_keys = ["sk-alice"]
+
+[[accounts.grants]]
+id = "purchase-1"
+kind = "credits"
+amount = 100
+
+[[accounts]]
+id = "bob"
+plan = "pro"
+suspended = true
+api_keys = ["sk-bob"]
+
+[[accounts]]
+id = "carol"
+plan = "lite"
+api_keys = ["sk-carol"]
+
+[[accounts]]
+id = "dave"
+plan = "pro"
+api_keys = ["sk-dave"]
+
+[[accounts.grants]]
+id = "purchase-1"
+kind = "credits"
+amount = 12
+"#;
+
+/// A backend, a gateway and a store for one test.
+pub struct Harness {
+    /// The upstream.
+    pub backend: MockBackend,
+    /// The gateway (taken while restarting).
+    pub gateway: Option<Gateway>,
+    /// A client for the gateway.
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:port` of the gateway.
+    pub base: String,
+    /// The store's URL.
+    pub store_url: String,
+    /// The configuration text in use.
+    pub config: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Starts with the default test configuration.
+    pub async fn start(kind: StoreKind) -> Harness {
+        Harness::start_with(kind, |c| c).await
+    }
+
+    /// Starts with the test configuration as changed by `edit`.
+    pub async fn start_with(kind: StoreKind, edit: impl FnOnce(String) -> String) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store_url = match kind {
+            StoreKind::Sqlite => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        };
+        let backend = MockBackend::start().await.expect("backend starts");
+        let config = edit(
+            CONFIG
+                .replace("__STORE__", &store_url)
+                .replace("__BACKEND__", &backend.url()),
+        );
+        let mut h = Harness {
+            backend,
+            gateway: None,
+            http: reqwest::Client::new(),
+            base: String::new(),
+            store_url,
+            config,
+            _dir: dir,
+        };
+        h.boot().await;
+        h
+    }
+
+    async fn boot(&mut self) {
+        let settings = Settings::parse(&self.config).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let gateway = Gateway::start(settings, listener, Clock::System)
+            .await
+            .expect("gateway starts");
+        self.base = format!("http://{}", gateway.addr());
+        self.gateway = Some(gateway);
+    }
+
+    /// Stops the gateway (flushing its ledger) and starts a new one on the same store.
+    pub async fn restart(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
+        self.boot().await;
+    }
+
+    /// The running gateway.
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("gateway running")
+    }
+
+    /// A POST to the gateway as the holder of `key`.
+    pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+    }
+
+    /// A task of `units` units for the holder of `key`.
+    pub async fn task(&self, key: &str, units: u64) -> reqwest::Response {
+        self.post("/v1/tasks", key)
+            .header("x-units", units)
+            .json(&serde_json::json!({"prompt": "test"}))
+            .send()
+            .await
+            .expect("request reaches the gateway")
+    }
+
+    /// Waits until everything queued for the ledger has been committed.
+    pub async fn settle_ledger(&self) {
+        let app = self.gateway().app().clone();
+        for _ in 0..500 {
+            if app.ledger.depth() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "ledger did not drain: {} entries queued",
+            app.ledger.depth()
+        );
+    }
+
+    /// The ledger store, opened separately.
+    pub async fn store(&self) -> Store {
+        Store::open(&self.store_url).await.expect("store opens")
+    }
+
+    /// Sum of an account's grant balances in the store.
+    pub async fn stored_balance(&self, account: &str) -> u64 {
+        self.settle_ledger().await;
+        self.store()
+            .await
+            .grants(account)
+            .await
+            .expect("grants")
+            .iter()
+            .map(|g| g.balance)
+            .sum()
+    }
+
+    /// The in-memory spendable credits of an account for `feature` (the hot path's view).
+    pub fn cached_credits(&self, account: &str, feature: &str) -> u64 {
+        let app = self.gateway().app();
+        let feature = app.settings.feature_id(feature).expect("feature");
+        let acct = app.accounts.get(account).expect("account cached");
+        acct.with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
+    }
+}
+
+/// A header's value as a string ("" if absent).
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Declares each listed async test function (taking a [`StoreKind`]) once per store.
+#[macro_export]
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::StoreKind::Sqlite).await
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,425 @@
+//! Black-box tests of the gateway: a real backend and a real gateway on loopback ports, a real
+//! ledger store. Each test runs once per store.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Harness, StoreKind, header};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+store_tests!(
+    split_from_usage_limit_into_credits,
+    usage_limit_denial_says_when_and_why,
+    credit_denial_is_402_and_not_retryable,
+    credit_denial_can_be_openai_insufficient_quota,
+    identity_failures_are_401_and_403,
+    invalid_cost_names_the_field_and_charges_nothing,
+    streaming_passes_through_event_by_event,
+    upstream_error_charges_nothing,
+    upstream_timeout_is_504_and_releases_the_hold,
+    idempotency_key_replayed_charges_once,
+    idempotency_key_sent_twice_at_once_charges_once,
+    client_disconnect_mid_stream_leaves_no_hold,
+    restart_keeps_balances_and_windows,
+);
+
+async fn split_from_usage_limit_into_credits(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h.task("sk-alice", 2).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-flowgate-pools"), "limits=2");
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "1");
+    assert_eq!(header(&r, "x-ratelimit-limit-5h"), "3");
+    assert_eq!(header(&r, "x-ratelimit-remaining-week"), "8");
+    assert_eq!(header(&r, "x-credits-remaining"), "100");
+    assert!(!header(&r, "x-flowgate-decision-id").is_empty());
+    r.text().await.unwrap();
+
+    // 5 units: the last unit of the 5-hour window, then 4 units × 5 credits.
+    let r = h.task("sk-alice", 5).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-flowgate-pools"), "limits=1,credits=4");
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "0");
+    assert_eq!(header(&r, "x-credits-remaining"), "80");
+    let reset = header(&r, "x-ratelimit-reset-5h");
+    assert!(
+        reset.starts_with("4h59m") || reset.starts_with("5h0m"),
+        "reset {reset}"
+    );
+    r.text().await.unwrap();
+
+    assert_eq!(h.stored_balance("alice").await, 80);
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|e| e.charged && e.outcome == "completed"));
+    assert_eq!(events[0].credits, 20);
+    let counts = h.store().await.counts().await.unwrap();
+    assert_eq!(counts.monetization_events, 2);
+}
+
+async fn usage_limit_denial_says_when_and_why(store: StoreKind) {
+    let h = Harness::start(store).await;
+    for _ in 0..2 {
+        assert_eq!(h.task("sk-carol", 1).await.status(), 200);
+    }
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!(
+        (4 * 3600..=5 * 3600).contains(&retry),
+        "retry after {retry}"
+    );
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "0");
+    assert!(
+        header(&r, "x-should-retry").is_empty(),
+        "waiting helps: no x-should-retry: false"
+    );
+    assert!(!header(&r, "x-flowgate-decision-id").is_empty());
+    let body: Value = r.json().await.unwrap();
+    let e = &body["error"];
+    assert_eq!(e["type"], "usage_limit_reached");
+    assert_eq!(e["code"], "usage_limit_reached");
+    assert!(e["message"].as_str().unwrap().contains("retry after"));
+    assert!(e["reset_at"].is_string());
+    let limits = &e["layers"][0];
+    assert_eq!(limits["layer"], "limits");
+    assert_eq!(limits["available_units"], 0);
+    assert_eq!(limits["windows"][0]["name"], "5h");
+    assert_eq!(limits["windows"][0]["used"], 2);
+    assert_eq!(limits["windows"][0]["remaining"], 0);
+
+    h.settle_ledger().await;
+    let events = h.store().await.usage_events("carol", 10).await.unwrap();
+    assert_eq!(events[0].outcome, "denied");
+    assert_eq!(events[0].code.as_deref(), Some("usage_limit_reached"));
+    assert!(!events[0].charged);
+}
+
+async fn credit_denial_is_402_and_not_retryable(store: StoreKind) {
+    let h = Harness::start(store).await;
+    // dave: 3 units of window + 12 credits (2 units at 5): 6 units is one too many.
+    let r = h.task("sk-dave", 6).await;
+    assert_eq!(r.status(), 402);
+    assert_eq!(header(&r, "x-should-retry"), "false");
+    assert_eq!(header(&r, "x-credits-remaining"), "12");
+    let body: Value = r.json().await.unwrap();
+    let e = &body["error"];
+    assert_eq!(e["type"], "insufficient_credits");
+    assert_eq!(e["credits_needed"], 5);
+    assert_eq!(e["credits_available"], 12);
+    let layers = e["layers"].as_array().unwrap();
+    assert_eq!(layers[0]["available_units"], 3);
+    assert_eq!(layers[1]["layer"], "credits");
+    assert_eq!(layers[1]["available_credits"], 12);
+    // Nothing was held: the same account can still spend all it has.
+    let r = h.task("sk-dave", 5).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-flowgate-pools"), "limits=3,credits=2");
+    assert_eq!(header(&r, "x-credits-remaining"), "2");
+}
+
+async fn credit_denial_can_be_openai_insufficient_quota(store: StoreKind) {
+    let h = Harness::start_with(store, |c| {
+        c.replace("\"payment_required\"", "\"insufficient_quota\"")
+    })
+    .await;
+    let r = h.task("sk-dave", 6).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-should-retry"), "false");
+    assert!(header(&r, "retry-after").is_empty());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+}
+
+async fn identity_failures_are_401_and_403(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h.task("sk-nobody", 1).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_api_key"
+    );
+    let r = h
+        .http
+        .post(format!("{}/v1/tasks", h.base))
+        .header("x-units", 1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "missing_api_key"
+    );
+    let r = h.task("sk-bob", 1).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "account_suspended"
+    );
+    // carol's plan does not include video.
+    let r = h
+        .post("/v1/videos", "sk-carol")
+        .json(&serde_json::json!({"seconds": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "not_entitled"
+    );
+    assert_eq!(
+        h.backend
+            .counters()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+async fn invalid_cost_names_the_field_and_charges_nothing(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h.post("/v1/tasks", "sk-alice").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let e = r.json::<Value>().await.unwrap()["error"].clone();
+    assert_eq!(e["code"], "invalid_cost");
+    assert_eq!(e["field"], "header:x-units");
+    let r = h
+        .post("/v1/videos", "sk-alice")
+        .json(&serde_json::json!({"seconds": "ten"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["field"],
+        "/seconds"
+    );
+    let r = h.post("/v1/nowhere", "sk-alice").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(h.stored_balance("alice").await, 100);
+    assert_eq!(
+        h.backend
+            .counters()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+async fn streaming_passes_through_event_by_event(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let started = Instant::now();
+    let r = h
+        .post("/v1/videos", "sk-alice")
+        .header("x-mock-interval-ms", "300")
+        .json(&serde_json::json!({"seconds": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "text/event-stream");
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.expect("an event").unwrap();
+    let first_at = started.elapsed();
+    assert!(String::from_utf8_lossy(&first).contains("rendered_seconds\":1"));
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let total = started.elapsed();
+    assert!(String::from_utf8_lossy(&rest).contains("event: done"));
+    // The first event arrived long before the stream ended: nothing was buffered.
+    assert!(total >= Duration::from_millis(850), "total {total:?}");
+    assert!(
+        first_at < total - Duration::from_millis(500),
+        "first event at {first_at:?}, end at {total:?}"
+    );
+    // Charged once the stream completed: 3 s × 2 credits.
+    assert_eq!(h.stored_balance("alice").await, 94);
+}
+
+async fn upstream_error_charges_nothing(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-units", 5)
+        .header("x-mock-status", "500")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    r.text().await.unwrap();
+    // The hold (3 units of window + 10 credits) went back.
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "2");
+    assert_eq!(header(&r, "x-credits-remaining"), "100");
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("alice").await, 100);
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    let failed = events
+        .iter()
+        .find(|e| e.outcome == "upstream_error")
+        .expect("failure recorded");
+    assert_eq!(failed.upstream_status, Some(500));
+    assert!(!failed.charged);
+}
+
+async fn upstream_timeout_is_504_and_releases_the_hold(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-units", 4)
+        .header("x-mock-delay-ms", "3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "upstream_timeout"
+    );
+    assert_eq!(h.cached_credits("alice", "task"), 100);
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "2");
+    r.text().await.unwrap();
+    h.settle_ledger().await;
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.outcome == "upstream_timeout" && !e.charged)
+    );
+}
+
+async fn idempotency_key_replayed_charges_once(store: StoreKind) {
+    let mut h = Harness::start(store).await;
+    let send = |h: &Harness| {
+        h.post("/v1/tasks", "sk-alice")
+            .header("x-units", 4)
+            .header("idempotency-key", "retry-1")
+            .send()
+    };
+    let first = send(&h).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first_id = header(&first, "x-flowgate-decision-id");
+    first.text().await.unwrap();
+    let second = send(&h).await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-flowgate-replay-of"), first_id);
+    second.text().await.unwrap();
+    assert_eq!(h.stored_balance("alice").await, 95);
+
+    // After a restart the in-memory registry is empty: the store's unique key still holds.
+    h.restart().await;
+    let third = send(&h).await.unwrap();
+    assert_eq!(third.status(), 200);
+    third.text().await.unwrap();
+    h.settle_ledger().await;
+    assert_eq!(h.stored_balance("alice").await, 95);
+    assert_eq!(
+        h.cached_credits("alice", "task"),
+        95,
+        "the duplicate's hold was given back"
+    );
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.charged).count(), 1);
+    assert!(events.iter().any(|e| e.outcome == "duplicate"));
+}
+
+async fn idempotency_key_sent_twice_at_once_charges_once(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let send = || {
+        h.post("/v1/tasks", "sk-alice")
+            .header("x-units", 4)
+            .header("idempotency-key", "same-moment")
+            .header("x-mock-delay-ms", "200")
+            .send()
+    };
+    let (a, b) = tokio::join!(send(), send());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 409],
+        "one runs, the other is told the key is in use"
+    );
+    let conflict = if a.status() == 409 { a } else { b };
+    assert_eq!(header(&conflict, "retry-after"), "1");
+    assert_eq!(
+        conflict.json::<Value>().await.unwrap()["error"]["code"],
+        "idempotency_key_in_use"
+    );
+    assert_eq!(h.stored_balance("alice").await, 95);
+    let charged = h
+        .store()
+        .await
+        .usage_events("alice", 10)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.charged)
+        .count();
+    assert_eq!(charged, 1);
+}
+
+async fn client_disconnect_mid_stream_leaves_no_hold(store: StoreKind) {
+    let h = Harness::start(store).await;
+    let r = h
+        .post("/v1/videos", "sk-alice")
+        .header("x-mock-interval-ms", "200")
+        .json(&serde_json::json!({"seconds": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&r, "x-credits-remaining"),
+        "60",
+        "40 credits held while streaming"
+    );
+    let mut stream = r.bytes_stream();
+    stream.next().await.expect("first event").unwrap();
+    drop(stream);
+    // The gateway notices on its next write and drops the body: the hold is released.
+    for _ in 0..100 {
+        if h.cached_credits("alice", "video_second") == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.cached_credits("alice", "video_second"), 100);
+    assert_eq!(h.stored_balance("alice").await, 100);
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    assert_eq!(events[0].outcome, "client_aborted");
+    assert!(!events[0].charged);
+}
+
+async fn restart_keeps_balances_and_windows(store: StoreKind) {
+    let mut h = Harness::start(store).await;
+    let r = h.task("sk-alice", 5).await; // 3 from the window, 2 × 5 credits
+    assert_eq!(header(&r, "x-credits-remaining"), "90");
+    r.text().await.unwrap();
+    h.restart().await;
+    assert_eq!(h.cached_credits("alice", "task"), 90);
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-flowgate-pools"),
+        "credits=1",
+        "the window is still used up"
+    );
+    // Units paid by credits do not count against the included limits.
+    assert_eq!(header(&r, "x-ratelimit-remaining-week"), "7");
+    assert_eq!(header(&r, "x-credits-remaining"), "85");
+    r.text().await.unwrap();
+    // Grants from the config are given once, not again on restart.
+    h.restart().await;
+    assert_eq!(h.stored_balance("alice").await, 85);
+}
