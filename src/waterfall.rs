@@ -709,7 +709,8 @@ pub fn decide(
                     continue;
                 };
                 let held = state.credits_available(grant_kind, feature, now);
-                let coverable = if price == 0 { left } else { held / price };
+                // A free feature (price 0) is covered whole.
+                let coverable = held.checked_div(price).unwrap_or(left);
                 let give = coverable.min(left);
                 report.available_credits = Some(held);
                 report.available_units = coverable;
