@@ -99,3 +99,94 @@ impl Drop for Hold {
         self.finish(self.on_drop);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{self, WriterSettings};
+    use crate::waterfall::{
+        AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Plan, decide,
+        reserve,
+    };
+    use std::time::Duration;
+
+    fn plan() -> Arc<Plan> {
+        Arc::new(Plan {
+            name: "p".into(),
+            layers: vec![Layer {
+                name: "credits".into(),
+                features: FeatureSet::ALL,
+                kind: LayerKind::Credits,
+            }],
+            prices: vec![Some(5)],
+            price_version: "v1".into(),
+        })
+    }
+
+    /// A hold alive in a task that panics is released by the unwinding, and recorded.
+    #[tokio::test]
+    async fn a_panicking_handler_releases_its_hold() {
+        let plan = plan();
+        let grant = Grant {
+            id: 1,
+            kind: GrantKind::Credits,
+            balance: 50,
+            expires_at: None,
+            priority: 0,
+            features: FeatureSet::ALL,
+        };
+        let state = AccountState::new(&plan, vec![grant], 0);
+        let account = Arc::new(Account::new("a".into(), plan.clone(), false, state));
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::Store::open(&format!("sqlite://{}", dir.path().join("l.db").display()))
+                .await
+                .unwrap();
+        let (queue, _writer) = ledger::channel(
+            store,
+            crate::accounts::Accounts::new(),
+            WriterSettings {
+                batch_size_max: 1,
+                flush_interval: Duration::ZERO,
+                queue_max: 10,
+            },
+        );
+        let decision = account.with_state(|p, s| {
+            let d = decide(p, s, FeatureId(0), 4, 0);
+            reserve(p, s, &d, 0);
+            d
+        });
+        assert_eq!(account.with_state(|_, s| s.grants()[0].balance), 30);
+        let entry = LedgerEntry {
+            decision_id: uuid::Uuid::now_v7(),
+            account: account.id.clone(),
+            plan: plan.clone(),
+            feature: "f".into(),
+            decision,
+            outcome: Outcome::Internal,
+            code: None,
+            upstream_status: None,
+            idempotency_key: None,
+            decided_at: 0,
+            completed_at: 0,
+        };
+        let hold = Hold::new(
+            account.clone(),
+            entry,
+            None,
+            queue.clone(),
+            Clock::manual(0),
+        );
+        let task = tokio::spawn(async move {
+            let _hold = hold;
+            panic!("handler bug");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(
+            account.with_state(|_, s| s.grants()[0].balance),
+            50,
+            "hold released"
+        );
+        assert_eq!(queue.depth(), 1, "the failed request is still recorded");
+    }
+}
