@@ -14,8 +14,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::config::Settings;
-use crate::store::{Store, StoreError};
-use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan};
+use crate::store::{GrantBalance, Store, StoreError, StoredGrant};
+use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan, Pool};
 
 /// An account id, shared cheaply between the view, holds and ledger entries.
 pub type AccountId = Arc<str>;
@@ -29,8 +29,10 @@ pub struct Account {
     pub plan: Arc<Plan>,
     /// Whether its requests are refused.
     pub suspended: bool,
-    /// Windows, free tier and grants, with every hold already applied.
-    state: Mutex<AccountState>,
+    /// Windows, free tier and grants, with every hold already applied. Shared with the
+    /// account's successors ([`Accounts::change`]), so that a hold taken before a change of plan
+    /// or suspension ends on the state the account has now.
+    state: Arc<Mutex<AccountState>>,
 }
 
 impl Account {
@@ -40,7 +42,7 @@ impl Account {
             id,
             plan,
             suspended,
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
         }
     }
 
@@ -115,6 +117,64 @@ impl Accounts {
         }
     }
 
+    /// Marks an entry's draws as debited by the store.
+    pub fn settled(&self, id: &str, draws: &[Draw]) {
+        if let Some(account) = self.get(id) {
+            account.with_state(|_, state| state.settled(draws));
+        }
+    }
+
+    /// Takes the store's committed balances as the truth (see [`AccountState::sync_grant`]).
+    /// Returns the accounts that have grants the view does not know yet.
+    pub fn sync_balances(&self, balances: &[GrantBalance]) -> Vec<String> {
+        let mut unknown: Vec<String> = Vec::new();
+        for b in balances {
+            if let Some(account) = self.get(&b.account) {
+                let known = account.with_state(|_, state| state.sync_grant(b.grant_id, b.balance));
+                if !known && !unknown.contains(&b.account) {
+                    unknown.push(b.account.clone());
+                }
+            }
+        }
+        unknown
+    }
+
+    /// Adds the grants of `id` that the store has and the view lacks (granted elsewhere).
+    pub async fn add_new_grants(
+        &self,
+        store: &Store,
+        settings: &Settings,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let Some(account) = self.get(id) else {
+            return Ok(());
+        };
+        let stored = store.grants(id).await?;
+        account.with_state(|_, state| {
+            for g in &stored {
+                if !state.grants().iter().any(|known| known.id == g.id) {
+                    state.add_grant(grant_of(settings, g));
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Applies a refund the store has made: windows and free tier get the charge's units back,
+    /// grants take the store's new balances.
+    pub fn refunded(&self, id: &str, draws: &[Draw], balances: &[GrantBalance]) {
+        if let Some(account) = self.get(id) {
+            let units: Vec<Draw> = draws
+                .iter()
+                .filter(|d| matches!(d.pool, Pool::Window { .. } | Pool::FreeTier { .. }))
+                .copied()
+                .collect();
+            let now = crate::clock::now_ms();
+            account.with_state(|plan, state| waterfall::release(plan, state, &units, now));
+        }
+        let _ = self.sync_balances(balances);
+    }
+
     /// Builds the view from the store: every account, its grants' balances, and the usage
     /// still inside its windows and free-tier period at `now`.
     pub async fn load(
@@ -138,14 +198,7 @@ impl Accounts {
             let grants = stored
                 .grants
                 .iter()
-                .map(|g| Grant {
-                    id: g.id,
-                    kind: g.kind,
-                    balance: g.balance,
-                    expires_at: g.expires_at,
-                    priority: g.priority,
-                    features: settings.feature_set(g.features.as_deref()),
-                })
+                .map(|g| grant_of(settings, g))
                 .collect();
             let id: AccountId = stored.id.as_str().into();
             for hash in &stored.key_hashes {
@@ -172,8 +225,62 @@ impl Accounts {
     }
 }
 
+impl Accounts {
+    /// Changes an account's plan or suspension in the view; `false` if the view lacks it.
+    ///
+    /// The account is replaced by a successor sharing its state (see [`Account`]): grants, and
+    /// the holds of requests in flight, carry over. On a change of plan the usage-limit and
+    /// free-tier state is rebuilt for the new plan from `history` (the account's recorded draws
+    /// since [`history_start`] of the new plan), as a restart would rebuild it. The swap happens
+    /// under the account's lock; a request that identified the account just before it decides
+    /// once more under the old plan.
+    pub fn change(
+        &self,
+        id: &str,
+        plan: Arc<Plan>,
+        suspended: bool,
+        history: &[Draw],
+        now: Millis,
+    ) -> bool {
+        let Some(old) = self.get(id) else {
+            return false;
+        };
+        let mut state = old.state.lock();
+        if plan.name != old.plan.name {
+            state.layers = AccountState::new(&plan, Vec::new(), now).layers;
+            for draw in history {
+                state.replay(&plan, draw, now);
+            }
+        }
+        self.by_id.insert(
+            old.id.clone(),
+            Arc::new(Account {
+                id: old.id.clone(),
+                plan,
+                suspended,
+                state: old.state.clone(),
+            }),
+        );
+        drop(state);
+        true
+    }
+}
+
+/// The engine's grant for a stored one.
+pub fn grant_of(settings: &Settings, g: &StoredGrant) -> Grant {
+    Grant {
+        id: g.id,
+        kind: g.kind,
+        balance: g.balance,
+        unsettled: 0,
+        expires_at: g.expires_at,
+        priority: g.priority,
+        features: settings.feature_set(g.features.as_deref()),
+    }
+}
+
 /// The earliest instant whose usage still counts for `plan` at `now`.
-fn history_start(plan: &Plan, now: Millis) -> Millis {
+pub fn history_start(plan: &Plan, now: Millis) -> Millis {
     plan.layers
         .iter()
         .map(|l| match &l.kind {

@@ -36,12 +36,35 @@ pub const PRICE_MAX: u64 = 1_000_000_000;
 /// The environment variable that overrides `store.url` (it may carry a password).
 pub const STORE_URL_ENV: &str = "FLOWGATE_STORE_URL";
 
+/// The environment variable holding admin API bearer tokens, comma-separated (added to
+/// `admin.token_hashes`; the tokens are hashed on reading and never kept in clear).
+pub const ADMIN_TOKENS_ENV: &str = "FLOWGATE_ADMIN_TOKENS";
+
+/// Paths the gateway serves itself (operational endpoints, the admin and user APIs, the
+/// OpenAPI document): a configured route may not use them, nor any path below the prefixes
+/// ending in `/`.
+pub const RESERVED_PATHS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/admin",
+    "/admin/",
+    "/v1/me",
+    "/v1/me/",
+    "/v1/decisions/",
+];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     server: ServerSettings,
     store: StoreSettings,
     identity: IdentitySettings,
+    #[serde(default)]
+    log: LogSettings,
+    #[serde(default)]
+    admin: RawAdmin,
     #[serde(default)]
     upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
@@ -50,6 +73,85 @@ struct RawConfig {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+}
+
+/// `[log]`: what the process writes to stderr.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (for people) or `json` (one object per line, for collectors).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `warn,flowgate::access=info`, …); `FLOWGATE_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// SHA-256 (hex) of each accepted bearer token.
+    #[serde(default)]
+    token_hashes: Vec<Spanned<String>>,
+}
+
+/// `[admin]`: who may use the admin API. With no token (none here and none in
+/// `FLOWGATE_ADMIN_TOKENS`) the admin API is disabled and answers 404 to everything.
+#[derive(Clone, Default)]
+pub struct AdminSettings {
+    /// SHA-256 digests of the accepted bearer tokens; the tokens themselves are never kept.
+    pub token_hashes: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Hashes are not secrets, but there is no reason to print them either.
+        f.debug_struct("AdminSettings")
+            .field("tokens", &self.token_hashes.len())
+            .finish()
+    }
+}
+
+impl AdminSettings {
+    /// Whether the admin API is enabled (at least one token is configured).
+    pub fn enabled(&self) -> bool {
+        !self.token_hashes.is_empty()
+    }
+
+    /// Adds the comma-separated tokens of `value` (the `FLOWGATE_ADMIN_TOKENS` format), hashed.
+    /// Blank entries are ignored.
+    pub fn add_tokens(&mut self, value: &str) {
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            self.token_hashes.push(sha256(token));
+        }
+    }
+}
+
+/// SHA-256 of `text`.
+pub fn sha256(text: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).into()
 }
 
 /// `[server]`: the listener and how requests are answered.
@@ -93,7 +195,8 @@ pub enum CreditsDenial {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSettings {
-    /// `sqlite://path/to/file.db` (created if missing). Overridden by `FLOWGATE_STORE_URL`.
+    /// `sqlite://path/to/file.db` (created if missing) or `postgres://user@host/db` (several
+    /// replicas). Overridden by `FLOWGATE_STORE_URL`, so that a password need not be in the file.
     pub url: String,
     /// Whether `serve` applies migrations on start-up.
     #[serde(default = "defaults::yes")]
@@ -108,6 +211,10 @@ pub struct StoreSettings {
     /// the writer catches up (queued usage itself is never dropped).
     #[serde(default = "defaults::ledger_queue_max")]
     pub ledger_queue_max: usize,
+    /// How often grants past their expiry are written off (balance updates, reason `expired`).
+    /// An expired grant is never drawn from, whether or not this has run yet.
+    #[serde(default = "defaults::expiry_interval_ms")]
+    pub expiry_interval_ms: u64,
 }
 
 /// `[identity]`: who is calling.
@@ -151,6 +258,12 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn expiry_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
     pub fn ledger_batch_size_max() -> usize {
         512
     }
@@ -158,7 +271,7 @@ mod defaults {
         5
     }
     pub fn ledger_queue_max() -> usize {
-        100_000
+        10_000
     }
     pub fn identity_header() -> String {
         "authorization".into()
@@ -179,6 +292,21 @@ struct RawRoute {
     feature: Spanned<String>,
     upstream: Spanned<String>,
     cost: Spanned<CostRule>,
+    settle: Option<Spanned<SettleRule>>,
+}
+
+/// Where a route's true cost is read from the upstream's response, when its request cost is an
+/// estimate: the hold is adjusted to it when the response completes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SettleRule {
+    /// The integer value of this response header.
+    Header(String),
+    /// The integer at this JSON pointer of the (JSON) response body.
+    Json(String),
+    /// The integer at this JSON pointer of the last server-sent event's `data` that has it
+    /// (e.g. `/usage/total_tokens` of an OpenAI-style stream's final chunk).
+    Sse(String),
 }
 
 /// How a route's cost in units is found.
@@ -259,6 +387,10 @@ pub struct Settings {
     pub store: StoreSettings,
     /// `[identity]`.
     pub identity: IdentitySettings,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[admin]`, with the tokens of `FLOWGATE_ADMIN_TOKENS` added.
+    pub admin: AdminSettings,
     /// Feature names, indexed by [`FeatureId`].
     pub features: Vec<Arc<str>>,
     /// Upstreams, indexed by [`Route::upstream`].
@@ -291,8 +423,10 @@ pub struct Route {
     pub feature: FeatureId,
     /// Index into [`Settings::upstreams`].
     pub upstream: usize,
-    /// How its cost is found.
+    /// How its cost is found (an estimate when `settle` is set).
     pub cost: CostRule,
+    /// Where its true cost is read from the response, if anywhere.
+    pub settle: Option<SettleRule>,
 }
 
 /// An account declared in the config.
@@ -369,6 +503,9 @@ impl Settings {
         if let Ok(url) = std::env::var(STORE_URL_ENV) {
             settings.store.url = url;
         }
+        if let Ok(tokens) = std::env::var(ADMIN_TOKENS_ENV) {
+            settings.admin.add_tokens(&tokens);
+        }
         Ok(settings)
     }
 
@@ -388,9 +525,15 @@ impl Settings {
     }
 
     fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+            return cx.err("log.level", None, format!("not a log filter: {e}"));
+        }
         let store = raw.store;
         if store.ledger_batch_size_max == 0 || store.ledger_queue_max == 0 {
             return cx.err("store.ledger_batch_size_max", None, "must be at least 1");
+        }
+        if store.expiry_interval_ms == 0 {
+            return cx.err("store.expiry_interval_ms", None, "must be at least 1");
         }
 
         let mut upstreams = Vec::new();
@@ -436,6 +579,13 @@ impl Settings {
             };
             if !r.path.get_ref().starts_with('/') {
                 return cx.err(key("path"), Some(r.path.span()), "must start with '/'");
+            }
+            if let Some(reserved) = reserved_path(r.path.get_ref()) {
+                return cx.err(
+                    key("path"),
+                    Some(r.path.span()),
+                    format!("{reserved} is served by the gateway itself; choose another path"),
+                );
             }
             let Some(upstream) = upstreams
                 .iter()
@@ -498,12 +648,35 @@ impl Settings {
                 }
                 _ => {}
             }
+            let settle = r.settle.as_ref().map(|s| s.get_ref().clone());
+            if let Some(rule) = &r.settle {
+                match rule.get_ref() {
+                    SettleRule::Header(h)
+                        if http::HeaderName::from_bytes(h.as_bytes()).is_err() =>
+                    {
+                        return cx.err(
+                            key("settle.header"),
+                            Some(rule.span()),
+                            "not a valid header name",
+                        );
+                    }
+                    SettleRule::Json(p) | SettleRule::Sse(p) if !p.starts_with('/') => {
+                        return cx.err(
+                            key("settle"),
+                            Some(rule.span()),
+                            "a JSON pointer starts with '/', e.g. \"/usage/units\"",
+                        );
+                    }
+                    _ => {}
+                }
+            }
             routes.push(Route {
                 method,
                 path: r.path.get_ref().clone(),
                 feature: FeatureId(feature as u16),
                 upstream,
                 cost,
+                settle,
             });
         }
 
@@ -700,10 +873,27 @@ impl Settings {
             });
         }
 
+        let mut admin = AdminSettings::default();
+        for (i, hash) in raw.admin.token_hashes.iter().enumerate() {
+            let digest = hex::decode(hash.get_ref().trim())
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok());
+            let Some(digest) = digest else {
+                return cx.err(
+                    format!("admin.token_hashes[{i}]"),
+                    Some(hash.span()),
+                    "must be a SHA-256 digest in hex (64 characters), e.g. the output of `printf %s TOKEN | sha256sum`",
+                );
+            };
+            admin.token_hashes.push(digest);
+        }
+
         Ok(Settings {
             server: raw.server,
             store,
             identity: raw.identity,
+            log: raw.log,
+            admin,
             features,
             upstreams,
             routes,
@@ -730,6 +920,18 @@ impl Settings {
                 .fold(FeatureSet::EMPTY, FeatureSet::with),
         }
     }
+}
+
+/// The reserved path (or prefix) that `path` would take from the gateway, if any.
+fn reserved_path(path: &str) -> Option<&'static str> {
+    let path = path.trim_end_matches('/');
+    RESERVED_PATHS.iter().copied().find(|reserved| {
+        if let Some(prefix) = reserved.strip_suffix('/') {
+            path == prefix || path.starts_with(reserved)
+        } else {
+            path == *reserved
+        }
+    })
 }
 
 fn valid_name(s: &str) -> bool {
@@ -789,6 +991,47 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let e = error_of(&EXAMPLE.replacen("[server]", "[server]\nlisten_adress = 1", 1));
         assert!(e.message.contains("listen_adress"), "{e}");
+    }
+
+    #[test]
+    fn routes_on_the_gateways_own_paths_are_config_errors() {
+        for path in [
+            "/admin/v1/accounts",
+            "/v1/me/usage",
+            "/v1/decisions/{id}",
+            "/metrics",
+            "/admin",
+        ] {
+            let bad = EXAMPLE.replacen("path = \"/v1/tasks\"", &format!("path = \"{path}\""), 1);
+            let written = format!("path = \"{path}\"");
+            let line = bad.lines().position(|l| l.contains(&written)).unwrap() + 1;
+            let e = error_of(&bad);
+            assert!(e.key.ends_with(".path"), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+        }
+        // Near misses are fine.
+        let ok = EXAMPLE.replacen("path = \"/v1/tasks\"", "path = \"/v1/meetings\"", 1);
+        Settings::parse(&ok).expect("/v1/meetings is not reserved");
+    }
+
+    #[test]
+    fn admin_tokens_are_hashes_and_env_tokens_are_hashed() {
+        let digest = hex::encode(sha256("s3cret"));
+        let s = Settings::parse(&format!(
+            "{EXAMPLE}\n[admin]\ntoken_hashes = [\"{digest}\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(s.admin.token_hashes, vec![sha256("s3cret")]);
+        let e = error_of(&format!(
+            "{EXAMPLE}\n[admin]\ntoken_hashes = [\"s3cret\"]\n"
+        ));
+        assert_eq!(e.key, "admin.token_hashes[0]", "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let mut admin = AdminSettings::default();
+        assert!(!admin.enabled());
+        admin.add_tokens(" one, ,two ");
+        assert_eq!(admin.token_hashes, vec![sha256("one"), sha256("two")]);
+        assert!(!format!("{admin:?}").contains(&hex::encode(sha256("one"))));
     }
 
     #[test]

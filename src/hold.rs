@@ -13,6 +13,7 @@ use crate::accounts::Account;
 use crate::clock::Clock;
 use crate::idempotency::ClaimedKey;
 use crate::ledger::{LedgerEntry, LedgerQueue, Outcome};
+use crate::settle::SettleError;
 use crate::waterfall;
 
 /// An admitted request's reservation. See the module docs.
@@ -29,6 +30,8 @@ pub struct Hold {
     /// How the hold ends if it is dropped before [`Hold::end`]: the request's current phase
     /// decides (a drop while streaming means the client left; before, a handler failure).
     on_drop: Outcome,
+    /// The cost the response reported, for routes that settle from it.
+    settled: Option<Result<waterfall::Units, SettleError>>,
 }
 
 impl Hold {
@@ -47,12 +50,18 @@ impl Hold {
             queue,
             clock,
             on_drop: Outcome::Internal,
+            settled: None,
         }
     }
 
     /// Sets how the hold ends if it is dropped without being ended.
     pub fn on_drop(&mut self, outcome: Outcome) {
         self.on_drop = outcome;
+    }
+
+    /// Records the cost the response reported; applied if the hold ends `Completed`.
+    pub fn settle(&mut self, units: Result<waterfall::Units, SettleError>) {
+        self.settled = Some(units);
     }
 
     /// Records the upstream's status for the ledger.
@@ -80,6 +89,15 @@ impl Hold {
         tracing::debug!(decision_id = %entry.decision_id, outcome = outcome.as_str(), "hold ended");
         entry.completed_at = self.clock.now_ms();
         if entry.charged() {
+            match self.settled.take() {
+                Some(Ok(used)) => self.adjust(&mut entry, used),
+                Some(Err(e)) => {
+                    // The response did not say: the estimate stands, and the record says why.
+                    tracing::warn!(decision_id = %entry.decision_id, error = %e, "cost not settled; charging the estimate");
+                    entry.code = Some("settle_missing");
+                }
+                None => {}
+            }
             if let Some(key) = self.key.take() {
                 key.charged(entry.decision_id);
             }
@@ -91,6 +109,42 @@ impl Hold {
             self.key = None;
         }
         self.queue.push(entry);
+    }
+}
+
+impl Hold {
+    /// Adjusts a completed entry's draws to the `used` units its response reported: the excess
+    /// of an estimate goes back to exactly the pools that held it (last drawn first); a
+    /// shortfall is covered by the waterfall now, and what nobody can pay is forgiven.
+    fn adjust(&self, entry: &mut LedgerEntry, used: waterfall::Units) {
+        let estimate = entry.decision.units;
+        let now = entry.completed_at;
+        entry.used_units = used;
+        if used == estimate {
+            return;
+        }
+        let feature = entry.decision.feature;
+        let price = entry.decision.credits_per_unit;
+        let draws = &mut entry.decision.draws;
+        let forgiven = self.account.with_state(|plan, state| {
+            if used < estimate {
+                let released = waterfall::trim(draws, estimate - used, price);
+                waterfall::release(plan, state, &released, now);
+                0
+            } else {
+                let (extra, uncovered) =
+                    waterfall::cover_up_to(plan, state, feature, used - estimate, now);
+                if let Some(extra) = extra {
+                    waterfall::reserve(plan, state, &extra, now);
+                    draws.extend(extra.draws);
+                }
+                uncovered
+            }
+        });
+        if forgiven > 0 {
+            tracing::warn!(decision_id = %entry.decision_id, units = forgiven, "settled above what the account could pay; forgiven");
+        }
+        entry.forgiven_units = forgiven;
     }
 }
 
@@ -131,6 +185,7 @@ mod tests {
             id: 1,
             kind: GrantKind::Credits,
             balance: 50,
+            unsettled: 0,
             expires_at: None,
             priority: 0,
             features: FeatureSet::ALL,
@@ -145,10 +200,12 @@ mod tests {
         let (queue, _writer) = ledger::channel(
             store,
             crate::accounts::Accounts::new(),
+            Arc::new(crate::metrics::Metrics::new()),
             WriterSettings {
                 batch_size_max: 1,
                 flush_interval: Duration::ZERO,
                 queue_max: 10,
+                expiry_interval: Duration::from_secs(60),
             },
         );
         let decision = account.with_state(|p, s| {
@@ -162,6 +219,8 @@ mod tests {
             account: account.id.clone(),
             plan: plan.clone(),
             feature: "f".into(),
+            used_units: 4,
+            forgiven_units: 0,
             decision,
             outcome: Outcome::Internal,
             code: None,

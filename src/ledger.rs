@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::accounts::{AccountId, Accounts};
+use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
 use crate::waterfall::{Decision, Millis, Plan};
 
@@ -75,8 +76,13 @@ pub struct LedgerEntry {
     pub plan: Arc<Plan>,
     /// The feature's name.
     pub feature: Arc<str>,
-    /// The decision; its draws are what is charged when `outcome` is `Completed`.
+    /// The decision; its draws are what is charged when `outcome` is `Completed` (adjusted to
+    /// the settled cost when the route settles from the response).
     pub decision: Decision,
+    /// Units the request used: the decision's (estimated) units, or what the response reported.
+    pub used_units: u64,
+    /// Used units nobody could pay when the response settled above the estimate: forgiven.
+    pub forgiven_units: u64,
     /// How the request ended.
     pub outcome: Outcome,
     /// The denial or error code, when there is one.
@@ -152,6 +158,8 @@ pub struct WriterSettings {
     pub flush_interval: Duration,
     /// Entries waiting past which the gateway refuses new work.
     pub queue_max: usize,
+    /// How often grants past their expiry are written off (`expired` balance updates).
+    pub expiry_interval: Duration,
 }
 
 /// The gateway's handle on the ledger queue.
@@ -205,6 +213,7 @@ pub struct LedgerWriter {
     shared: Arc<QueueState>,
     store: Store,
     accounts: Accounts,
+    metrics: Arc<Metrics>,
     settings: WriterSettings,
 }
 
@@ -212,6 +221,7 @@ pub struct LedgerWriter {
 pub fn channel(
     store: Store,
     accounts: Accounts,
+    metrics: Arc<Metrics>,
     settings: WriterSettings,
 ) -> (LedgerQueue, LedgerWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -230,6 +240,7 @@ pub fn channel(
             shared,
             store,
             accounts,
+            metrics,
             settings,
         },
     )
@@ -242,6 +253,10 @@ impl LedgerWriter {
         let mut batch = Vec::with_capacity(self.settings.batch_size_max);
         let mut stop = std::pin::pin!(stop);
         let mut stopping = false;
+        // The writer is the one task that writes balances, so expiry runs here too: its first
+        // tick is at once (start-up), then every `expiry_interval`.
+        let mut expiry = tokio::time::interval(self.settings.expiry_interval);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let received = if stopping {
                 self.rx
@@ -250,6 +265,10 @@ impl LedgerWriter {
             } else {
                 tokio::select! {
                     n = self.rx.recv_many(&mut batch, self.settings.batch_size_max) => n,
+                    _ = expiry.tick() => {
+                        self.expire().await;
+                        continue;
+                    }
                     () = &mut stop => {
                         // No new entries from here on; drain what is queued.
                         stopping = true;
@@ -281,13 +300,37 @@ impl LedgerWriter {
         }
     }
 
+    /// Writes off expired grants and tells the view. A failure is counted and retried at the
+    /// next tick; meanwhile the engine already refuses to draw from an expired grant.
+    async fn expire(&self) {
+        match self.store.expire_grants(crate::clock::now_ms()).await {
+            Ok(expired) => {
+                if !expired.is_empty() {
+                    tracing::info!(grants = expired.len(), "expired grants written off");
+                    let _ = self.accounts.sync_balances(&expired);
+                }
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "expiring grants failed; retrying at the next tick");
+            }
+        }
+    }
+
     /// Commits one batch, retrying with backoff until the store takes it.
     async fn commit(&self, batch: &[LedgerEntry]) {
         let mut backoff = Duration::from_millis(50);
-        let results = loop {
+        let report = loop {
+            let started = std::time::Instant::now();
             match self.store.commit(batch, crate::clock::now_ms()).await {
-                Ok(results) => break results,
+                Ok(report) => {
+                    self.metrics
+                        .ledger_commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    break report;
+                }
                 Err(e) => {
+                    self.metrics.store_errors.inc();
                     if !self.shared.store_failing.swap(true, Ordering::Relaxed) {
                         tracing::error!(error = %e, pending = self.shared.depth.load(Ordering::Relaxed), "ledger commit failed; keeping the batch and retrying");
                     }
@@ -299,12 +342,58 @@ impl LedgerWriter {
         if self.shared.store_failing.swap(false, Ordering::Relaxed) {
             tracing::info!("ledger commits succeed again");
         }
-        for (entry, result) in batch.iter().zip(results) {
-            if result == Committed::Duplicate {
-                // The store already charged this key (another replica, or before a restart):
-                // give back what the in-memory view took for it.
-                self.accounts.release(&entry.account, &entry.decision.draws);
+        let now = crate::clock::now_ms();
+        let m = &self.metrics;
+        m.ledger_batch_size.observe(batch.len() as f64);
+        for (entry, result) in batch.iter().zip(report.results) {
+            m.ledger_lag_seconds
+                .observe((now - entry.completed_at).max(0) as f64 / 1000.0);
+            match result {
+                Committed::Duplicate => {
+                    m.requests
+                        .with_label_values(&[Outcome::Duplicate.as_str()])
+                        .inc();
+                    // The store already charged this key (another replica, or before a restart):
+                    // give back what the in-memory view took for it.
+                    self.accounts.release(&entry.account, &entry.decision.draws);
+                }
+                Committed::Recorded => {
+                    m.requests
+                        .with_label_values(&[entry.outcome.as_str()])
+                        .inc();
+                    if entry.charged() {
+                        self.accounts.settled(&entry.account, &entry.decision.draws);
+                        // Settled above what the account could pay: forgiven at its price.
+                        m.overdraft_forgiven.inc_by(
+                            entry
+                                .forgiven_units
+                                .saturating_mul(entry.decision.credits_per_unit),
+                        );
+                        for draw in &entry.decision.draws {
+                            let pool = entry
+                                .plan
+                                .layers
+                                .get(draw.layer as usize)
+                                .map_or("unknown", |l| l.kind.tag());
+                            m.units_consumed
+                                .with_label_values(&[&entry.feature, pool])
+                                .inc_by(draw.units);
+                            m.credits_consumed
+                                .with_label_values(&[pool])
+                                .inc_by(draw.credits);
+                        }
+                    }
+                }
+                Committed::AlreadyRecorded => {
+                    // A retried batch that had in fact committed: the debits are in the store.
+                    if entry.charged() {
+                        self.accounts.settled(&entry.account, &entry.decision.draws);
+                    }
+                }
             }
         }
+        m.overdraft_forgiven.inc_by(report.forgiven);
+        // Every grant a batch debits is already in the view.
+        let _ = self.accounts.sync_balances(&report.balances);
     }
 }

@@ -15,9 +15,11 @@
 //! - [`idempotency`]: one request per `Idempotency-Key` at a time, one charge per key.
 //! - [`hold`]: an admitted request's reservation, which always ends (settled or released).
 //! - [`gateway`]: the axum router, the proxy phases, denial answers, start-up and shutdown.
+//! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
 //! - [`ledger`]: the queue of finished requests and the writer that commits them in batches.
 //! - [`store`]: the ledger's SQL, one module per dialect, behind one interface.
 //! - [`clock`]: "now", read in one place.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
 //!
 //! A request flows one way: gateway (identify, cost) → waterfall (decide) → hold → forward →
@@ -27,6 +29,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod accounts;
+pub mod api;
 pub mod clock;
 pub mod config;
 pub mod cost;
@@ -35,5 +38,8 @@ pub mod gateway;
 pub mod hold;
 pub mod idempotency;
 pub mod ledger;
+pub mod metrics;
+pub mod reconcile;
+pub mod settle;
 pub mod store;
 pub mod waterfall;

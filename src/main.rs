@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use flowgate::clock::Clock;
-use flowgate::config::Settings;
+use flowgate::config::{LogFormat, LogSettings, Settings};
 use flowgate::gateway::Gateway;
 use flowgate::store::Store;
 
@@ -31,6 +31,20 @@ enum Command {
         #[arg(long, default_value = "config/flowgate.toml")]
         config: PathBuf,
     },
+    /// Re-derive charges and balances from the ledger's records and the configured prices;
+    /// report every difference. Exits 1 if there is any.
+    Reconcile {
+        /// The TOML configuration (its store and its plans' prices).
+        #[arg(long, default_value = "config/flowgate.toml")]
+        config: PathBuf,
+        /// Only events decided at or after this instant (RFC 3339); balances are always
+        /// checked in full.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Watch the waterfall work: a mock backend, a gateway on a temporary SQLite file, one user.
     Demo,
 }
@@ -38,18 +52,40 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Demo);
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG")
-                .unwrap_or_else(|_| if quiet { "warn".into() } else { "info".into() }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let result = match cli.command {
-        Command::Serve { config } => serve(config).await,
-        Command::Migrate { config } => migrate(config).await,
-        Command::Demo => flowgate::demo::run().await,
+        Command::Serve { config } => match Settings::load(&config) {
+            Ok(settings) => {
+                init_logs(&settings.log);
+                serve(settings).await
+            }
+            Err(e) => Err(e.into()),
+        },
+        Command::Migrate { config } => {
+            init_logs(&LogSettings::default());
+            migrate(config).await
+        }
+        Command::Reconcile {
+            config,
+            since,
+            json,
+        } => {
+            init_logs(&LogSettings {
+                level: "warn".into(),
+                ..LogSettings::default()
+            });
+            match reconcile(config, since, json).await {
+                Ok(true) => return ExitCode::SUCCESS,
+                Ok(false) => return ExitCode::from(1),
+                Err(e) => Err(e),
+            }
+        }
+        Command::Demo => {
+            init_logs(&LogSettings {
+                level: "warn".into(),
+                ..LogSettings::default()
+            });
+            flowgate::demo::run().await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,8 +96,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
-    let settings = Settings::load(&config)?;
+/// Logs to stderr, as `[log]` says; `FLOWGATE_LOG` overrides the level.
+fn init_logs(log: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(settings.server.listen).await?;
     let gateway = Gateway::start(settings, listener, Clock::System).await?;
     shutdown_signal().await;
@@ -75,6 +124,39 @@ async fn migrate(config: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     Store::open(&settings.store.url).await?.migrate().await?;
     println!("migrations applied");
     Ok(())
+}
+
+/// Runs a reconciliation and prints it; `Ok(true)` when nothing differs.
+async fn reconcile(
+    config: PathBuf,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    json: bool,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let settings = Settings::load(&config)?;
+    let store = Store::open(&settings.store.url).await?;
+    let snapshot = store
+        .snapshot(since.map_or(i64::MIN, |t| t.timestamp_millis()))
+        .await?;
+    let report = flowgate::reconcile::check(&snapshot, &settings);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for d in &report.differences {
+            println!(
+                "DIFF {:<28} account={} {}: expected {}, stored {}",
+                d.check, d.account, d.record, d.expected, d.stored
+            );
+        }
+        println!(
+            "checked {} grants, {} balance updates, {} monetization events ({} with a price version not in the config); {} differences",
+            report.grants,
+            report.balance_updates,
+            report.monetization_events,
+            report.unknown_price_versions,
+            report.differences.len()
+        );
+    }
+    Ok(report.differences.is_empty())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -240,8 +240,11 @@ pub struct Grant {
     pub id: i64,
     /// Which layer kind may draw from it.
     pub kind: GrantKind,
-    /// Credits left.
+    /// Credits left to draw: the store's balance minus `unsettled`.
     pub balance: Credits,
+    /// Credits drawn in memory (held, or charged and queued) that the store has not debited
+    /// yet. What the store reports is reconciled against it ([`AccountState::sync_grant`]).
+    pub unsettled: Credits,
     /// After this instant the grant is never drawn from.
     pub expires_at: Option<Millis>,
     /// Lower is spent first; ties go to the earliest expiry.
@@ -402,6 +405,30 @@ impl AccountState {
         &self.grants
     }
 
+    /// Marks `draws` as debited by the store: they are no longer unsettled.
+    pub fn settled(&mut self, draws: &[Draw]) {
+        for draw in draws {
+            if let Pool::Grant { grant_id } = draw.pool
+                && let Some(grant) = self.grants.iter_mut().find(|g| g.id == grant_id)
+            {
+                grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+            }
+        }
+    }
+
+    /// Takes the store's committed balance of a grant as the truth: what is left to draw is
+    /// that balance minus what this gateway holds unsettled. This is how the view learns what
+    /// other replicas spent, and what a debit found missing. Returns whether the grant is known.
+    pub fn sync_grant(&mut self, grant_id: i64, committed: Credits) -> bool {
+        match self.grants.iter_mut().find(|g| g.id == grant_id) {
+            Some(grant) => {
+                grant.balance = committed.saturating_sub(grant.unsettled);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Replays past usage (from the ledger, on start-up) into the layers' state.
     pub fn replay(&mut self, plan: &Plan, draw: &Draw, now: Millis) {
         match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
@@ -509,6 +536,8 @@ pub enum Pool {
     },
     /// Unlimited enterprise usage, billed afterwards.
     Postpaid,
+    /// A feature whose price is 0, covered by a grant layer at no charge.
+    NoCharge,
 }
 
 /// One part of an admitted request's cost: `units` covered by `layer` from `pool`.
@@ -617,6 +646,9 @@ pub fn decide(
         return decision;
     };
     decision.credits_per_unit = price;
+    if units == 0 {
+        return decision; // nothing to cover: admitted, drawing from no pool
+    }
     let minute = now.div_euclid(MINUTE_MS);
     let mut left = units;
 
@@ -716,6 +748,22 @@ pub fn decide(
                 report.available_units = coverable;
                 report.gave_units = give;
                 report.gave_credits = give * price;
+                if price == 0 {
+                    if give > 0 {
+                        decision.draws.push(Draw {
+                            layer: idx,
+                            pool: Pool::NoCharge,
+                            units: give,
+                            credits: 0,
+                        });
+                    }
+                    left -= give;
+                    decision.layers.push(report);
+                    if left == 0 {
+                        break;
+                    }
+                    continue;
+                }
                 let mut owed = give * price;
                 for grant in state
                     .grants
@@ -813,6 +861,102 @@ fn deny_reason(
     }
 }
 
+/// Takes `excess` units off the end of `draws` (the most expensive pools are the last ones the
+/// waterfall used, so they are refunded first) and returns what was taken off, to be given
+/// back with [`release`]. A grant layer gives back exactly `units × credits_per_unit` credits,
+/// from its last-drawn grants first, and its remaining units are attributed again, so that
+/// every layer's draws still cost exactly their units at the price.
+pub fn trim(
+    draws: &mut SmallVec<[Draw; 4]>,
+    mut excess: Units,
+    credits_per_unit: Credits,
+) -> SmallVec<[Draw; 4]> {
+    let mut released: SmallVec<[Draw; 4]> = SmallVec::new();
+    while excess > 0 {
+        let Some(layer) = draws.last().map(|d| d.layer) else {
+            break;
+        };
+        // The trailing run of draws from this layer.
+        let start = draws
+            .iter()
+            .rposition(|d| d.layer != layer)
+            .map_or(0, |i| i + 1);
+        let run = &mut draws[start..];
+        let units: Units = run.iter().map(|d| d.units).sum();
+        let take = units.min(excess);
+        if run.iter().any(|d| d.credits > 0) {
+            let mut owed = take * credits_per_unit;
+            let first_released = released.len();
+            for d in run.iter_mut().rev() {
+                let credits = d.credits.min(owed);
+                if credits > 0 {
+                    released.push(Draw {
+                        units: 0,
+                        credits,
+                        ..*d
+                    });
+                    d.credits -= credits;
+                    owed -= credits;
+                }
+            }
+            attribute_units(run, layer, units - take, credits_per_unit);
+            attribute_units(
+                &mut released[first_released..],
+                layer,
+                take,
+                credits_per_unit,
+            );
+        } else {
+            let mut owed = take;
+            for d in run.iter_mut().rev() {
+                let give = d.units.min(owed);
+                if give > 0 {
+                    released.push(Draw { units: give, ..*d });
+                    d.units -= give;
+                    owed -= give;
+                }
+            }
+        }
+        draws.retain(|d| d.units > 0 || d.credits > 0);
+        excess -= take;
+        if take == 0 {
+            break; // only empty draws were left
+        }
+    }
+    released
+}
+
+/// Covers as much of `extra` units as the account can pay now: the admitted decision for the
+/// largest amount the waterfall allows (to [`reserve`]), and what is left uncovered. Used when
+/// a response settles above its estimate: the request already ran, so it is not denied; what
+/// nobody can pay is forgiven.
+pub fn cover_up_to(
+    plan: &Plan,
+    state: &AccountState,
+    feature: FeatureId,
+    extra: Units,
+    now: Millis,
+) -> (Option<Decision>, Units) {
+    let full = decide(plan, state, feature, extra, now);
+    if full.admitted() {
+        return (Some(full), 0);
+    }
+    // Admission is monotone in units: search the largest amount admitted.
+    let (mut lo, mut hi) = (0, extra);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if decide(plan, state, feature, mid, now).admitted() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    if lo == 0 {
+        return (None, extra);
+    }
+    (Some(decide(plan, state, feature, lo, now)), extra - lo)
+}
+
 /// Applies an admitted decision's draws to the state: the hold.
 pub fn reserve(plan: &Plan, state: &mut AccountState, decision: &Decision, now: Millis) {
     debug_assert!(decision.admitted());
@@ -863,8 +1007,12 @@ fn apply_draw(plan: &Plan, state: &mut AccountState, draw: &Draw, now: Millis, d
                     Direction::Take => {
                         debug_assert!(grant.balance >= draw.credits, "overdrawn grant");
                         grant.balance = grant.balance.saturating_sub(draw.credits);
+                        grant.unsettled += draw.credits;
                     }
-                    Direction::Give => grant.balance += draw.credits,
+                    Direction::Give => {
+                        grant.balance += draw.credits;
+                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                    }
                 }
             }
         }

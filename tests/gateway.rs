@@ -23,6 +23,13 @@ store_tests!(
     idempotency_key_sent_twice_at_once_charges_once,
     client_disconnect_mid_stream_leaves_no_hold,
     restart_keeps_balances_and_windows,
+    metrics_count_decisions_and_the_ledger,
+    settle_below_the_estimate_gives_back_the_last_pools,
+    settle_above_the_estimate_from_the_last_event_charges_more,
+    settle_above_what_the_account_has_is_forgiven_not_denied,
+    a_missing_settle_value_charges_the_estimate,
+    expired_grants_are_never_drawn_and_are_written_off,
+    a_refund_goes_back_to_exactly_the_pools_that_paid,
 );
 
 async fn split_from_usage_limit_into_credits(store: StoreKind) {
@@ -422,4 +429,270 @@ async fn restart_keeps_balances_and_windows(store: StoreKind) {
     // Grants from the config are given once, not again on restart.
     h.restart().await;
     assert_eq!(h.stored_balance("alice").await, 85);
+}
+
+/// The value of the sample `name` (with its labels exactly as exported) in a scrape.
+fn sample(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics_count_decisions_and_the_ledger(store: StoreKind) {
+    let h = Harness::start(store).await;
+    for units in [2, 3] {
+        let r = h.task("sk-alice", units).await; // 3 from the 5h window, 2 × 5 credits
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let r = h.task("sk-carol", 2).await; // lite: 2 per 5h, no credits
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 429);
+    h.settle_ledger().await;
+    let scrape = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let admitted = r#"flowgate_decisions_total{feature="task",outcome="admitted"}"#;
+    assert_eq!(sample(&scrape, admitted), 3.0, "{scrape}");
+    let denied = r#"flowgate_decisions_total{feature="task",outcome="usage_limit_reached"}"#;
+    assert_eq!(sample(&scrape, denied), 1.0, "{scrape}");
+    let credits = r#"flowgate_credits_consumed_total{pool="credits"}"#;
+    assert_eq!(sample(&scrape, credits), 10.0, "{scrape}");
+    assert!(sample(&scrape, "flowgate_ledger_commit_duration_seconds_count") >= 1.0);
+    assert_eq!(sample(&scrape, "flowgate_ledger_queue_depth"), 0.0);
+    assert!(scrape.contains("flowgate_decision_duration_seconds_bucket"));
+    assert!(scrape.contains("flowgate_upstream_duration_seconds_bucket"));
+    assert!(scrape.contains("flowgate_ledger_lag_seconds_bucket"));
+}
+
+/// The test config with settlement on both routes: tasks from a header, videos from the last
+/// SSE event.
+async fn settling(store: StoreKind) -> Harness {
+    Harness::start_with(store, |c| {
+        c.replace(
+            "cost = { header = \"x-units\" }",
+            "cost = { header = \"x-units\" }\nsettle = { header = \"x-usage-units\" }",
+        )
+        .replace(
+            "cost = { json = \"/seconds\" }",
+            "cost = { json = \"/seconds\" }\nsettle = { sse = \"/usage/seconds\" }",
+        )
+    })
+    .await
+}
+
+async fn settle_below_the_estimate_gives_back_the_last_pools(store: StoreKind) {
+    let h = settling(store).await;
+    // Estimate 5: 3 from the 5h window, 2 × 5 credits. The task used 4: one credit-paid unit
+    // goes back to the grant; the window keeps its 3.
+    let r = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-units", 5)
+        .header("x-mock-usage", 4)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-credits-remaining"),
+        "90",
+        "the hold is the estimate"
+    );
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("alice").await, 95);
+    assert_eq!(h.cached_credits("alice", "task"), 95);
+    let events = h.store().await.usage_events("alice", 1).await.unwrap();
+    assert_eq!((events[0].units, events[0].credits), (4, 5));
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(
+        header(&r, "x-flowgate-pools"),
+        "credits=1",
+        "the window stays used"
+    );
+}
+
+async fn settle_above_the_estimate_from_the_last_event_charges_more(store: StoreKind) {
+    let h = settling(store).await;
+    // Videos are not in the limits layer: 2 credits a second from the grant. Estimated 2
+    // seconds, rendered 5: the stream's last event says so.
+    let r = h
+        .post("/v1/videos", "sk-alice")
+        .header("x-mock-usage", 5)
+        .json(&serde_json::json!({"seconds": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("\"seconds\":5"), "{body}");
+    assert_eq!(h.stored_balance("alice").await, 90);
+    let events = h.store().await.usage_events("alice", 1).await.unwrap();
+    assert_eq!((events[0].units, events[0].credits), (5, 10));
+}
+
+async fn settle_above_what_the_account_has_is_forgiven_not_denied(store: StoreKind) {
+    let h = settling(store).await;
+    // Dave has 12 credits: 6 seconds. Estimated 2, rendered 10: 6 are paid, 4 forgiven.
+    let r = h
+        .post("/v1/videos", "sk-dave")
+        .header("x-mock-usage", 10)
+        .json(&serde_json::json!({"seconds": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("dave").await, 0);
+    assert_eq!(h.cached_credits("dave", "video_second"), 0);
+    let events = h.store().await.usage_events("dave", 1).await.unwrap();
+    assert_eq!((events[0].units, events[0].credits), (10, 12));
+}
+
+async fn a_missing_settle_value_charges_the_estimate(store: StoreKind) {
+    let h = settling(store).await;
+    let r = h.task("sk-alice", 5).await; // no x-mock-usage: no x-usage-units in the answer
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("alice").await, 90);
+    let events = h.store().await.usage_events("alice", 1).await.unwrap();
+    assert_eq!(events[0].code.as_deref(), Some("settle_missing"));
+    assert_eq!(events[0].credits, 10);
+}
+
+/// The stored balance of alice's grant `id`.
+async fn balance_of(h: &Harness, id: &str) -> u64 {
+    let grants = h.store().await.grants("alice").await.unwrap();
+    grants.iter().find(|g| g.external_id == id).unwrap().balance
+}
+
+async fn expired_grants_are_never_drawn_and_are_written_off(store: StoreKind) {
+    // Alice also has a promotion that expires 1.5 s from now, spent before her purchase (earliest
+    // expiry first), and an old grant that expired long ago. Expiry runs at start-up, then hourly.
+    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let grants = format!(
+        r#"[[accounts.grants]]
+id = "promo"
+kind = "credits"
+amount = 30
+expires_at = "{}"
+
+[[accounts.grants]]
+id = "old"
+kind = "credits"
+amount = 50
+expires_at = "2020-01-01T00:00:00Z"
+
+[[accounts]]
+id = "bob""#,
+        soon.to_rfc3339()
+    );
+    let h = Harness::start_with(store, |c| {
+        c.replacen("[[accounts]]\nid = \"bob\"", &grants, 1)
+            .replace(
+                "ledger_flush_interval_ms = 1",
+                "ledger_flush_interval_ms = 1\nexpiry_interval_ms = 3600000",
+            )
+    })
+    .await;
+    // The old grant is written off at start-up (by the writer, soon after); it never counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while balance_of(&h, "old").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the old grant was not written off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.cached_credits("alice", "task"), 130);
+    let r = h.task("sk-alice", 4).await; // 3 from the window, 1 × 5 credits from the promo
+    assert_eq!(header(&r, "x-credits-remaining"), "125");
+    r.text().await.unwrap();
+    h.settle_ledger().await;
+    assert_eq!(balance_of(&h, "promo").await, 25);
+
+    // Past its expiry, before the job runs again: the store still shows 25, the engine draws
+    // nothing from it.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(h.cached_credits("alice", "task"), 100);
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(header(&r, "x-credits-remaining"), "95");
+    r.text().await.unwrap();
+    h.settle_ledger().await;
+    assert_eq!(balance_of(&h, "promo").await, 25);
+    assert_eq!(balance_of(&h, "purchase-1").await, 95);
+
+    // The write-off at the next start: 25 expired, with its balance update.
+    let mut h = h;
+    h.restart().await;
+    let h = &h;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while balance_of(h, "promo").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the promotion was not written off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.stored_balance("alice").await, 95);
+}
+
+async fn a_refund_goes_back_to_exactly_the_pools_that_paid(store: StoreKind) {
+    use flowgate::store::Refund;
+    let mut h = Harness::start(store).await;
+    let r = h.task("sk-alice", 5).await; // 3 from the 5h window, 2 × 5 credits
+    let decision = header(&r, "x-flowgate-decision-id");
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("alice").await, 90);
+
+    let store = h.store().await;
+    let now = flowgate::clock::now_ms();
+    let refund = store.refund(&decision, now).await.unwrap();
+    let Refund::Refunded {
+        account,
+        draws,
+        balances,
+        credits,
+    } = &refund
+    else {
+        panic!("not refunded: {refund:?}");
+    };
+    assert_eq!((account.as_str(), *credits), ("alice", 10));
+    h.gateway()
+        .app()
+        .accounts
+        .refunded(account, draws, balances);
+    assert_eq!(
+        store.refund(&decision, now).await.unwrap(),
+        Refund::AlreadyRefunded
+    );
+    assert_eq!(
+        store.refund("no-such-decision", now).await.unwrap(),
+        Refund::NotCharged
+    );
+
+    // Credits back in the grant, units back in the window: the next 3 units are included.
+    assert_eq!(h.stored_balance("alice").await, 100);
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "2");
+    assert_eq!(header(&r, "x-credits-remaining"), "100");
+    r.text().await.unwrap();
+    // A restart does not count the refunded charge against the window again.
+    h.restart().await;
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "1");
+    r.text().await.unwrap();
+    h.settle_ledger().await;
+    let settings = flowgate::config::Settings::parse(&h.config).unwrap();
+    let report = flowgate::reconcile::check(&h.store().await.snapshot(0).await.unwrap(), &settings);
+    assert_eq!(report.differences, vec![]);
 }

@@ -3,7 +3,8 @@
 //!
 //! It is a real HTTP server on a loopback port, used by `flowgate demo` and by the integration
 //! tests. Tests steer it with request headers: `x-mock-status` (answer with this status),
-//! `x-mock-delay-ms` (wait before answering), `x-mock-interval-ms` (pause between SSE events).
+//! `x-mock-delay-ms` (wait before answering), `x-mock-interval-ms` (pause between SSE events),
+//! `x-mock-usage` (the usage the answer reports, for settlement).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -109,8 +110,15 @@ async fn create_task(State(c): State<Arc<Counters>>, headers: HeaderMap, body: B
         .ok()
         .and_then(|v| v.get("prompt").and_then(|p| p.as_str().map(str::to_owned)))
         .unwrap_or_default();
-    axum::Json(json!({ "id": format!("task_{n}"), "status": "completed", "prompt": prompt, "result": "diff --git a/src/lib.rs ..." }))
-        .into_response()
+    let mut answer = json!({ "id": format!("task_{n}"), "status": "completed", "prompt": prompt, "result": "diff --git a/src/lib.rs ..." });
+    // `x-mock-usage`: report this much usage, in a header and in the body (for settlement).
+    match header_u64(&headers, "x-mock-usage") {
+        Some(units) => {
+            answer["usage"] = json!({ "units": units });
+            ([("x-usage-units", units.to_string())], axum::Json(answer)).into_response()
+        }
+        None => axum::Json(answer).into_response(),
+    }
 }
 
 async fn get_task(
@@ -134,6 +142,8 @@ async fn render_video(State(c): State<Arc<Counters>>, headers: HeaderMap, body: 
         .and_then(|v| v.get("seconds").and_then(|s| s.as_u64()))
         .unwrap_or(1);
     let interval = Duration::from_millis(header_u64(&headers, "x-mock-interval-ms").unwrap_or(10));
+    // `x-mock-usage`: the render came out this long (its final event reports it).
+    let used = header_u64(&headers, "x-mock-usage").unwrap_or(seconds);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
     tokio::spawn(async move {
         for s in 1..=seconds {
@@ -145,7 +155,7 @@ async fn render_video(State(c): State<Arc<Counters>>, headers: HeaderMap, body: 
             tokio::time::sleep(interval).await;
         }
         let done = format!(
-            "event: done\ndata: {{\"status\":\"completed\",\"usage\":{{\"seconds\":{seconds}}}}}\n\n"
+            "event: done\ndata: {{\"status\":\"completed\",\"usage\":{{\"seconds\":{used}}}}}\n\n"
         );
         let _ = tx.send(Ok(Bytes::from(done))).await;
     });

@@ -36,7 +36,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .replace("__BACKEND__", &backend.url());
     let settings = Settings::parse(&text)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let gateway = Gateway::start(settings, listener, Clock::System).await?;
+    let gateway = Gateway::start(settings.clone(), listener, Clock::System).await?;
     let base = format!("http://{}", gateway.addr());
     let client: DemoClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
 
@@ -119,10 +119,21 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
     ];
     for (n, (path, body, what, key, mode)) in steps.iter().enumerate() {
         println!("{:>2}. POST {path} {body}  — {what}", n + 1);
-        request(&client, &base, path, body, *key, *mode == "stream").await?;
+        request(&client, &base, path, body, *key, *mode == "stream", None).await?;
     }
-    println!("11. POST /v1/videos {{\"seconds\":5}}  — the video promotion pays");
-    request(&client, &base, "/v1/videos", r#"{"seconds":5}"#, None, true).await?;
+    println!(
+        "11. POST /v1/videos {{\"seconds\":5}}  — the video promotion pays; the render comes out at 3 s, so 2 s go back to it"
+    );
+    request(
+        &client,
+        &base,
+        "/v1/videos",
+        r#"{"seconds":5}"#,
+        None,
+        true,
+        Some(3),
+    )
+    .await?;
 
     gateway.shutdown().await;
     let store = Store::open(&format!("sqlite://{}", db.display())).await?;
@@ -141,6 +152,11 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "Ledger: {} usage events (every request), {} monetization events (every charge), {} balance updates (every balance change).",
         counts.usage_events, counts.monetization_events, counts.balance_updates
     );
+    let report = crate::reconcile::check(&store.snapshot(0).await?, &settings);
+    println!(
+        "Reconcile (every charge re-derived from its usage and price, every balance from its updates): {} differences.",
+        report.differences.len()
+    );
     Ok(())
 }
 
@@ -151,10 +167,14 @@ async fn request(
     body: &str,
     key: Option<&str>,
     stream: bool,
+    rendered: Option<u64>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut req = http::Request::post(format!("{base}{path}"))
         .header("authorization", format!("Bearer {API_KEY}"))
         .header("content-type", "application/json");
+    if let Some(seconds) = rendered {
+        req = req.header("x-mock-usage", seconds);
+    }
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
     }

@@ -4,7 +4,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
+
+use crate::settle::SettleReader;
 
 use crate::hold::Hold;
 use crate::ledger::Outcome;
@@ -15,19 +18,26 @@ use crate::ledger::Outcome;
 pub struct MeteredBody<B> {
     inner: B,
     hold: Option<Hold>,
+    /// Reads the true cost as the body passes, for routes that settle from the response.
+    settle: Option<SettleReader>,
 }
 
 impl<B> MeteredBody<B> {
-    /// Wraps `inner`; `hold` ends with it.
-    pub fn new(inner: B, hold: Hold) -> Self {
+    /// Wraps `inner`; `hold` ends with it, settled by what `settle` reads, if given.
+    pub fn new(inner: B, hold: Hold, settle: Option<SettleReader>) -> Self {
         MeteredBody {
             inner,
             hold: Some(hold),
+            settle,
         }
     }
 }
 
-impl<B: Body + Unpin> Body for MeteredBody<B> {
+impl<B> Body for MeteredBody<B>
+where
+    B: Body + Unpin,
+    B::Data: Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -36,17 +46,28 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let this = &mut *self;
+        if let (Some(reader), Some(Ok(f))) = (&mut this.settle, &frame)
+            && let Some(data) = f.data_ref()
+        {
+            reader.observe(data.chunk());
+        }
         let ended = match &frame {
             None => Some(Outcome::Completed),
             Some(Err(_)) => Some(Outcome::UpstreamAborted),
             // A body of known length is over with its last byte: the server may not poll again.
-            Some(Ok(_)) if self.inner.is_end_stream() => Some(Outcome::Completed),
+            Some(Ok(_)) if this.inner.is_end_stream() => Some(Outcome::Completed),
             Some(Ok(_)) => None,
         };
-        if let Some(outcome) = ended {
-            if let Some(hold) = self.hold.take() {
-                hold.end(outcome);
+        if let Some(outcome) = ended
+            && let Some(mut hold) = this.hold.take()
+        {
+            if outcome == Outcome::Completed
+                && let Some(reader) = this.settle.take()
+            {
+                hold.settle(reader.finish());
             }
+            hold.end(outcome);
         }
         Poll::Ready(frame)
     }

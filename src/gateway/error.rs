@@ -90,7 +90,7 @@ pub struct DenialReport {
     pub now: Millis,
 }
 
-fn body(
+pub(crate) fn body(
     status: StatusCode,
     kind: &str,
     code: &str,
@@ -104,7 +104,7 @@ fn body(
     (status, Json(json!({ "error": error }))).into_response()
 }
 
-fn no_retry(mut response: Response) -> Response {
+pub(crate) fn no_retry(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert("x-should-retry", HeaderValue::from_static("false"));

@@ -33,6 +33,7 @@ use crate::clock::Clock;
 use crate::config::{ConfigError, Settings};
 use crate::idempotency::Idempotency;
 use crate::ledger::{self, LedgerQueue, WriterSettings};
+use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use crate::waterfall::{AccountState, Decision, LayerKind, Millis, Plan};
 use error::GatewayError;
@@ -55,6 +56,8 @@ pub struct App {
     pub clock: Clock,
     /// How long to wait for an upstream's response headers.
     pub upstream_timeout: Duration,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why the gateway could not start.
@@ -76,6 +79,7 @@ pub struct Gateway {
     server: JoinHandle<()>,
     writer_stop: oneshot::Sender<()>,
     writer: JoinHandle<()>,
+    watcher: Option<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -91,15 +95,31 @@ impl Gateway {
         }
         store.seed(&settings.accounts, clock.now_ms()).await?;
         let accounts = Accounts::load(&store, &settings, clock.now_ms()).await?;
+        let metrics = Arc::new(Metrics::new());
         let (queue, writer) = ledger::channel(
             store.clone(),
             accounts.clone(),
+            metrics.clone(),
             WriterSettings {
                 batch_size_max: settings.store.ledger_batch_size_max,
                 flush_interval: Duration::from_millis(settings.store.ledger_flush_interval_ms),
                 queue_max: settings.store.ledger_queue_max,
+                expiry_interval: Duration::from_millis(settings.store.expiry_interval_ms),
             },
         );
+        // Other replicas' balance changes (PostgreSQL): the view follows them as they commit.
+        let watcher = store.watch_balances().map(|mut changes| {
+            let (accounts, store, settings) = (accounts.clone(), store.clone(), settings.clone());
+            tokio::spawn(async move {
+                while let Some(balances) = changes.recv().await {
+                    for account in accounts.sync_balances(&balances) {
+                        if let Err(e) = accounts.add_new_grants(&store, &settings, &account).await {
+                            tracing::warn!(%account, error = %e, "could not load new grants");
+                        }
+                    }
+                }
+            })
+        });
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.run(async {
             let _ = writer_stopped.await;
@@ -123,6 +143,7 @@ impl Gateway {
             ledger: queue,
             client,
             clock,
+            metrics,
         });
         let router = router(app.clone())?;
         let addr = listener
@@ -139,6 +160,7 @@ impl Gateway {
             server,
             writer_stop,
             writer,
+            watcher,
         })
     }
 
@@ -159,6 +181,9 @@ impl Gateway {
         let _ = self.server.await;
         let _ = self.writer_stop.send(());
         let _ = self.writer.await;
+        if let Some(watcher) = self.watcher {
+            watcher.abort();
+        }
         tracing::info!("flowgate stopped; ledger flushed");
     }
 }
@@ -192,7 +217,9 @@ async fn serve(
 pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(crate::api::router(&app).0);
     for (i, route) in app.settings.routes.iter().enumerate() {
         let route = Arc::new(route.clone());
         let bad_path = |message: String| ConfigError {
@@ -234,8 +261,26 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.metrics
+        .ledger_queue_depth
+        .set(app.ledger.depth() as i64);
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Longest `/readyz` waits for the store to answer.
+const READINESS_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    let store = app.store.ping().await;
+    // A store that hangs must not hang the probe: a slow answer is a failed one.
+    let store = match tokio::time::timeout(READINESS_PING_TIMEOUT, app.store.ping()).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err("store ping timed out".to_owned()),
+    };
     let writing = !app.ledger.store_failing();
     let ready = store.is_ok() && writing;
     let body = json!({

@@ -26,6 +26,7 @@ use crate::cost;
 use crate::hold::Hold;
 use crate::idempotency::Claim;
 use crate::ledger::{LedgerEntry, Outcome};
+use crate::settle::SettleReader;
 use crate::waterfall::{self, Decision, Millis};
 
 /// Header carrying the decision id on every answer.
@@ -53,11 +54,10 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
     };
     let id =
         HeaderValue::try_from(decision_id.to_string()).unwrap_or(HeaderValue::from_static("-"));
-    let headers = response.headers_mut();
-    headers.insert(REQUEST_ID, request_id.unwrap_or_else(|| id.clone()));
-    headers.insert(DECISION_ID, id);
+    let request_id = request_id.unwrap_or_else(|| id.clone());
     tracing::info!(
         target: "flowgate::access",
+        request_id = request_id.to_str().unwrap_or("-"),
         decision_id = %decision_id,
         account = log.account.as_deref().unwrap_or("-"),
         feature = &*app.settings.features[route.feature.0 as usize],
@@ -67,6 +67,9 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
         latency_us = started.elapsed().as_micros() as u64,
         "request"
     );
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, request_id);
+    headers.insert(DECISION_ID, id);
     response
 }
 
@@ -143,6 +146,7 @@ async fn proxy(
     };
     let now = app.clock.now_ms();
     let feature = route.feature;
+    let decide_started = Instant::now();
     let (decision, quota, denial_layers) = account.with_state(|plan, state| {
         let decision = waterfall::decide(plan, state, feature, units, now);
         let denial_layers = if decision.admitted() {
@@ -157,6 +161,10 @@ async fn proxy(
             denial_layers,
         )
     });
+    app.metrics
+        .decision_seconds
+        .observe(decide_started.elapsed().as_secs_f64());
+    let feature_name = &app.settings.features[feature.0 as usize];
     let entry = new_entry(
         app,
         &account,
@@ -172,6 +180,10 @@ async fn proxy(
             return Err(GatewayError::Internal);
         };
         log.outcome = format!("denied:{}", denial_code(&denial));
+        app.metrics
+            .decisions
+            .with_label_values(&[feature_name, denial_code(&denial)])
+            .inc();
         let report = DenialReport {
             denial,
             credits_denial: app.settings.server.credits_denial,
@@ -194,6 +206,18 @@ async fn proxy(
     }
     log.outcome = format!("admitted:{}", entry.decision.draws.len());
     let pools = pools_header(&account.plan, &entry.decision);
+    app.metrics
+        .decisions
+        .with_label_values(&[feature_name, "admitted"])
+        .inc();
+    for report in entry.decision.layers.iter().filter(|r| r.gave_units > 0) {
+        if let Some(layer) = account.plan.layers.get(report.layer as usize) {
+            app.metrics
+                .layer_units
+                .with_label_values(&[feature_name, &layer.name])
+                .inc_by(report.gave_units);
+        }
+    }
     let mut hold = Hold::new(
         account.clone(),
         entry,
@@ -226,12 +250,21 @@ async fn proxy(
         log.outcome = format!("upstream_error:{}", parts.status.as_u16());
         hold.end(Outcome::UpstreamError);
         Body::new(body)
-    } else if body.is_end_stream() {
-        hold.end(Outcome::Completed);
-        Body::new(body)
     } else {
-        hold.on_drop(Outcome::ClientAborted);
-        Body::new(MeteredBody::new(body, hold))
+        let settle = route
+            .settle
+            .as_ref()
+            .map(|rule| SettleReader::new(rule, &parts.headers));
+        if body.is_end_stream() {
+            if let Some(reader) = settle {
+                hold.settle(reader.finish());
+            }
+            hold.end(Outcome::Completed);
+            Body::new(body)
+        } else {
+            hold.on_drop(Outcome::ClientAborted);
+            Body::new(MeteredBody::new(body, hold, settle))
+        }
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -291,6 +324,8 @@ fn new_entry(
         account: account.id.clone(),
         plan: account.plan.clone(),
         feature: app.settings.features[route.feature.0 as usize].clone(),
+        used_units: decision.units,
+        forgiven_units: 0,
         decision,
         outcome: Outcome::Internal,
         code: None,
@@ -325,7 +360,7 @@ fn denial_code(denial: &waterfall::Denial) -> &'static str {
     }
 }
 
-fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, GatewayError> {
+pub(crate) fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, GatewayError> {
     let identity = &app.settings.identity;
     let value = headers
         .get(identity.header.as_str())
@@ -335,15 +370,19 @@ fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, GatewayError
         .ok_or_else(|| GatewayError::MissingCredentials {
             header: identity.header.clone(),
         })?;
-    match identity.mode {
+    let (found, missing) = match identity.mode {
         IdentityMode::ApiKey => {
             let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
-            app.accounts
-                .by_key_hash(&hash_api_key(key))
-                .ok_or(GatewayError::InvalidApiKey)
+            (
+                app.accounts.by_key_hash(&hash_api_key(key)),
+                GatewayError::InvalidApiKey,
+            )
         }
-        IdentityMode::TrustedHeader => app.accounts.get(value).ok_or(GatewayError::UnknownAccount),
-    }
+        IdentityMode::TrustedHeader => (app.accounts.get(value), GatewayError::UnknownAccount),
+    };
+    let result = if found.is_some() { "hit" } else { "miss" };
+    app.metrics.cache_lookups.with_label_values(&[result]).inc();
+    found.ok_or(missing)
 }
 
 fn idempotency_key(value: &HeaderValue) -> Result<&str, GatewayError> {
@@ -387,7 +426,13 @@ async fn forward(
         headers.insert(DECISION_ID, v);
     }
     let request = http::Request::from_parts(parts, body);
-    match tokio::time::timeout(app.upstream_timeout, app.client.request(request)).await {
+    let started = Instant::now();
+    let result = tokio::time::timeout(app.upstream_timeout, app.client.request(request)).await;
+    app.metrics
+        .upstream_seconds
+        .with_label_values(&[&upstream.name])
+        .observe(started.elapsed().as_secs_f64());
+    match result {
         Err(_) => Err(GatewayError::UpstreamTimeout),
         Ok(Err(e)) => {
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");

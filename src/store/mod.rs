@@ -9,6 +9,9 @@
 //!   and never below zero (a `CHECK`); what a debit cannot take is recorded as forgiven;
 //! - a batch commits whole or not at all, in queue order.
 
+mod api;
+mod debit;
+mod postgres;
 mod sqlite;
 
 use serde::Serialize;
@@ -17,6 +20,11 @@ use crate::config::AccountSeed;
 use crate::ledger::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis};
 
+pub use api::{
+    AccountRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
+    UsageEventRecord,
+};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A failure of the store; the ledger writer keeps its batch and retries.
@@ -29,7 +37,7 @@ pub enum StoreError {
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The store's URL names no backend flowgate has.
-    #[error("unsupported store url (expected sqlite://...): {0}")]
+    #[error("unsupported store url (expected sqlite://... or postgres://...): {0}")]
     UnsupportedUrl(String),
     /// A stored value could not be read back (a bug or a tampered row).
     #[error("corrupt ledger row: {0}")]
@@ -45,6 +53,64 @@ pub enum Committed {
     Duplicate,
     /// This very entry was already recorded (a retried batch): nothing written.
     AlreadyRecorded,
+}
+
+/// What a commit did.
+#[derive(Debug, Default)]
+pub struct CommitReport {
+    /// What happened to each entry, in batch order.
+    pub results: Vec<Committed>,
+    /// The balance, after the commit, of every grant the batch debited. It includes what other
+    /// writers (replicas) took: the gateway's view learns from it.
+    pub balances: Vec<GrantBalance>,
+    /// Credits the batch owed that no grant could pay, forgiven.
+    pub forgiven: u64,
+}
+
+impl CommitReport {
+    /// Notes a grant's balance after the commit (the last one noted wins).
+    fn set_balance(&mut self, account: &str, grant_id: i64, balance: i64) {
+        let balance = u64::try_from(balance).unwrap_or(0);
+        match self.balances.iter_mut().find(|b| b.grant_id == grant_id) {
+            Some(b) => b.balance = balance,
+            None => self.balances.push(GrantBalance {
+                account: account.to_owned(),
+                grant_id,
+                balance,
+            }),
+        }
+    }
+}
+
+/// What a refund did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refund {
+    /// Refunded now.
+    Refunded {
+        /// Whose charge it was.
+        account: String,
+        /// The charge's draws (windows and free tier get their units back from these).
+        draws: Vec<Draw>,
+        /// The refunded grants' balances after the refund.
+        balances: Vec<GrantBalance>,
+        /// Credits given back.
+        credits: u64,
+    },
+    /// It had been refunded before: nothing changed.
+    AlreadyRefunded,
+    /// The decision was not charged (or is unknown): nothing to refund.
+    NotCharged,
+}
+
+/// A grant's committed balance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantBalance {
+    /// Whose grant it is.
+    pub account: String,
+    /// The grant.
+    pub grant_id: i64,
+    /// Its balance.
+    pub balance: u64,
 }
 
 /// An account as the store has it.
@@ -122,16 +188,21 @@ pub struct UsageEventRow {
 pub enum Store {
     /// The embedded default: one SQLite file.
     Sqlite(SqliteStore),
+    /// A PostgreSQL database, shared by several replicas.
+    Postgres(PostgresStore),
 }
 
 impl Store {
-    /// Opens the store at `url` (`sqlite://path`).
+    /// Opens the store at `url` (`sqlite://path` or `postgres://…`).
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         if let Some(path) = url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
             return Ok(Store::Sqlite(SqliteStore::open(path).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(PostgresStore::open(url).await?));
         }
         // Never echo the URL: it may carry a password.
         let scheme = url.split(':').next().unwrap_or_default();
@@ -142,6 +213,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.migrate().await,
+            Store::Postgres(s) => s.migrate().await,
         }
     }
 
@@ -149,6 +221,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(s) => s.ping().await,
         }
     }
 
@@ -157,6 +230,7 @@ impl Store {
     pub async fn seed(&self, seeds: &[AccountSeed], now: Millis) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.seed(seeds, now).await,
+            Store::Postgres(s) => s.seed(seeds, now).await,
         }
     }
 
@@ -164,6 +238,7 @@ impl Store {
     pub async fn load_accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
         match self {
             Store::Sqlite(s) => s.load_accounts().await,
+            Store::Postgres(s) => s.load_accounts().await,
         }
     }
 
@@ -175,17 +250,56 @@ impl Store {
     ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
         match self {
             Store::Sqlite(s) => s.load_draws_since(since).await,
+            Store::Postgres(s) => s.load_draws_since(since).await,
         }
     }
 
-    /// Commits a batch in one transaction, in order; returns what happened to each entry.
+    /// Commits a batch in one transaction, in order; says what happened to each entry and to
+    /// the balances it debited.
     pub async fn commit(
         &self,
         batch: &[LedgerEntry],
         now: Millis,
-    ) -> Result<Vec<Committed>, StoreError> {
+    ) -> Result<CommitReport, StoreError> {
         match self {
             Store::Sqlite(s) => s.commit(batch, now).await,
+            Store::Postgres(s) => s.commit(batch, now).await,
+        }
+    }
+
+    /// Expires every grant whose time has come (`expires_at <= now`) and still holds credits:
+    /// its balance goes to zero with a balance update (reason `expired`), in one transaction.
+    /// Returns the grants expired, with their new (zero) balances.
+    pub async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.expire_grants(now).await,
+            Store::Postgres(s) => s.expire_grants(now).await,
+        }
+    }
+
+    /// Refunds the charge of decision `decision_id`: each grant it debited gets its credits back
+    /// (a `refund` balance update), and the charge is marked refunded, in one transaction.
+    pub async fn refund(&self, decision_id: &str, now: Millis) -> Result<Refund, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.refund(decision_id, now).await,
+            Store::Postgres(s) => s.refund(decision_id, now).await,
+        }
+    }
+
+    /// Other writers' balance changes as they commit, where the store can tell (PostgreSQL:
+    /// LISTEN/NOTIFY); `None` for a store with one writer (SQLite).
+    pub fn watch_balances(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<GrantBalance>>> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(s) => Some(s.watch()),
+        }
+    }
+
+    /// Reads what reconciliation needs (events decided at or after `since`).
+    pub async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.snapshot(since).await,
+            Store::Postgres(s) => s.snapshot(since).await,
         }
     }
 
@@ -193,6 +307,7 @@ impl Store {
     pub async fn counts(&self) -> Result<LedgerCounts, StoreError> {
         match self {
             Store::Sqlite(s) => s.counts().await,
+            Store::Postgres(s) => s.counts().await,
         }
     }
 
@@ -204,6 +319,7 @@ impl Store {
     ) -> Result<Vec<UsageEventRow>, StoreError> {
         match self {
             Store::Sqlite(s) => s.usage_events(account, limit).await,
+            Store::Postgres(s) => s.usage_events(account, limit).await,
         }
     }
 
@@ -211,6 +327,116 @@ impl Store {
     pub async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
         match self {
             Store::Sqlite(s) => s.grants(account).await,
+            Store::Postgres(s) => s.grants(account).await,
         }
     }
+}
+
+/// Everything reconciliation reads: every grant and balance update, and the usage and
+/// monetization events decided since a point in time.
+#[derive(Debug, Default)]
+pub struct LedgerSnapshot {
+    /// Every grant.
+    pub grants: Vec<GrantRow>,
+    /// Every balance update, in id order.
+    pub balance_updates: Vec<BalanceUpdateRow>,
+    /// Usage events decided since the snapshot's start that were charged or say they were.
+    pub charged_usage: Vec<ChargedUsageRow>,
+    /// Monetization events decided since the snapshot's start.
+    pub monetization: Vec<MonetizationRow>,
+}
+
+/// A grant row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct GrantRow {
+    /// Id.
+    pub id: i64,
+    /// Owner.
+    pub account_id: String,
+    /// External id.
+    pub external_id: String,
+    /// Credits granted.
+    pub amount: i64,
+    /// Stored balance.
+    pub balance: i64,
+}
+
+/// A balance-update row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BalanceUpdateRow {
+    /// Id.
+    pub id: i64,
+    /// Account.
+    pub account_id: String,
+    /// Grant changed.
+    pub grant_id: i64,
+    /// `grant`, `debit`, `refund`, `expired` or `overdraft_forgiven`.
+    pub reason: String,
+    /// Change of the balance.
+    pub delta: i64,
+    /// Balance after the change.
+    pub balance_after: i64,
+    /// Credits forgiven.
+    pub forgiven: i64,
+    /// The charge it belongs to.
+    pub monetization_event_id: Option<i64>,
+}
+
+/// A usage event that carries a charge key (it was charged).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChargedUsageRow {
+    /// Id.
+    pub id: i64,
+    /// Decision id.
+    pub decision_id: String,
+    /// Account.
+    pub account_id: String,
+    /// Feature.
+    pub feature: String,
+    /// Units used.
+    pub units: i64,
+    /// How it ended.
+    pub outcome: String,
+}
+
+/// A monetization-event row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MonetizationRow {
+    /// Id.
+    pub id: i64,
+    /// Its usage event.
+    pub usage_event_id: i64,
+    /// Account.
+    pub account_id: String,
+    /// Feature.
+    pub feature: String,
+    /// Units covered.
+    pub units: i64,
+    /// Credits from grants.
+    pub credits: i64,
+    /// Credits billed afterwards.
+    pub postpaid_credits: i64,
+    /// Price applied.
+    pub credits_per_unit: i64,
+    /// Plan name.
+    pub plan: String,
+    /// Price version.
+    pub price_version: String,
+    /// Draws (JSON).
+    pub draws: String,
+    /// Units estimated up front.
+    pub estimated_units: i64,
+    /// Units nobody could pay.
+    pub forgiven_units: i64,
+    /// When it was refunded, if it was.
+    pub refunded_at: Option<i64>,
+}
+
+/// The reconciliation queries, the same text for both dialects (`$1` is understood by both).
+pub(crate) mod snapshot_sql {
+    pub const GRANTS: &str =
+        "SELECT id, account_id, external_id, amount, balance FROM grants ORDER BY id";
+    pub const BALANCE_UPDATES: &str = "SELECT id, account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id FROM balance_updates ORDER BY id";
+    pub const CHARGED_USAGE: &str = "SELECT id, decision_id, account_id, feature, units, outcome FROM usage_events WHERE charge_key IS NOT NULL AND decided_at >= $1 ORDER BY id";
+    pub const MONETIZATION: &str = "SELECT id, usage_event_id, account_id, feature, units, credits, postpaid_credits, credits_per_unit, plan, price_version, draws, estimated_units, forgiven_units, refunded_at FROM monetization_events WHERE decided_at >= $1 ORDER BY id";
 }

@@ -12,7 +12,11 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{Committed, LedgerCounts, StoreError, StoredAccount, StoredGrant, UsageEventRow};
+use super::debit::{self, LockedGrant};
+use super::{
+    CommitReport, Committed, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError,
+    StoredAccount, StoredGrant, UsageEventRow,
+};
 use crate::config::AccountSeed;
 use crate::ledger::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis, Pool};
@@ -23,6 +27,8 @@ const POOL_CONNECTIONS_MAX: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+mod api;
 
 /// A ledger in one SQLite file.
 #[derive(Clone, Debug)]
@@ -160,7 +166,8 @@ impl SqliteStore {
         since: Millis,
     ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT account_id, draws FROM monetization_events WHERE decided_at >= ? ORDER BY id",
+            "SELECT account_id, draws FROM monetization_events
+             WHERE decided_at >= ? AND refunded_at IS NULL ORDER BY id",
         )
         .bind(since)
         .fetch_all(&self.pool)
@@ -178,9 +185,15 @@ impl SqliteStore {
         &self,
         batch: &[LedgerEntry],
         now: Millis,
-    ) -> Result<Vec<Committed>, StoreError> {
+    ) -> Result<CommitReport, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut results = Vec::with_capacity(batch.len());
+        let mut report = CommitReport {
+            results: Vec::with_capacity(batch.len()),
+            ..CommitReport::default()
+        };
+        // The grants of each account charged in this batch, read once: `BEGIN IMMEDIATE` holds
+        // the database's write lock, so nobody else changes them until we commit.
+        let mut grants: HashMap<String, Vec<LockedGrant>> = HashMap::new();
         for entry in batch {
             let key = entry.idempotency_key();
             let charged = entry.charged();
@@ -196,7 +209,7 @@ impl SqliteStore {
                 .bind(decision_id.clone())
                 .bind(entry.account.to_string())
                 .bind(entry.feature.to_string())
-                .bind(entry.decision.units as i64)
+                .bind(entry.used_units as i64)
                 .bind(outcome)
                 .bind(entry.code)
                 .bind(entry.upstream_status.map(i64::from))
@@ -217,117 +230,164 @@ impl SqliteStore {
                         .fetch_optional(&mut *tx)
                         .await?;
                 if seen.is_some() {
-                    results.push(Committed::AlreadyRecorded);
+                    report.results.push(Committed::AlreadyRecorded);
                 } else {
                     // The key was charged before: record this attempt, charge nothing.
                     insert_usage("duplicate", None)
                         .fetch_optional(&mut *tx)
                         .await?;
-                    results.push(Committed::Duplicate);
+                    report.results.push(Committed::Duplicate);
                 }
                 continue;
             };
             if charged {
-                self.charge(&mut tx, entry, usage_id, now).await?;
+                if !grants.contains_key(&*entry.account) {
+                    let rows = sqlx::query(&format!("{GRANT_COLUMNS} WHERE account_id = ?"))
+                        .bind(&*entry.account)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    let locked = rows.iter().map(locked_from_row).collect::<Result<_, _>>()?;
+                    grants.insert(entry.account.to_string(), locked);
+                }
+                let account_grants = grants
+                    .get_mut(&*entry.account)
+                    .map_or(&mut [][..], |g| g.as_mut_slice());
+                charge(&mut tx, entry, usage_id, account_grants, &mut report, now).await?;
             }
-            results.push(Committed::Recorded);
+            report.results.push(Committed::Recorded);
         }
         tx.commit().await?;
-        Ok(results)
+        Ok(report)
     }
 
-    /// Writes a charge's monetization event and debits each grant it drew from, each debit
-    /// with its balance update. What a grant no longer holds is forgiven, and recorded.
-    async fn charge(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-        entry: &LedgerEntry,
-        usage_id: i64,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let d = &entry.decision;
-        let mut grant_credits: HashMap<i64, u64> = HashMap::new();
-        let mut postpaid = 0u64;
-        for draw in &d.draws {
-            match draw.pool {
-                Pool::Grant { grant_id } => {
-                    *grant_credits.entry(grant_id).or_default() += draw.credits
-                }
-                Pool::Postpaid => postpaid += draw.credits,
-                _ => {}
-            }
-        }
-        let draws = serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into());
-        let units: u64 = d.draws.iter().map(|x| x.units).sum();
-        let monetization_id: i64 = sqlx::query_scalar(
-            "INSERT INTO monetization_events (usage_event_id, account_id, feature, units, credits, postpaid_credits,
-                 credits_per_unit, plan, price_version, draws, decided_at, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    pub(super) async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let due: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT id, account_id, balance FROM grants
+             WHERE expires_at IS NOT NULL AND expires_at <= ? AND balance > 0 ORDER BY id",
         )
-        .bind(usage_id)
-        .bind(&*entry.account)
-        .bind(&*entry.feature)
-        .bind(units as i64)
-        .bind(grant_credits.values().sum::<u64>() as i64)
-        .bind(postpaid as i64)
-        .bind(d.credits_per_unit as i64)
-        .bind(&*entry.plan.name)
-        .bind(&*entry.plan.price_version)
-        .bind(draws)
-        .bind(entry.decided_at)
         .bind(now)
-        .fetch_one(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
-
-        let mut grants: Vec<_> = grant_credits.into_iter().collect();
-        grants.sort_unstable();
-        for (grant_id, credits) in grants {
-            let balance: Option<i64> =
-                sqlx::query_scalar("SELECT balance FROM grants WHERE id = ? AND account_id = ?")
-                    .bind(grant_id)
-                    .bind(&*entry.account)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            let Some(balance) = balance else {
-                return Err(StoreError::Corrupt(format!(
-                    "grant {grant_id} of account {} is missing",
-                    entry.account
-                )));
-            };
-            let take = balance.min(credits as i64);
-            let forgiven = credits as i64 - take;
-            let after = balance - take;
-            debug_assert!(after >= 0);
-            sqlx::query("UPDATE grants SET balance = ? WHERE id = ?")
-                .bind(after)
-                .bind(grant_id)
-                .execute(&mut **tx)
+        for (id, account, balance) in &due {
+            sqlx::query("UPDATE grants SET balance = 0 WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
                 .await?;
-            let update = |reason: &'static str, delta: i64, forgiven: i64| {
-                sqlx::query(
-                    "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(entry.account.to_string())
-                .bind(grant_id)
-                .bind(reason)
-                .bind(delta)
-                .bind(after)
-                .bind(forgiven)
-                .bind(monetization_id)
-                .bind(now)
-            };
-            if take > 0 {
-                update("debit", -take, 0).execute(&mut **tx).await?;
-            }
-            if forgiven > 0 {
-                tracing::warn!(account = %entry.account, grant_id, forgiven, "overdraft forgiven");
-                update("overdraft_forgiven", 0, forgiven)
-                    .execute(&mut **tx)
-                    .await?;
-            }
+            sqlx::query(
+                "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
+                 VALUES (?, ?, 'expired', ?, 0, ?)",
+            )
+            .bind(account)
+            .bind(id)
+            .bind(-balance)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
-        Ok(())
+        tx.commit().await?;
+        Ok(due
+            .into_iter()
+            .map(|(grant_id, account, _)| GrantBalance {
+                account,
+                grant_id,
+                balance: 0,
+            })
+            .collect())
+    }
+
+    pub(super) async fn refund(
+        &self,
+        decision_id: &str,
+        now: Millis,
+    ) -> Result<Refund, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let charge: Option<(i64, String, String)> = sqlx::query_as(
+            "SELECT m.id, m.account_id, m.draws FROM monetization_events m
+             JOIN usage_events u ON u.id = m.usage_event_id WHERE u.decision_id = ?",
+        )
+        .bind(decision_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((charge_id, account, draws)) = charge else {
+            return Ok(Refund::NotCharged);
+        };
+        let marked = sqlx::query(
+            "UPDATE monetization_events SET refunded_at = ? WHERE id = ? AND refunded_at IS NULL",
+        )
+        .bind(now)
+        .bind(charge_id)
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(Refund::AlreadyRefunded);
+        }
+        let debits: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT grant_id, -delta FROM balance_updates
+             WHERE monetization_event_id = ? AND reason = 'debit' ORDER BY grant_id",
+        )
+        .bind(charge_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut balances = Vec::with_capacity(debits.len());
+        let mut credits = 0;
+        for (grant_id, taken) in debits {
+            let after: i64 = sqlx::query_scalar(
+                "UPDATE grants SET balance = balance + ? WHERE id = ? RETURNING balance",
+            )
+            .bind(taken)
+            .bind(grant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
+                 VALUES (?, ?, 'refund', ?, ?, ?, ?)",
+            )
+            .bind(&account)
+            .bind(grant_id)
+            .bind(taken)
+            .bind(after)
+            .bind(charge_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            credits += taken as u64;
+            balances.push(GrantBalance {
+                account: account.clone(),
+                grant_id,
+                balance: after as u64,
+            });
+        }
+        tx.commit().await?;
+        Ok(Refund::Refunded {
+            draws: serde_json::from_str(&draws)
+                .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?,
+            account,
+            balances,
+            credits,
+        })
+    }
+
+    pub(super) async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
+        use super::snapshot_sql as q;
+        // One read transaction: the four reads see one state of the ledger.
+        let mut tx = self.pool.begin().await?;
+        let snapshot = LedgerSnapshot {
+            grants: sqlx::query_as(q::GRANTS).fetch_all(&mut *tx).await?,
+            balance_updates: sqlx::query_as(q::BALANCE_UPDATES)
+                .fetch_all(&mut *tx)
+                .await?,
+            charged_usage: sqlx::query_as(q::CHARGED_USAGE)
+                .bind(since)
+                .fetch_all(&mut *tx)
+                .await?,
+            monetization: sqlx::query_as(q::MONETIZATION)
+                .bind(since)
+                .fetch_all(&mut *tx)
+                .await?,
+        };
+        tx.commit().await?;
+        Ok(snapshot)
     }
 
     pub(super) async fn counts(&self) -> Result<LedgerCounts, StoreError> {
@@ -384,6 +444,98 @@ impl SqliteStore {
             .map(grant_from_row)
             .collect()
     }
+}
+
+/// Writes a charge's monetization event and its debits (see [`debit::plan`]), each with its
+/// balance update.
+async fn charge(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    entry: &LedgerEntry,
+    usage_id: i64,
+    grants: &mut [LockedGrant],
+    report: &mut CommitReport,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let d = &entry.decision;
+    let mut credits = 0u64;
+    let mut postpaid = 0u64;
+    for draw in &d.draws {
+        match draw.pool {
+            Pool::Grant { .. } => credits += draw.credits,
+            Pool::Postpaid => postpaid += draw.credits,
+            _ => {}
+        }
+    }
+    let draws = serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into());
+    let units: u64 = d.draws.iter().map(|x| x.units).sum();
+    let monetization_id: i64 = sqlx::query_scalar(
+        "INSERT INTO monetization_events (usage_event_id, account_id, feature, units, credits, postpaid_credits,
+             credits_per_unit, plan, price_version, draws, decided_at, created_at, estimated_units, forgiven_units)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(usage_id)
+    .bind(&*entry.account)
+    .bind(&*entry.feature)
+    .bind(units as i64)
+    .bind(credits as i64)
+    .bind(postpaid as i64)
+    .bind(d.credits_per_unit as i64)
+    .bind(&*entry.plan.name)
+    .bind(&*entry.plan.price_version)
+    .bind(draws)
+    .bind(entry.decided_at)
+    .bind(now)
+    .bind(d.units as i64)
+    .bind(entry.forgiven_units as i64)
+    .fetch_one(&mut **tx)
+    .await?;
+
+    for debit in debit::plan(entry, grants)? {
+        sqlx::query("UPDATE grants SET balance = ? WHERE id = ?")
+            .bind(debit.balance_after)
+            .bind(debit.grant_id)
+            .execute(&mut **tx)
+            .await?;
+        let update = |reason: &'static str, delta: i64, forgiven: i64| {
+            sqlx::query(
+                "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(entry.account.to_string())
+            .bind(debit.grant_id)
+            .bind(reason)
+            .bind(delta)
+            .bind(debit.balance_after)
+            .bind(forgiven)
+            .bind(monetization_id)
+            .bind(now)
+        };
+        if debit.taken > 0 {
+            update("debit", -debit.taken, 0).execute(&mut **tx).await?;
+        }
+        if debit.forgiven > 0 {
+            tracing::warn!(account = %entry.account, grant_id = debit.grant_id, forgiven = debit.forgiven, "overdraft forgiven");
+            update("overdraft_forgiven", 0, debit.forgiven)
+                .execute(&mut **tx)
+                .await?;
+            report.forgiven += debit.forgiven as u64;
+        }
+        report.set_balance(&entry.account, debit.grant_id, debit.balance_after);
+    }
+    Ok(())
+}
+
+fn locked_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<LockedGrant, StoreError> {
+    let g = grant_from_row(r)?;
+    Ok(LockedGrant {
+        id: g.id,
+        account_id: r.get("account_id"),
+        kind: g.kind,
+        balance: g.balance as i64,
+        expires_at: g.expires_at,
+        priority: g.priority,
+        features: g.features,
+    })
 }
 
 const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, expires_at, priority, features FROM grants";

@@ -1,1 +1,652 @@
+//! Unit and property tests of the engine. Time is passed in, so every boundary is exact.
 
+use proptest::prelude::*;
+
+use super::*;
+
+const TASK: FeatureId = FeatureId(0);
+const VIDEO: FeatureId = FeatureId(1);
+const MIN: Millis = MINUTE_MS;
+const HOUR: Millis = 60 * MIN;
+
+/// 2026-11-23 10:00:00 UTC, a Monday.
+fn t0() -> Millis {
+    Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0)
+        .single()
+        .map(|t| t.timestamp_millis())
+        .expect("valid instant")
+}
+
+fn window(name: &str, minutes: u32, limit: Units) -> Window {
+    Window {
+        name: name.into(),
+        minutes,
+        limit,
+    }
+}
+
+fn layer(name: &str, kind: LayerKind) -> Layer {
+    Layer {
+        name: name.into(),
+        features: FeatureSet::ALL,
+        kind,
+    }
+}
+
+fn grant(id: i64, kind: GrantKind, balance: Credits) -> Grant {
+    Grant {
+        id,
+        kind,
+        balance,
+        unsettled: 0,
+        expires_at: None,
+        priority: 0,
+        features: FeatureSet::ALL,
+    }
+}
+
+/// Limits (5h: 3, week: 10) → free tier (2 a day) → credits → promotions; a task costs 5
+/// credits, a video second 2.
+fn plan() -> Plan {
+    Plan {
+        name: "pro".into(),
+        layers: vec![
+            layer(
+                "limits",
+                LayerKind::UsageLimit {
+                    windows: vec![window("5h", 300, 3), window("week", 7 * 24 * 60, 10)],
+                },
+            ),
+            layer(
+                "free",
+                LayerKind::FreeTier {
+                    units: 2,
+                    period: Period::Day,
+                },
+            ),
+            layer("credits", LayerKind::Credits),
+            layer("promotions", LayerKind::Promotions),
+        ],
+        prices: vec![Some(5), Some(2)],
+        price_version: "v1".into(),
+    }
+}
+
+fn admit(
+    plan: &Plan,
+    state: &mut AccountState,
+    feature: FeatureId,
+    units: Units,
+    now: Millis,
+) -> Decision {
+    let d = decide(plan, state, feature, units, now);
+    assert!(
+        d.admitted(),
+        "expected admission of {units}: {:?}",
+        d.denial
+    );
+    reserve(plan, state, &d, now);
+    d
+}
+
+fn pools(d: &Decision) -> Vec<(u8, Units, Credits)> {
+    d.draws
+        .iter()
+        .map(|x| (x.layer, x.units, x.credits))
+        .collect()
+}
+
+#[test]
+fn two_windows_each_with_its_reset_time() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![], t0());
+    admit(&plan, &mut s, TASK, 3, t0());
+    // The 5h window is full; the free tier pays the next 2; then nothing can.
+    let d = admit(&plan, &mut s, TASK, 2, t0() + MIN);
+    assert_eq!(pools(&d), vec![(1, 2, 0)]);
+    let d = decide(&plan, &s, TASK, 1, t0() + 2 * MIN);
+    assert_eq!(
+        d.denial,
+        Some(Denial::UsageLimitReached {
+            retry_at: t0() + 300 * MIN
+        })
+    );
+    let status: Vec<(Units, Units, Millis)> = s
+        .windows(&plan, 0, t0() + 2 * MIN)
+        .map(|w| (w.used, w.remaining, w.reset_at))
+        .collect();
+    assert_eq!(
+        status,
+        vec![(3, 0, t0() + 300 * MIN), (3, 7, t0() + 7 * 24 * HOUR)]
+    );
+}
+
+#[test]
+fn a_rolling_window_frees_usage_at_exactly_its_minute() {
+    let plan = Plan {
+        layers: vec![layer(
+            "limits",
+            LayerKind::UsageLimit {
+                windows: vec![window("5h", 300, 3)],
+            },
+        )],
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![], t0());
+    admit(&plan, &mut s, TASK, 2, t0() + 30 * 1000); // minute 0
+    admit(&plan, &mut s, TASK, 1, t0() + 10 * MIN); // minute 10
+    let last_ms_before = t0() + 300 * MIN - 1;
+    assert!(!decide(&plan, &s, TASK, 1, last_ms_before).admitted());
+    assert_eq!(
+        decide(&plan, &s, TASK, 1, last_ms_before).denial,
+        Some(Denial::UsageLimitReached {
+            retry_at: t0() + 300 * MIN
+        })
+    );
+    // Minute 300: the two units of minute 0 slid out; minute 10's unit still counts.
+    assert!(decide(&plan, &s, TASK, 2, t0() + 300 * MIN).admitted());
+    assert!(!decide(&plan, &s, TASK, 3, t0() + 300 * MIN).admitted());
+    assert!(decide(&plan, &s, TASK, 3, t0() + 310 * MIN).admitted());
+}
+
+#[test]
+fn a_free_tier_resets_at_its_period_boundary() {
+    for (period, end) in [
+        (Period::Day, Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0)),
+        (Period::Week, Utc.with_ymd_and_hms(2026, 11, 30, 0, 0, 0)),
+        (Period::Month, Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)),
+    ] {
+        let end = end.single().expect("instant").timestamp_millis();
+        let plan = Plan {
+            layers: vec![layer("free", LayerKind::FreeTier { units: 4, period })],
+            ..plan()
+        };
+        let mut s = AccountState::new(&plan, vec![], t0());
+        admit(&plan, &mut s, TASK, 4, t0());
+        assert_eq!(period.bounds(t0()).1, end, "{period:?}");
+        let d = decide(&plan, &s, TASK, 1, end - MIN);
+        assert!(!d.admitted(), "{period:?}: the minute before the boundary");
+        let d = admit(&plan, &mut s, TASK, 4, end);
+        assert_eq!(pools(&d), vec![(0, 4, 0)], "{period:?}: the boundary");
+    }
+}
+
+#[test]
+fn grants_are_spent_by_priority_then_earliest_expiry_and_never_once_expired() {
+    let plan = Plan {
+        layers: vec![layer("credits", LayerKind::Credits)],
+        ..plan()
+    };
+    let grants = vec![
+        Grant {
+            expires_at: None,
+            ..grant(1, GrantKind::Credits, 10)
+        },
+        Grant {
+            expires_at: Some(t0() + HOUR),
+            ..grant(2, GrantKind::Credits, 10)
+        },
+        Grant {
+            expires_at: Some(t0() + 2 * HOUR),
+            ..grant(3, GrantKind::Credits, 10)
+        },
+        Grant {
+            priority: -1, // spent first, whatever its expiry
+            expires_at: None,
+            ..grant(4, GrantKind::Credits, 5)
+        },
+    ];
+    let mut s = AccountState::new(&plan, grants, t0());
+    let d = admit(&plan, &mut s, TASK, 4, t0()); // 20 credits
+    let by_grant: Vec<(Pool, Credits)> = d.draws.iter().map(|x| (x.pool, x.credits)).collect();
+    assert_eq!(
+        by_grant,
+        vec![
+            (Pool::Grant { grant_id: 4 }, 5),
+            (Pool::Grant { grant_id: 2 }, 10),
+            (Pool::Grant { grant_id: 3 }, 5),
+        ]
+    );
+    // At its expiry grant 3 (5 left) is gone: 10 remain in grant 1.
+    assert_eq!(s.spendable_credits(TASK, t0() + 2 * HOUR - 1), 15);
+    assert_eq!(s.spendable_credits(TASK, t0() + 2 * HOUR), 10);
+    let d = admit(&plan, &mut s, TASK, 2, t0() + 2 * HOUR);
+    assert_eq!(d.draws[0].pool, Pool::Grant { grant_id: 1 });
+    assert!(!decide(&plan, &s, TASK, 1, t0() + 2 * HOUR).admitted());
+}
+
+#[test]
+fn a_promotion_limited_to_a_feature_pays_for_nothing_else() {
+    let plan = Plan {
+        layers: vec![layer("promotions", LayerKind::Promotions)],
+        ..plan()
+    };
+    let promo = Grant {
+        features: FeatureSet::EMPTY.with(VIDEO),
+        ..grant(1, GrantKind::Promotion, 100)
+    };
+    let s = AccountState::new(&plan, vec![promo], t0());
+    assert!(decide(&plan, &s, VIDEO, 5, t0()).admitted());
+    assert_eq!(
+        decide(&plan, &s, TASK, 1, t0()).denial,
+        Some(Denial::InsufficientCredits {
+            needed_credits: 5,
+            available_credits: 0
+        })
+    );
+}
+
+#[test]
+fn an_enterprise_pool_pays_then_postpaid_is_unlimited() {
+    let pool = Plan {
+        layers: vec![layer("contract", LayerKind::Enterprise { postpaid: false })],
+        ..plan()
+    };
+    let mut s = AccountState::new(&pool, vec![grant(7, GrantKind::Enterprise, 12)], t0());
+    let d = admit(&pool, &mut s, VIDEO, 6, t0());
+    assert_eq!(d.credits(), 12);
+    assert!(!decide(&pool, &s, VIDEO, 1, t0()).admitted());
+
+    let postpaid = Plan {
+        layers: vec![layer("contract", LayerKind::Enterprise { postpaid: true })],
+        ..plan()
+    };
+    let s = AccountState::new(&postpaid, vec![], t0());
+    let d = decide(&postpaid, &s, TASK, 1_000_000, t0());
+    assert!(d.admitted());
+    assert_eq!(d.draws[0].pool, Pool::Postpaid);
+    assert_eq!(d.credits(), 5_000_000);
+}
+
+#[test]
+fn a_request_splits_across_layers_and_credit_units_do_not_count_against_windows() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    let d = admit(&plan, &mut s, TASK, 8, t0());
+    assert_eq!(pools(&d), vec![(0, 3, 0), (1, 2, 0), (2, 3, 15)]);
+    assert_eq!(d.draws.iter().map(|x| x.units).sum::<Units>(), 8);
+    let week: Vec<Units> = s.windows(&plan, 0, t0()).map(|w| w.used).collect();
+    assert_eq!(week, vec![3, 3], "only the included units count");
+    let report: Vec<(Units, Units)> = d
+        .layers
+        .iter()
+        .map(|r| (r.available_units, r.gave_units))
+        .collect();
+    assert_eq!(report, vec![(3, 3), (2, 2), (20, 3)]);
+}
+
+#[test]
+fn denials_say_why_and_change_nothing() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 12)], t0());
+    admit(&plan, &mut s, TASK, 5, t0()); // limits and free tier used up
+    let (layers, grants) = (s.layers.clone(), s.grants.clone());
+    // 3 units: 2 can be paid (10 of 12 credits), 1 cannot; the week window has room but the
+    // 5h one frees only later, and then waiting helps.
+    let d = decide(&plan, &s, TASK, 3, t0() + MIN);
+    assert!(matches!(d.denial, Some(Denial::UsageLimitReached { .. })));
+    assert!(d.draws.is_empty());
+    // More than any window could ever hold: only credits could, and they are short.
+    let d = decide(&plan, &s, TASK, 40, t0() + MIN);
+    assert_eq!(
+        d.denial,
+        Some(Denial::InsufficientCredits {
+            needed_credits: 190,
+            available_credits: 12
+        })
+    );
+    let not_entitled = decide(&plan, &s, FeatureId(2), 1, t0());
+    assert_eq!(not_entitled.denial, Some(Denial::NotEntitled));
+    assert_eq!((s.layers, s.grants), (layers, grants));
+}
+
+#[test]
+fn release_after_reserve_restores_the_state() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    let (layers, grants) = (s.layers.clone(), s.grants.clone());
+    let d = admit(&plan, &mut s, TASK, 8, t0());
+    assert_eq!(s.grants[0].balance, 85);
+    assert_eq!(s.grants[0].unsettled, 15);
+    release(&plan, &mut s, &d.draws, t0() + MIN);
+    assert_eq!((s.layers, s.grants), (layers, grants));
+}
+
+#[test]
+fn trim_gives_back_the_last_pools_first_at_the_price() {
+    let plan = plan();
+    let mut s = AccountState::new(
+        &plan,
+        vec![
+            grant(1, GrantKind::Credits, 7),
+            grant(2, GrantKind::Credits, 100),
+        ],
+        t0(),
+    );
+    let mut d = admit(&plan, &mut s, TASK, 9, t0()); // 3 + 2 + 4 units (20 credits: 7 + 13)
+    let released = trim(&mut d.draws, 3, 5);
+    assert_eq!(released.iter().map(|x| x.credits).sum::<Credits>(), 15);
+    assert_eq!(released.iter().map(|x| x.units).sum::<Units>(), 3);
+    // Grant 2 (drawn last) gives back first: 13 → 0 taken back... then 2 from grant 1.
+    assert_eq!(released[0].pool, Pool::Grant { grant_id: 2 });
+    let credit_units: Units = d
+        .draws
+        .iter()
+        .filter(|x| x.layer == 2)
+        .map(|x| x.units)
+        .sum();
+    let credit_credits: Credits = d
+        .draws
+        .iter()
+        .filter(|x| x.layer == 2)
+        .map(|x| x.credits)
+        .sum();
+    assert_eq!((credit_units, credit_credits), (1, 5));
+    release(&plan, &mut s, &released, t0());
+    assert_eq!(s.spendable_credits(TASK, t0()), 107 - 5);
+    // Trimming past the credits reaches the free tier, then the window.
+    let released = trim(&mut d.draws, 3, 5);
+    assert_eq!(
+        pools(&released.into_iter().collect()),
+        vec![(2, 1, 5), (1, 2, 0)]
+    );
+}
+
+/// A [`Decision`] holding `draws`, for [`pools`].
+impl From<SmallVec<[Draw; 4]>> for Decision {
+    fn from(draws: SmallVec<[Draw; 4]>) -> Decision {
+        Decision {
+            feature: TASK,
+            units: 0,
+            credits_per_unit: 0,
+            denial: None,
+            draws,
+            layers: SmallVec::new(),
+        }
+    }
+}
+
+impl FromIterator<Draw> for Decision {
+    fn from_iter<I: IntoIterator<Item = Draw>>(iter: I) -> Decision {
+        Decision::from(iter.into_iter().collect::<SmallVec<[Draw; 4]>>())
+    }
+}
+
+#[test]
+fn cover_up_to_covers_what_it_can_and_reports_the_rest() {
+    let plan = Plan {
+        layers: vec![layer("credits", LayerKind::Credits)],
+        ..plan()
+    };
+    let s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 23)], t0());
+    let (d, uncovered) = cover_up_to(&plan, &s, TASK, 10, t0());
+    assert_eq!(d.map(|d| d.credits()), Some(20));
+    assert_eq!(uncovered, 6);
+    let (d, uncovered) = cover_up_to(&plan, &s, TASK, 2, t0());
+    assert_eq!((d.map(|d| d.units), uncovered), (Some(2), 0));
+    let empty = AccountState::new(&plan, vec![], t0());
+    assert_eq!(cover_up_to(&plan, &empty, TASK, 3, t0()).1, 3);
+}
+
+#[test]
+fn sync_takes_the_committed_balance_minus_what_is_unsettled() {
+    let plan = Plan {
+        layers: vec![layer("credits", LayerKind::Credits)],
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    let d = admit(&plan, &mut s, TASK, 4, t0()); // 20 held
+    // Another replica spent 50: the store says 50 left of what we have not debited yet.
+    assert!(s.sync_grant(1, 50));
+    assert_eq!(s.grants[0].balance, 30);
+    // Our charge commits: 30 committed, nothing unsettled.
+    s.settled(&d.draws);
+    assert!(s.sync_grant(1, 30));
+    assert_eq!((s.grants[0].balance, s.grants[0].unsettled), (30, 0));
+    assert!(!s.sync_grant(9, 1), "an unknown grant is reported");
+}
+
+// ---- properties ----
+
+#[derive(Debug, Clone)]
+struct Model {
+    plan: Plan,
+    grants: Vec<Grant>,
+}
+
+fn model() -> impl Strategy<Value = Model> {
+    let windows = prop::collection::vec((1u32..600, 1u64..20), 0..3);
+    let free = prop::option::of((1u64..10, prop_oneof![Just(Period::Day), Just(Period::Week)]));
+    let grants = prop::collection::vec(
+        (
+            1u64..200,
+            prop::option::of(1i64..2_000),
+            -1i32..2,
+            prop::bool::weighted(0.3),
+            prop::bool::weighted(0.5),
+        ),
+        0..5,
+    );
+    (windows, free, grants, 0u64..7).prop_map(|(windows, free, grants, price)| {
+        let mut layers = Vec::new();
+        if !windows.is_empty() {
+            layers.push(layer(
+                "limits",
+                LayerKind::UsageLimit {
+                    windows: windows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (m, l))| window(&format!("w{i}"), *m, *l))
+                        .collect(),
+                },
+            ));
+        }
+        if let Some((units, period)) = free {
+            layers.push(layer("free", LayerKind::FreeTier { units, period }));
+        }
+        layers.push(layer("credits", LayerKind::Credits));
+        layers.push(layer("promotions", LayerKind::Promotions));
+        let grants = grants
+            .into_iter()
+            .enumerate()
+            .map(
+                |(i, (balance, expires, priority, video_only, promo))| Grant {
+                    id: i as i64 + 1,
+                    kind: if promo {
+                        GrantKind::Promotion
+                    } else {
+                        GrantKind::Credits
+                    },
+                    balance,
+                    unsettled: 0,
+                    expires_at: expires.map(|m| t0() + m * MIN),
+                    priority,
+                    features: if video_only {
+                        FeatureSet::EMPTY.with(VIDEO)
+                    } else {
+                        FeatureSet::ALL
+                    },
+                },
+            )
+            .collect();
+        Model {
+            plan: Plan {
+                name: "p".into(),
+                layers,
+                prices: vec![Some(price), Some(price + 1)],
+                price_version: "v".into(),
+            },
+            grants,
+        }
+    })
+}
+
+/// What of a state can be seen at `now`: window usage, free-tier usage in the current period,
+/// and the grants. (A free tier's bookkeeping may roll to a new period without changing that.)
+fn observable(plan: &Plan, s: &AccountState, now: Millis) -> (Vec<Units>, Vec<Grant>) {
+    let mut used = Vec::new();
+    for (i, l) in plan.layers.iter().enumerate() {
+        match &l.kind {
+            LayerKind::UsageLimit { .. } => used.extend(s.windows(plan, i, now).map(|w| w.used)),
+            LayerKind::FreeTier { period, .. } => used.push(s.free_tier_used(i, *period, now)),
+            _ => {}
+        }
+    }
+    (used, s.grants.clone())
+}
+
+fn steps() -> impl Strategy<Value = Vec<(u64, bool, Units, bool)>> {
+    // (minutes to wait, video?, units, release afterwards?)
+    prop::collection::vec(
+        (
+            0u64..120,
+            prop::bool::ANY,
+            0u64..15,
+            prop::bool::weighted(0.2),
+        ),
+        1..40,
+    )
+}
+
+/// Checks one admitted decision against the state it was decided on.
+fn check_admitted(plan: &Plan, before: &AccountState, d: &Decision, now: Millis) {
+    let feature = d.feature;
+    let price = plan.price(feature).unwrap_or(0);
+    // Covered exactly.
+    assert_eq!(d.draws.iter().map(|x| x.units).sum::<Units>(), d.units);
+    // Each grant layer's draws cost their units at the price; windows and free tier are free.
+    for (i, l) in plan.layers.iter().enumerate() {
+        let run: Vec<&Draw> = d.draws.iter().filter(|x| x.layer as usize == i).collect();
+        let units: Units = run.iter().map(|x| x.units).sum();
+        let credits: Credits = run.iter().map(|x| x.credits).sum();
+        match l.kind {
+            LayerKind::UsageLimit { .. } | LayerKind::FreeTier { .. } => assert_eq!(credits, 0),
+            _ => assert_eq!(credits, units * price, "layer {i}"),
+        }
+        // No grant gives more than it holds, and only grants usable now give.
+        for x in &run {
+            if let Pool::Grant { grant_id } = x.pool {
+                let g = before
+                    .grants
+                    .iter()
+                    .find(|g| g.id == grant_id)
+                    .expect("grant");
+                assert!(g.balance >= x.credits);
+                assert!(
+                    g.expires_at.is_none_or(|at| now < at),
+                    "expired grant drawn"
+                );
+                assert!(g.features.contains(feature));
+            }
+        }
+    }
+    // Layers in order: a layer gives only if every earlier eligible one gave all it had.
+    let mut short_before = false;
+    for r in &d.layers {
+        if r.gave_units > 0 {
+            assert!(
+                !short_before,
+                "layer {} gave after an earlier one held back",
+                r.layer
+            );
+        }
+        if r.eligible && r.gave_units < r.available_units {
+            short_before = true;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_waterfall_never_gives_more_than_it_has(m in model(), steps in steps()) {
+        let plan = &m.plan;
+        let mut s = AccountState::new(plan, m.grants.clone(), t0());
+        let mut now = t0();
+        let mut held = Vec::new();
+        for (wait, video, units, release_after) in steps {
+            now += wait as Millis * MIN;
+            let feature = if video { VIDEO } else { TASK };
+            let before = observable(plan, &s, now);
+            let d = decide(plan, &s, feature, units, now);
+            if !d.admitted() {
+                prop_assert!(d.draws.is_empty());
+                prop_assert_eq!(observable(plan, &s, now), before);
+                continue;
+            }
+            check_admitted(plan, &s, &d, now);
+            reserve(plan, &mut s, &d, now);
+            // Windows never hold more than their limit; free tier never more than its units.
+            for (i, l) in plan.layers.iter().enumerate() {
+                match &l.kind {
+                    LayerKind::UsageLimit { .. } => {
+                        for w in s.windows(plan, i, now) {
+                            prop_assert!(w.used <= w.window.limit, "{} used {} of {}", w.window.name, w.used, w.window.limit);
+                        }
+                    }
+                    LayerKind::FreeTier { units, period } => {
+                        prop_assert!(s.free_tier_used(i, *period, now) <= *units);
+                    }
+                    _ => {}
+                }
+            }
+            if release_after {
+                release(plan, &mut s, &d.draws, now);
+                prop_assert_eq!(observable(plan, &s, now), before);
+            } else {
+                held.push((now, d));
+            }
+        }
+        // Every grant's balance plus what is held of it is what it started with.
+        for g in &m.grants {
+            let g_now = s.grants.iter().find(|x| x.id == g.id).expect("grant");
+            prop_assert_eq!(g_now.balance + g_now.unsettled, g.balance);
+        }
+    }
+
+    #[test]
+    fn usage_frees_up_exactly_one_window_later(minutes in 1u32..600, limit in 1u64..20, at in 0i64..1000) {
+        let plan = Plan {
+            layers: vec![layer("limits", LayerKind::UsageLimit { windows: vec![window("w", minutes, limit)] })],
+            ..plan()
+        };
+        let mut s = AccountState::new(&plan, vec![], t0());
+        let used_at = t0() + at * 1000;
+        admit(&plan, &mut s, TASK, limit, used_at);
+        let minute = used_at.div_euclid(MIN);
+        let frees = (minute + i64::from(minutes)) * MIN;
+        prop_assert!(!decide(&plan, &s, TASK, 1, frees - 1).admitted());
+        prop_assert!(decide(&plan, &s, TASK, limit, frees).admitted());
+    }
+
+    #[test]
+    fn trim_keeps_every_layer_at_its_price(m in model(), units in 1u64..30, excess in 0u64..30) {
+        let plan = &m.plan;
+        let mut s = AccountState::new(plan, m.grants.clone(), t0());
+        let d = decide(plan, &s, TASK, units, t0());
+        prop_assume!(d.admitted());
+        reserve(plan, &mut s, &d, t0());
+        let price = d.credits_per_unit;
+        let mut kept = d.draws.clone();
+        let released = trim(&mut kept, excess, price);
+        let total = |x: &[Draw]| (x.iter().map(|d| d.units).sum::<Units>(), x.iter().map(|d| d.credits).sum::<Credits>());
+        let take = excess.min(units);
+        prop_assert_eq!(total(&released).0, take);
+        prop_assert_eq!(total(&kept).0, units - take);
+        prop_assert_eq!(total(&kept).1 + total(&released).1, d.credits());
+        for i in 0..plan.layers.len() as u8 {
+            for part in [&kept[..], &released[..]] {
+                let run: Vec<&Draw> = part.iter().filter(|x| x.layer == i && x.credits > 0).collect();
+                let (u, c) = (run.iter().map(|x| x.units).sum::<Units>(), run.iter().map(|x| x.credits).sum::<Credits>());
+                prop_assert_eq!(c, u * price, "layer {}", i);
+            }
+        }
+        release(plan, &mut s, &released, t0());
+        release(plan, &mut s, &kept, t0());
+        for g in &m.grants {
+            let now_g = s.grants.iter().find(|x| x.id == g.id).expect("grant");
+            prop_assert_eq!((now_g.balance, now_g.unsettled), (g.balance, 0));
+        }
+    }
+}

@@ -2,6 +2,9 @@
 //! ledger store, one fresh database per test.
 #![allow(dead_code)]
 
+pub mod api;
+pub mod process;
+
 use std::time::Duration;
 
 use flowgate::clock::Clock;
@@ -15,6 +18,92 @@ use flowgate::store::Store;
 pub enum StoreKind {
     /// A SQLite file in a temporary folder.
     Sqlite,
+    /// A fresh database on the test PostgreSQL server (see [`PgDatabase`]).
+    Postgres,
+}
+
+/// The server the PostgreSQL tests use: `FLOWGATE_TEST_PG_URL` (scripts/test sets it), else the
+/// machine's server. The URL names a database the user may `CREATE DATABASE` from.
+pub fn pg_admin_url() -> String {
+    std::env::var("FLOWGATE_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own for one test, dropped (with any connections left to it) when dropped.
+/// A server that cannot be reached fails the test: PostgreSQL is never silently skipped.
+pub struct PgDatabase {
+    /// Its URL.
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// Its name on the server.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `sql` as the admin user, on the admin database.
+    pub async fn admin(sql: &str) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&pg_admin_url())
+            .await
+            .expect("admin connection");
+        sqlx::query(sql).execute(&mut conn).await.expect(sql);
+    }
+
+    /// Creates a database with a unique name.
+    pub async fn create() -> PgDatabase {
+        use sqlx::Connection;
+        let admin = pg_admin_url();
+        let name = format!("flowgate_test_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is required for the tests and is not reachable ({e}); \
+                 run ./scripts/test, which finds or starts one, or set FLOWGATE_TEST_PG_URL"
+                )
+            });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let (base, query) = match admin.split_once('?') {
+            Some((b, q)) => (b, format!("?{q}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+        PgDatabase {
+            url: format!("{server}/{name}{query}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&pg_admin_url()).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: test database was not dropped: {dropped:?}");
+        }
+    }
 }
 
 /// The configuration the tests run with; `__STORE__`, `__BACKEND__` are filled in.
@@ -123,6 +212,8 @@ pub struct Harness {
     pub store_url: String,
     /// The configuration text in use.
     pub config: String,
+    // Declared last: dropped after the gateway has let go of the store.
+    _pg: Option<PgDatabase>,
     _dir: tempfile::TempDir,
 }
 
@@ -135,8 +226,13 @@ impl Harness {
     /// Starts with the test configuration as changed by `edit`.
     pub async fn start_with(kind: StoreKind, edit: impl FnOnce(String) -> String) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store_url = match kind {
-            StoreKind::Sqlite => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        let pg = match kind {
+            StoreKind::Sqlite => None,
+            StoreKind::Postgres => Some(PgDatabase::create().await),
+        };
+        let store_url = match &pg {
+            None => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+            Some(db) => db.url.clone(),
         };
         let backend = MockBackend::start().await.expect("backend starts");
         let config = edit(
@@ -151,6 +247,7 @@ impl Harness {
             base: String::new(),
             store_url,
             config,
+            _pg: pg,
             _dir: dir,
         };
         h.boot().await;
@@ -175,6 +272,11 @@ impl Harness {
             g.shutdown().await;
         }
         self.boot().await;
+    }
+
+    /// The PostgreSQL database, when the test runs on one.
+    pub fn pg(&self) -> Option<&PgDatabase> {
+        self._pg.as_ref()
     }
 
     /// The running gateway.
@@ -259,6 +361,14 @@ macro_rules! store_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::common::StoreKind::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::StoreKind::Postgres).await
                 }
             )*
         }

@@ -1,0 +1,178 @@
+//! Prometheus metrics, served at `/metrics`.
+//!
+//! One [`Metrics`] per gateway, registered in its own registry (tests run several gateways in
+//! one process). Names follow Prometheus conventions: `flowgate_` prefix, base units in the
+//! name (`_seconds`, `_credits`), `_total` on counters.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric flowgate exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Decisions by feature and outcome (`admitted` or the denial code).
+    pub decisions: IntCounterVec,
+    /// Units given by each layer to admitted decisions, by feature and layer.
+    pub layer_units: IntCounterVec,
+    /// Time to decide and hold, under the account's lock.
+    pub decision_seconds: Histogram,
+    /// Time from forwarding to the upstream's response headers, by upstream.
+    pub upstream_seconds: HistogramVec,
+    /// Requests by how they ended (as recorded in the ledger).
+    pub requests: IntCounterVec,
+    /// Units charged (committed), by feature and pool kind.
+    pub units_consumed: IntCounterVec,
+    /// Credits charged (committed), by pool kind (`credits`, `promotion`, `enterprise`, `postpaid`).
+    pub credits_consumed: IntCounterVec,
+    /// Credits a debit could not take and that were forgiven.
+    pub overdraft_forgiven: IntCounter,
+    /// Entries queued for the ledger, not yet committed.
+    pub ledger_queue_depth: IntGauge,
+    /// Entries per committed batch.
+    pub ledger_batch_size: Histogram,
+    /// Time to commit one batch.
+    pub ledger_commit_seconds: Histogram,
+    /// Time from a request's end to its ledger commit.
+    pub ledger_lag_seconds: Histogram,
+    /// Account lookups in the cached view, by result (`hit`, `miss`).
+    pub cache_lookups: IntCounterVec,
+    /// Failed store operations (each failed commit attempt counts).
+    pub store_errors: IntCounter,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_001, 0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // Registration fails only for duplicate names, which these constants cannot have.
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            let _ = r.register(Box::new(c.clone()));
+            c
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels)
+                    .unwrap_or_else(|_| unreachable!()),
+            )
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            reg(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                    .unwrap_or_else(|_| unreachable!()),
+            )
+        };
+        Metrics {
+            decisions: counter_vec(
+                "flowgate_decisions_total",
+                "Waterfall decisions by feature and outcome.",
+                &["feature", "outcome"],
+            ),
+            layer_units: counter_vec(
+                "flowgate_decision_layer_units_total",
+                "Units given by each layer to admitted decisions.",
+                &["feature", "layer"],
+            ),
+            decision_seconds: histogram(
+                "flowgate_decision_duration_seconds",
+                "Time to decide and hold a request.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            upstream_seconds: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "flowgate_upstream_duration_seconds",
+                        "Time from forwarding to the upstream's response headers.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["upstream"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            requests: counter_vec(
+                "flowgate_requests_total",
+                "Requests by how they ended.",
+                &["outcome"],
+            ),
+            units_consumed: counter_vec(
+                "flowgate_units_consumed_total",
+                "Units charged, by feature and pool kind.",
+                &["feature", "pool"],
+            ),
+            credits_consumed: counter_vec(
+                "flowgate_credits_consumed_total",
+                "Credits charged, by pool kind.",
+                &["pool"],
+            ),
+            overdraft_forgiven: reg(
+                &registry,
+                IntCounter::new(
+                    "flowgate_overdraft_forgiven_credits_total",
+                    "Credits a debit could not take, forgiven.",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            ledger_queue_depth: reg(
+                &registry,
+                IntGauge::new(
+                    "flowgate_ledger_queue_depth",
+                    "Entries queued for the ledger, not yet committed.",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            ledger_batch_size: histogram(
+                "flowgate_ledger_batch_size",
+                "Entries per committed ledger batch.",
+                vec![
+                    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 512.0, 1024.0, 4096.0,
+                ],
+            ),
+            ledger_commit_seconds: histogram(
+                "flowgate_ledger_commit_duration_seconds",
+                "Time to commit one ledger batch.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            ledger_lag_seconds: histogram(
+                "flowgate_ledger_lag_seconds",
+                "Time from a request's end to its ledger commit.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            cache_lookups: counter_vec(
+                "flowgate_account_cache_lookups_total",
+                "Account lookups in the cached view.",
+                &["result"],
+            ),
+            store_errors: reg(
+                &registry,
+                IntCounter::new("flowgate_store_errors_total", "Failed store operations.")
+                    .unwrap_or_else(|_| unreachable!()),
+            ),
+            registry,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,278 @@
+//! What the admin and user APIs read and write: accounts, API keys, grants, and the ledger's
+//! three datasets joined per usage event. Each write is one transaction; the caller then tells
+//! the in-memory view (see `crate::api`).
+
+use serde::Serialize;
+
+use super::{Store, StoreError, StoredGrant};
+use crate::config::GrantSeed;
+use crate::waterfall::{Draw, Millis};
+
+/// An account as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AccountRow {
+    /// Its id.
+    pub id: String,
+    /// Its plan's name.
+    pub plan: String,
+    /// Whether its requests are refused.
+    pub suspended: bool,
+    /// When it was created.
+    pub created_at: Millis,
+    /// How many API keys it has.
+    pub api_keys: i64,
+}
+
+/// What a grant request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granted {
+    /// The grant was given now (with its `grant` balance update).
+    Created(StoredGrant),
+    /// A grant with this external id was given before: nothing was written. This is it, with
+    /// its current balance.
+    Existing(StoredGrant),
+}
+
+/// Where a page of usage events starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// Oldest first, usage events with an id greater than this one (0: from the start).
+    After(i64),
+    /// Newest first, usage events with an id smaller than this one (`None`: from the newest).
+    Before(Option<i64>),
+}
+
+/// One request in the ledger: its usage event, and when it was charged its monetization event
+/// and the balance updates of that charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEvent {
+    /// The usage event.
+    pub usage: UsageEventRecord,
+    /// The charge, if any.
+    pub monetization: Option<MonetizationRecord>,
+    /// The balance updates of the charge, in id order.
+    pub balance_updates: Vec<BalanceUpdateRecord>,
+}
+
+/// A usage event, every column.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageEventRecord {
+    /// Row id (the ledger listing's cursor).
+    pub id: i64,
+    /// The decision id given to the client.
+    pub decision_id: String,
+    /// Whose request it was.
+    pub account_id: String,
+    /// The feature.
+    pub feature: String,
+    /// Units used.
+    pub units: i64,
+    /// How the request ended.
+    pub outcome: String,
+    /// The denial or error code.
+    pub code: Option<String>,
+    /// The upstream's status.
+    pub upstream_status: Option<i64>,
+    /// The idempotency key (the client's, scoped to the account, or the decision id).
+    pub idempotency_key: String,
+    /// The decision as recorded (JSON): every layer checked, what it had and gave.
+    pub decision: String,
+    /// When it was decided.
+    pub decided_at: Millis,
+    /// When the request ended.
+    pub completed_at: Millis,
+    /// When the ledger recorded it.
+    pub recorded_at: Millis,
+}
+
+/// A monetization event, every column.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MonetizationRecord {
+    /// Row id.
+    pub id: i64,
+    /// Its usage event.
+    pub usage_event_id: i64,
+    /// Units charged.
+    pub units: i64,
+    /// Credits drawn from grants.
+    pub credits: i64,
+    /// Credits billed afterwards (postpaid).
+    pub postpaid_credits: i64,
+    /// The price applied.
+    pub credits_per_unit: i64,
+    /// The plan in force.
+    pub plan: String,
+    /// The price version in force.
+    pub price_version: String,
+    /// Every pool drawn from (JSON).
+    pub draws: String,
+    /// Units estimated up front (settled routes).
+    pub estimated_units: i64,
+    /// Used units nobody could pay, forgiven.
+    pub forgiven_units: i64,
+    /// When it was recorded.
+    pub created_at: Millis,
+    /// When it was refunded, if it was.
+    pub refunded_at: Option<Millis>,
+}
+
+/// A balance update, every column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct BalanceUpdateRecord {
+    /// Row id.
+    pub id: i64,
+    /// The grant whose balance changed.
+    pub grant_id: i64,
+    /// `grant`, `debit`, `refund`, `expired` or `overdraft_forgiven`.
+    pub reason: String,
+    /// The change.
+    pub delta: i64,
+    /// The balance after it.
+    pub balance_after: i64,
+    /// Credits forgiven.
+    pub forgiven: i64,
+    /// The charge it belongs to.
+    pub monetization_event_id: Option<i64>,
+    /// When it was written.
+    pub created_at: Millis,
+}
+
+impl Store {
+    /// Creates an account; `false` if one with this id exists (nothing written).
+    pub async fn create_account(
+        &self,
+        id: &str,
+        plan: &str,
+        suspended: bool,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.create_account(id, plan, suspended, now).await,
+            Store::Postgres(s) => s.create_account(id, plan, suspended, now).await,
+        }
+    }
+
+    /// The account with this id.
+    pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.account(id).await,
+            Store::Postgres(s) => s.account(id).await,
+        }
+    }
+
+    /// Changes an account's plan and/or suspension (`None`: unchanged); the account after, or
+    /// `None` if there is no such account.
+    pub async fn update_account(
+        &self,
+        id: &str,
+        plan: Option<&str>,
+        suspended: Option<bool>,
+    ) -> Result<Option<AccountRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.update_account(id, plan, suspended).await,
+            Store::Postgres(s) => s.update_account(id, plan, suspended).await,
+        }
+    }
+
+    /// Stores an API key's hash for an account; `false` if there is no such account.
+    pub async fn add_api_key(&self, account: &str, key_hash: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.add_api_key(account, key_hash).await,
+            Store::Postgres(s) => s.add_api_key(account, key_hash).await,
+        }
+    }
+
+    /// Gives a grant once per (account, external id): the grant and its `grant` balance update
+    /// in one transaction. A repeat writes nothing and returns the grant given before. `None`
+    /// if there is no such account.
+    pub async fn grant(
+        &self,
+        account: &str,
+        grant: &GrantSeed,
+        now: Millis,
+    ) -> Result<Option<Granted>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.grant(account, grant, now).await,
+            Store::Postgres(s) => s.grant(account, grant, now).await,
+        }
+    }
+
+    /// A page of an account's usage events, each with its charge and balance updates.
+    pub async fn ledger_page(
+        &self,
+        account: &str,
+        page: Page,
+        limit: u32,
+    ) -> Result<Vec<LedgerEvent>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ledger_page(account, page, limit).await,
+            Store::Postgres(s) => s.ledger_page(account, page, limit).await,
+        }
+    }
+
+    /// The usage event of a decision, with its charge and balance updates.
+    pub async fn ledger_event(&self, decision_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ledger_event(decision_id).await,
+            Store::Postgres(s) => s.ledger_event(decision_id).await,
+        }
+    }
+
+    /// The draws of an account's charges decided at or after `since`, oldest first (what a
+    /// restart would replay into its windows and free tier).
+    pub async fn account_draws_since(
+        &self,
+        account: &str,
+        since: Millis,
+    ) -> Result<Vec<Draw>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.account_draws_since(account, since).await,
+            Store::Postgres(s) => s.account_draws_since(account, since).await,
+        }
+    }
+}
+
+/// Joins usage events with their monetization events and balance updates (fetched by the
+/// dialect), keeping the usage events' order.
+pub(super) fn join(
+    usage: Vec<UsageEventRecord>,
+    monetization: Vec<MonetizationRecord>,
+    updates: Vec<BalanceUpdateRecord>,
+) -> Vec<LedgerEvent> {
+    usage
+        .into_iter()
+        .map(|u| {
+            let monetization = monetization
+                .iter()
+                .find(|m| m.usage_event_id == u.id)
+                .cloned();
+            let balance_updates = match &monetization {
+                Some(m) => updates
+                    .iter()
+                    .filter(|b| b.monetization_event_id == Some(m.id))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            LedgerEvent {
+                usage: u,
+                monetization,
+                balance_updates,
+            }
+        })
+        .collect()
+}
+
+/// Parses stored draws (JSON).
+pub(super) fn parse_draws(json: &str) -> Result<Vec<Draw>, StoreError> {
+    serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))
+}
+
+/// Columns of the listings, the same for both dialects.
+pub(super) mod columns {
+    pub const USAGE: &str = "id, decision_id, account_id, feature, units, outcome, code, upstream_status, idempotency_key, decision, decided_at, completed_at, recorded_at";
+    pub const MONETIZATION: &str = "id, usage_event_id, units, credits, postpaid_credits, credits_per_unit, plan, price_version, draws, estimated_units, forgiven_units, created_at, refunded_at";
+    pub const BALANCE_UPDATES: &str =
+        "id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, created_at";
+}

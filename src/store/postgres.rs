@@ -1,0 +1,973 @@
+//! The PostgreSQL ledger: one database shared by every gateway replica.
+//!
+//! # Two writers, one ledger
+//!
+//! Several replicas commit batches to the same tables at once, at PostgreSQL's default
+//! `READ COMMITTED` isolation. Nothing is double-applied and no balance update is lost because
+//! of three mechanisms, none of which relies on the isolation level:
+//!
+//! - **The unique index on `usage_events.charge_key`, written with `ON CONFLICT DO NOTHING`.**
+//!   A charge exists only if its usage event row exists. When two transactions insert the same
+//!   key, the second waits on the first's uncommitted index entry; if the first commits, the
+//!   second does nothing (and learns so from `RETURNING`, then records a `duplicate` usage event
+//!   that charges nothing); if the first rolls back, the second inserts. The same holds for
+//!   `decision_id`, which makes a retried batch whose commit did in fact succeed a no-op.
+//! - **Row locks on the grants, taken with `SELECT … FOR UPDATE` in id order** before any
+//!   debit. A second writer debiting the same grant waits until the first commits; then it
+//!   reads the committed balance (a locked row is always re-read at its newest version).
+//! - **Balances computed from the locked row**, never from a value read earlier or from the
+//!   gateway's cache: the new balance and its balance-update row are written in the same
+//!   transaction that holds the lock, so `balance == SUM(delta)` of its updates at every commit.
+//!
+//! No cycle of waits can form, so concurrent writers never deadlock: usage events are inserted
+//! sorted by charge key (a writer waits on another's key only for keys smaller than all it
+//! still has to insert), grants are locked sorted by id, and every key wait comes before any
+//! grant lock in a transaction.
+//!
+//! # Round trips
+//!
+//! [`PostgresStore::commit`] costs the same handful of statements whatever the batch size: rows
+//! travel as arrays (`UNNEST($1::text[], $2::bigint[], …)`), and debits are computed in Rust
+//! from the locked balances, then written with one `UPDATE … FROM UNNEST` and one `INSERT`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::debit::{self, LockedGrant};
+use super::{
+    CommitReport, Committed, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError,
+    StoredAccount, StoredGrant, UsageEventRow,
+};
+use crate::config::AccountSeed;
+use crate::ledger::LedgerEntry;
+use crate::waterfall::{Draw, GrantKind, Millis, Pool};
+
+/// Connections in the pool: one writer (the ledger task) plus readers (health checks, the
+/// admin and user APIs). Each replica has its own pool: mind the server's `max_connections`.
+const POOL_CONNECTIONS_MAX: u32 = 8;
+/// How long a caller waits for a pooled connection (or a new one) before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+mod api;
+
+/// The channel on which every transaction that changes balances announces them (at its commit,
+/// in commit order), so that every replica's view learns what the others spent or granted.
+const BALANCES_CHANNEL: &str = "flowgate_balances";
+/// Largest notification payload sent (PostgreSQL's limit is 8000 bytes).
+const NOTIFY_BYTES_MAX: usize = 7000;
+
+/// Announces `balances` on [`BALANCES_CHANNEL`] as part of `tx` (delivered only if it commits),
+/// signed by `replica` so that a replica skips its own: its writer has applied them already, in
+/// step with what it holds unsettled.
+async fn notify_balances(
+    tx: &mut Transaction<'_, Postgres>,
+    replica: &str,
+    balances: &[GrantBalance],
+) -> Result<(), StoreError> {
+    let start = format!("{replica}[");
+    let mut payload = start.clone();
+    for (i, b) in balances.iter().enumerate() {
+        let item = serde_json::to_string(&(&b.account, b.grant_id, b.balance))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if payload.len() > start.len() {
+            payload.push(',');
+        }
+        payload.push_str(&item);
+        if payload.len() >= NOTIFY_BYTES_MAX || i + 1 == balances.len() {
+            payload.push(']');
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(BALANCES_CHANNEL)
+                .bind(&payload)
+                .execute(&mut **tx)
+                .await?;
+            payload = start.clone();
+        }
+    }
+    Ok(())
+}
+
+/// Parses a [`BALANCES_CHANNEL`] payload: the sending replica's id, then a JSON array.
+fn parse_balances(payload: &str) -> Option<(&str, Vec<GrantBalance>)> {
+    let at = payload.find('[')?;
+    let (replica, items) = payload.split_at(at);
+    let items: Vec<(String, i64, u64)> = serde_json::from_str(items).ok()?;
+    Some((
+        replica,
+        items
+            .into_iter()
+            .map(|(account, grant_id, balance)| GrantBalance {
+                account,
+                grant_id,
+                balance,
+            })
+            .collect(),
+    ))
+}
+
+/// A ledger in a PostgreSQL database.
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    /// The connection pool. Its `Debug` shows pool sizes only, never the URL or password.
+    pool: PgPool,
+    /// This process's id in balance notifications.
+    replica: Arc<str>,
+}
+
+/// One usage event of a batch, with the id reserved for it.
+struct UsageRow<'a> {
+    /// Index of its entry in the batch.
+    index: usize,
+    /// Its row id, reserved from the table's sequence in batch order.
+    id: i64,
+    /// The entry it records.
+    entry: &'a LedgerEntry,
+    /// `entry.decision_id` as stored.
+    decision_id: String,
+    /// The entry's idempotency key (its charge key when charged).
+    key: String,
+    /// The decision as stored (JSON).
+    decision: String,
+}
+
+/// The balance updates of one commit, as columns.
+#[derive(Default)]
+struct BalanceUpdates {
+    account_id: Vec<String>,
+    grant_id: Vec<i64>,
+    reason: Vec<&'static str>,
+    delta: Vec<i64>,
+    balance_after: Vec<i64>,
+    forgiven: Vec<i64>,
+    monetization_event_id: Vec<i64>,
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://` or `postgresql://`). Errors never carry
+    /// the URL: it may hold a password.
+    pub async fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("flowgate");
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore {
+            pool,
+            replica: uuid::Uuid::now_v7().simple().to_string().into(),
+        })
+    }
+
+    pub(super) async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx holds an advisory lock while migrating: replicas starting together take turns.
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn seed(&self, seeds: &[AccountSeed], now: Millis) -> Result<(), StoreError> {
+        // Replicas seed the same accounts in the same (config) order: the second waits on the
+        // first's rows, then finds them there. Start-up only, so one statement per row is fine.
+        let mut tx = self.pool.begin().await?;
+        for seed in seeds {
+            sqlx::query(
+                "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended",
+            )
+            .bind(&seed.id)
+            .bind(&seed.plan)
+            .bind(seed.suspended)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for hash in &seed.key_hashes {
+                sqlx::query(
+                    "INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)
+                     ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id",
+                )
+                .bind(hash)
+                .bind(&seed.id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for g in &seed.grants {
+                let features = g
+                    .features
+                    .as_ref()
+                    .map(|f| serde_json::to_string(f).unwrap_or_default());
+                let amount = to_bigint(g.amount, "grants.amount")?;
+                let inserted: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO grants (account_id, external_id, kind, amount, balance, expires_at, priority, features, created_at)
+                     VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8)
+                     ON CONFLICT (account_id, external_id) DO NOTHING RETURNING id",
+                )
+                .bind(&seed.id)
+                .bind(&g.external_id)
+                .bind(g.kind.as_str())
+                .bind(amount)
+                .bind(g.expires_at)
+                .bind(i64::from(g.priority))
+                .bind(features)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(grant_id) = inserted {
+                    sqlx::query(
+                        "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
+                         VALUES ($1, $2, 'grant', $3, $3, $4)",
+                    )
+                    .bind(&seed.id)
+                    .bind(grant_id)
+                    .bind(amount)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn load_accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
+        let mut accounts: Vec<StoredAccount> =
+            sqlx::query("SELECT id, plan, suspended FROM accounts ORDER BY id")
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(|r| StoredAccount {
+                    id: r.get("id"),
+                    plan: r.get("plan"),
+                    suspended: r.get("suspended"),
+                    key_hashes: Vec::new(),
+                    grants: Vec::new(),
+                })
+                .collect();
+        let index: HashMap<String, usize> = accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.clone(), i))
+            .collect();
+        for r in sqlx::query("SELECT key_hash, account_id FROM api_keys")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            if let Some(&i) = index.get(r.get::<&str, _>("account_id")) {
+                accounts[i].key_hashes.push(r.get("key_hash"));
+            }
+        }
+        for r in sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let account: String = r.get("account_id");
+            if let Some(&i) = index.get(&account) {
+                accounts[i].grants.push(grant_from_row(&r)?);
+            }
+        }
+        Ok(accounts)
+    }
+
+    pub(super) async fn load_draws_since(
+        &self,
+        since: Millis,
+    ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT account_id, draws FROM monetization_events
+             WHERE decided_at >= $1 AND refunded_at IS NULL ORDER BY id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let draws: Vec<Draw> = serde_json::from_str(r.get("draws"))
+                    .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
+                Ok((r.get("account_id"), draws))
+            })
+            .collect()
+    }
+
+    /// Commits a batch in one transaction: usage events, then monetization events, then debits
+    /// (see the module's documentation for why concurrent replicas cannot double-apply).
+    pub(super) async fn commit(
+        &self,
+        batch: &[LedgerEntry],
+        now: Millis,
+    ) -> Result<CommitReport, StoreError> {
+        // Every entry ends up with a result; a repeat of a decision within the batch keeps this
+        // one (its first occurrence records it), as it would if committed one by one.
+        let mut report = CommitReport {
+            results: vec![Committed::AlreadyRecorded; batch.len()],
+            ..CommitReport::default()
+        };
+        let mut decisions = HashSet::with_capacity(batch.len());
+        let firsts: Vec<usize> = (0..batch.len())
+            .filter(|&i| decisions.insert(batch[i].decision_id))
+            .collect();
+        if firsts.is_empty() {
+            return Ok(report);
+        }
+
+        let mut tx = self.pool.begin().await?;
+        // Ids in batch order, so that a listing by id shows the batch in the order it happened,
+        // although rows are inserted in charge-key order (see the module documentation).
+        let mut ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('usage_events', 'id'))
+             FROM generate_series(1::bigint, $1::bigint)",
+        )
+        .bind(to_bigint(firsts.len() as u64, "batch size")?)
+        .fetch_all(&mut *tx)
+        .await?;
+        ids.sort_unstable();
+        if ids.len() != firsts.len() {
+            return Err(StoreError::Corrupt(format!(
+                "asked for {} usage event ids, got {}",
+                firsts.len(),
+                ids.len()
+            )));
+        }
+        let rows: Vec<UsageRow<'_>> = firsts
+            .iter()
+            .zip(ids)
+            .map(|(&index, id)| {
+                let entry = &batch[index];
+                UsageRow {
+                    index,
+                    id,
+                    entry,
+                    decision_id: entry.decision_id.to_string(),
+                    key: entry.idempotency_key(),
+                    decision: entry.decision_json().to_string(),
+                }
+            })
+            .collect();
+
+        let all: Vec<&UsageRow<'_>> = rows.iter().collect();
+        let inserted: HashSet<i64> = insert_usage(&mut tx, &all, false, now)
+            .await?
+            .into_iter()
+            .collect();
+        let missed: Vec<&UsageRow<'_>> =
+            rows.iter().filter(|r| !inserted.contains(&r.id)).collect();
+        if !missed.is_empty() {
+            // Not inserted: either this very decision is there already (a retried batch), or
+            // its charge key was charged by another decision (a replay, another replica).
+            let recorded: HashSet<String> = sqlx::query_scalar(
+                "SELECT decision_id FROM usage_events WHERE decision_id = ANY($1)",
+            )
+            .bind(
+                missed
+                    .iter()
+                    .map(|r| r.decision_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            let duplicates: Vec<&UsageRow<'_>> = missed
+                .into_iter()
+                .filter(|r| !recorded.contains(&r.decision_id))
+                .collect();
+            if !duplicates.is_empty() {
+                // Record each attempt, charge nothing.
+                insert_usage(&mut tx, &duplicates, true, now).await?;
+                for r in &duplicates {
+                    report.results[r.index] = Committed::Duplicate;
+                }
+            }
+        }
+
+        let mut charges = Vec::new();
+        for r in &rows {
+            if inserted.contains(&r.id) {
+                report.results[r.index] = Committed::Recorded;
+                if r.entry.charged() {
+                    charges.push(r);
+                }
+            }
+        }
+        if !charges.is_empty() {
+            charge(&mut tx, &charges, &mut report, now).await?;
+        }
+        notify_balances(&mut tx, &self.replica, &report.balances).await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Follows every replica's balance changes: a task listens on [`BALANCES_CHANNEL`] and
+    /// sends what it hears. After a lost connection (notifications sent meanwhile are gone) it
+    /// sends every grant's balance once, so that nothing is missed for long.
+    pub(super) fn watch(&self) -> tokio::sync::mpsc::Receiver<Vec<GrantBalance>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let pool = self.pool.clone();
+        let replica = self.replica.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let listener = async {
+                    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    l.listen(BALANCES_CHANNEL).await?;
+                    Ok::<_, sqlx::Error>(l)
+                };
+                let mut listener = match listener.await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "balance listener cannot connect; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                backoff = Duration::from_millis(100);
+                // Whatever changed before (or while) listening started.
+                let all: Result<Vec<(String, i64, i64)>, _> =
+                    sqlx::query_as("SELECT account_id, id, balance FROM grants")
+                        .fetch_all(&pool)
+                        .await;
+                if let Ok(all) = all {
+                    let balances = all
+                        .into_iter()
+                        .map(|(account, grant_id, balance)| GrantBalance {
+                            account,
+                            grant_id,
+                            balance: balance.max(0) as u64,
+                        })
+                        .collect();
+                    if tx.send(balances).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => match parse_balances(n.payload()) {
+                            Some((from, _)) if from == &*replica => {}
+                            Some((_, b)) => {
+                                if tx.send(b).await.is_err() {
+                                    return; // the gateway stopped
+                                }
+                            }
+                            None => tracing::warn!("unreadable balance notification"),
+                        },
+                        Ok(None) | Err(_) => {
+                            tracing::warn!("balance listener lost its connection; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    pub(super) async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
+        // One statement: lock the due grants (in id order, like every debit), zero them, and
+        // write each one's balance update.
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT id, account_id, balance FROM grants
+                 WHERE expires_at IS NOT NULL AND expires_at <= $1 AND balance > 0
+                 ORDER BY id FOR UPDATE
+             ), zeroed AS (
+                 UPDATE grants g SET balance = 0 FROM due WHERE g.id = due.id
+                 RETURNING due.id, due.account_id, due.balance
+             )
+             INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
+             SELECT account_id, id, 'expired', -balance, 0, $1 FROM zeroed
+             RETURNING account_id, grant_id",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let expired: Vec<GrantBalance> = rows
+            .into_iter()
+            .map(|(account, grant_id)| GrantBalance {
+                account,
+                grant_id,
+                balance: 0,
+            })
+            .collect();
+        notify_balances(&mut tx, &self.replica, &expired).await?;
+        tx.commit().await?;
+        Ok(expired)
+    }
+
+    pub(super) async fn refund(
+        &self,
+        decision_id: &str,
+        now: Millis,
+    ) -> Result<Refund, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Marking first makes a second refund of the same charge wait here, then find it done.
+        let charge: Option<(i64, String, String)> = sqlx::query_as(
+            "UPDATE monetization_events m SET refunded_at = $2
+             FROM usage_events u
+             WHERE u.id = m.usage_event_id AND u.decision_id = $1 AND m.refunded_at IS NULL
+             RETURNING m.id, m.account_id, m.draws",
+        )
+        .bind(decision_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((charge_id, account, draws)) = charge else {
+            let charged: Option<i64> = sqlx::query_scalar(
+                "SELECT m.id FROM monetization_events m
+                 JOIN usage_events u ON u.id = m.usage_event_id WHERE u.decision_id = $1",
+            )
+            .bind(decision_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            return Ok(if charged.is_some() {
+                Refund::AlreadyRefunded
+            } else {
+                Refund::NotCharged
+            });
+        };
+        // Credit back each debited grant (locked in id order, like every debit) with its
+        // balance update, in one statement.
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "WITH debits AS (
+                 SELECT grant_id, -delta AS taken FROM balance_updates
+                 WHERE monetization_event_id = $1 AND reason = 'debit'
+             ), locked AS (
+                 SELECT g.id FROM grants g JOIN debits d ON d.grant_id = g.id ORDER BY g.id FOR UPDATE
+             ), credited AS (
+                 UPDATE grants g SET balance = g.balance + d.taken
+                 FROM debits d WHERE g.id = d.grant_id AND g.id IN (SELECT id FROM locked)
+                 RETURNING g.id, d.taken, g.balance
+             )
+             INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
+             SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
+             RETURNING grant_id, delta, balance_after",
+        )
+        .bind(charge_id)
+        .bind(&account)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut credits = 0;
+        let mut balances = Vec::with_capacity(rows.len());
+        for (grant_id, taken, after) in rows {
+            credits += to_unsigned(taken, "refund")?;
+            balances.push(GrantBalance {
+                account: account.clone(),
+                grant_id,
+                balance: to_unsigned(after, "grants.balance")?,
+            });
+        }
+        notify_balances(&mut tx, &self.replica, &balances).await?;
+        tx.commit().await?;
+        Ok(Refund::Refunded {
+            draws: serde_json::from_str(&draws)
+                .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?,
+            account,
+            balances,
+            credits,
+        })
+    }
+
+    pub(super) async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
+        use super::snapshot_sql as q;
+        // One snapshot: the four reads see one state of the ledger while replicas write.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let snapshot = LedgerSnapshot {
+            grants: sqlx::query_as(q::GRANTS).fetch_all(&mut *tx).await?,
+            balance_updates: sqlx::query_as(q::BALANCE_UPDATES)
+                .fetch_all(&mut *tx)
+                .await?,
+            charged_usage: sqlx::query_as(q::CHARGED_USAGE)
+                .bind(since)
+                .fetch_all(&mut *tx)
+                .await?,
+            monetization: sqlx::query_as(q::MONETIZATION)
+                .bind(since)
+                .fetch_all(&mut *tx)
+                .await?,
+        };
+        tx.commit().await?;
+        Ok(snapshot)
+    }
+
+    pub(super) async fn counts(&self) -> Result<LedgerCounts, StoreError> {
+        let r = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM usage_events) AS u, (SELECT COUNT(*) FROM monetization_events) AS m,
+                    (SELECT COUNT(*) FROM balance_updates) AS b",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LedgerCounts {
+            usage_events: to_unsigned(r.get("u"), "count(usage_events)")?,
+            monetization_events: to_unsigned(r.get("m"), "count(monetization_events)")?,
+            balance_updates: to_unsigned(r.get("b"), "count(balance_updates)")?,
+        })
+    }
+
+    pub(super) async fn usage_events(
+        &self,
+        account: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageEventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT u.decision_id, u.feature, u.units, u.outcome, u.code, u.upstream_status, u.decided_at,
+                    m.id IS NOT NULL AS charged, COALESCE(m.credits, 0) AS credits
+             FROM usage_events u LEFT JOIN monetization_events m ON m.usage_event_id = u.id
+             WHERE u.account_id = $1 ORDER BY u.id DESC LIMIT $2",
+        )
+        .bind(account)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageEventRow {
+                    decision_id: r.get("decision_id"),
+                    feature: r.get("feature"),
+                    units: to_unsigned(r.get("units"), "usage_events.units")?,
+                    outcome: r.get("outcome"),
+                    code: r.get("code"),
+                    upstream_status: r
+                        .get::<Option<i64>, _>("upstream_status")
+                        .map(|s| {
+                            u16::try_from(s).map_err(|_| {
+                                StoreError::Corrupt(format!("usage_events.upstream_status = {s}"))
+                            })
+                        })
+                        .transpose()?,
+                    charged: r.get("charged"),
+                    credits: to_unsigned(r.get("credits"), "monetization_events.credits")?,
+                    decided_at: r.get("decided_at"),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
+        sqlx::query(&format!(
+            "{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY id"
+        ))
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(grant_from_row)
+        .collect()
+    }
+}
+
+/// Inserts usage events in one statement, sorted by charge key (so that two writers wait on
+/// each other's keys in one order only), and returns the ids of the rows actually inserted: a
+/// row whose decision id or charge key exists already is skipped. As `duplicate`, each row is
+/// recorded with outcome `duplicate` and no charge key.
+async fn insert_usage(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[&UsageRow<'_>],
+    duplicate: bool,
+    now: Millis,
+) -> Result<Vec<i64>, StoreError> {
+    let n = rows.len();
+    let mut id = Vec::with_capacity(n);
+    let mut decision_id = Vec::with_capacity(n);
+    let mut account_id = Vec::with_capacity(n);
+    let mut feature = Vec::with_capacity(n);
+    let mut units = Vec::with_capacity(n);
+    let mut outcome = Vec::with_capacity(n);
+    let mut code = Vec::with_capacity(n);
+    let mut upstream_status = Vec::with_capacity(n);
+    let mut idempotency_key = Vec::with_capacity(n);
+    let mut charge_key = Vec::with_capacity(n);
+    let mut decision = Vec::with_capacity(n);
+    let mut decided_at = Vec::with_capacity(n);
+    let mut completed_at = Vec::with_capacity(n);
+    for r in rows {
+        let e = r.entry;
+        id.push(r.id);
+        decision_id.push(r.decision_id.as_str());
+        account_id.push(&*e.account);
+        feature.push(&*e.feature);
+        units.push(to_bigint(e.used_units, "usage_events.units")?);
+        outcome.push(if duplicate {
+            "duplicate"
+        } else {
+            e.outcome.as_str()
+        });
+        code.push(e.code);
+        upstream_status.push(e.upstream_status.map(i64::from));
+        idempotency_key.push(r.key.as_str());
+        charge_key.push((!duplicate && e.charged()).then_some(r.key.as_str()));
+        decision.push(r.decision.as_str());
+        decided_at.push(e.decided_at);
+        completed_at.push(e.completed_at);
+    }
+    let inserted = sqlx::query_scalar(
+        "INSERT INTO usage_events (id, decision_id, account_id, feature, units, outcome, code, upstream_status,
+             idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at)
+         SELECT id, decision_id, account_id, feature, units, outcome, code, upstream_status,
+             idempotency_key, charge_key, decision, decided_at, completed_at, $14
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
+                     $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[])
+              AS u(id, decision_id, account_id, feature, units, outcome, code, upstream_status,
+                   idempotency_key, charge_key, decision, decided_at, completed_at)
+         ORDER BY charge_key, id
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind(id)
+    .bind(decision_id)
+    .bind(account_id)
+    .bind(feature)
+    .bind(units)
+    .bind(outcome)
+    .bind(code)
+    .bind(upstream_status)
+    .bind(idempotency_key)
+    .bind(charge_key)
+    .bind(decision)
+    .bind(decided_at)
+    .bind(completed_at)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(inserted)
+}
+
+/// Writes the monetization events of newly recorded charges, then debits each grant they drew
+/// from, each debit with its balance update. What a grant no longer holds is forgiven, and
+/// recorded (a row with delta 0).
+async fn charge(
+    tx: &mut Transaction<'_, Postgres>,
+    charges: &[&UsageRow<'_>],
+    report: &mut CommitReport,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let n = charges.len();
+    let mut usage_event_id = Vec::with_capacity(n);
+    let mut account_id = Vec::with_capacity(n);
+    let mut feature = Vec::with_capacity(n);
+    let mut units = Vec::with_capacity(n);
+    let mut credits = Vec::with_capacity(n);
+    let mut postpaid_credits = Vec::with_capacity(n);
+    let mut credits_per_unit = Vec::with_capacity(n);
+    let mut plan = Vec::with_capacity(n);
+    let mut price_version = Vec::with_capacity(n);
+    let mut draws = Vec::with_capacity(n);
+    let mut decided_at = Vec::with_capacity(n);
+    let mut estimated_units = Vec::with_capacity(n);
+    let mut forgiven_units = Vec::with_capacity(n);
+    for r in charges {
+        let e = r.entry;
+        let d = &e.decision;
+        let mut grant_credits = 0u64;
+        let mut postpaid = 0u64;
+        for draw in &d.draws {
+            match draw.pool {
+                Pool::Grant { .. } => grant_credits += draw.credits,
+                Pool::Postpaid => postpaid += draw.credits,
+                _ => {}
+            }
+        }
+        usage_event_id.push(r.id);
+        account_id.push(&*e.account);
+        feature.push(&*e.feature);
+        units.push(to_bigint(
+            d.draws.iter().map(|x| x.units).sum(),
+            "monetization_events.units",
+        )?);
+        credits.push(to_bigint(grant_credits, "monetization_events.credits")?);
+        postpaid_credits.push(to_bigint(postpaid, "monetization_events.postpaid_credits")?);
+        credits_per_unit.push(to_bigint(
+            d.credits_per_unit,
+            "monetization_events.credits_per_unit",
+        )?);
+        plan.push(&*e.plan.name);
+        price_version.push(&*e.plan.price_version);
+        draws.push(serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into()));
+        decided_at.push(e.decided_at);
+        estimated_units.push(to_bigint(d.units, "monetization_events.estimated_units")?);
+        forgiven_units.push(to_bigint(
+            e.forgiven_units,
+            "monetization_events.forgiven_units",
+        )?);
+    }
+    let monetization: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
+        "INSERT INTO monetization_events (usage_event_id, account_id, feature, units, credits, postpaid_credits,
+             credits_per_unit, plan, price_version, draws, decided_at, created_at,
+             estimated_units, forgiven_units)
+         SELECT usage_event_id, account_id, feature, units, credits, postpaid_credits,
+             credits_per_unit, plan, price_version, draws, decided_at, $12,
+             estimated_units, forgiven_units
+         FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bigint[],
+                     $13::bigint[], $14::bigint[])
+              WITH ORDINALITY
+              AS m(usage_event_id, account_id, feature, units, credits, postpaid_credits,
+                   credits_per_unit, plan, price_version, draws, decided_at,
+                   estimated_units, forgiven_units, ord)
+         ORDER BY ord
+         RETURNING usage_event_id, id",
+    )
+    .bind(&usage_event_id)
+    .bind(account_id)
+    .bind(feature)
+    .bind(units)
+    .bind(credits)
+    .bind(postpaid_credits)
+    .bind(credits_per_unit)
+    .bind(plan)
+    .bind(price_version)
+    .bind(draws)
+    .bind(decided_at)
+    .bind(now)
+    .bind(estimated_units)
+    .bind(forgiven_units)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    // Every grant of every account charged in the batch, locked at once and in id order (two
+    // writers that lock the same grants lock them in the same order). Each balance below is
+    // the committed one; a shortfall may move to the account's other grants (`debit::plan`).
+    let accounts: Vec<&str> = charges
+        .iter()
+        .map(|r| &*r.entry.account)
+        .collect::<std::collections::BTreeSet<&str>>()
+        .into_iter()
+        .collect();
+    let mut locked: Vec<LockedGrant> = sqlx::query(&format!(
+        "{GRANT_COLUMNS} WHERE account_id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(&accounts)
+    .fetch_all(&mut **tx)
+    .await?
+    .iter()
+    .map(|r| {
+        let g = grant_from_row(r)?;
+        Ok(LockedGrant {
+            id: g.id,
+            account_id: r.get("account_id"),
+            kind: g.kind,
+            balance: to_bigint(g.balance, "grants.balance")?,
+            expires_at: g.expires_at,
+            priority: g.priority,
+            features: g.features,
+        })
+    })
+    .collect::<Result<_, StoreError>>()?;
+
+    // The debits, in batch order, each from the balance the previous one left.
+    let mut updates = BalanceUpdates::default();
+    let mut changed: BTreeMap<i64, i64> = BTreeMap::new();
+    for r in charges {
+        let account = &*r.entry.account;
+        let monetization_id = *monetization.get(&r.id).ok_or_else(|| {
+            StoreError::Corrupt(format!("no monetization event for usage event {}", r.id))
+        })?;
+        for debit in debit::plan(r.entry, &mut locked)? {
+            let mut push = |reason: &'static str, delta: i64, forgiven: i64| {
+                updates.account_id.push(account.to_owned());
+                updates.grant_id.push(debit.grant_id);
+                updates.reason.push(reason);
+                updates.delta.push(delta);
+                updates.balance_after.push(debit.balance_after);
+                updates.forgiven.push(forgiven);
+                updates.monetization_event_id.push(monetization_id);
+            };
+            if debit.taken > 0 {
+                push("debit", -debit.taken, 0);
+            }
+            if debit.forgiven > 0 {
+                tracing::warn!(account = %account, grant_id = debit.grant_id, forgiven = debit.forgiven, "overdraft forgiven");
+                push("overdraft_forgiven", 0, debit.forgiven);
+                report.forgiven += to_unsigned(debit.forgiven, "forgiven")?;
+            }
+            changed.insert(debit.grant_id, debit.balance_after);
+            report.set_balance(account, debit.grant_id, debit.balance_after);
+        }
+    }
+    if updates.grant_id.is_empty() {
+        return Ok(());
+    }
+
+    let (ids, balances): (Vec<i64>, Vec<i64>) = changed.into_iter().unzip();
+    sqlx::query(
+        "UPDATE grants AS g SET balance = n.balance
+         FROM UNNEST($1::bigint[], $2::bigint[]) AS n(id, balance)
+         WHERE g.id = n.id AND g.balance <> n.balance",
+    )
+    .bind(ids)
+    .bind(balances)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, forgiven,
+             monetization_event_id, created_at)
+         SELECT account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, $8
+         FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                     $7::bigint[])
+              WITH ORDINALITY
+              AS b(account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, ord)
+         ORDER BY ord",
+    )
+    .bind(updates.account_id)
+    .bind(updates.grant_id)
+    .bind(updates.reason)
+    .bind(updates.delta)
+    .bind(updates.balance_after)
+    .bind(updates.forgiven)
+    .bind(updates.monetization_event_id)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, expires_at, priority, features FROM grants";
+
+fn grant_from_row(r: &PgRow) -> Result<StoredGrant, StoreError> {
+    let kind: String = r.get("kind");
+    let features: Option<String> = r.get("features");
+    let priority: i64 = r.get("priority");
+    Ok(StoredGrant {
+        id: r.get("id"),
+        external_id: r.get("external_id"),
+        kind: GrantKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("grants.kind = {kind:?}")))?,
+        amount: to_unsigned(r.get("amount"), "grants.amount")?,
+        balance: to_unsigned(r.get("balance"), "grants.balance")?,
+        expires_at: r.get("expires_at"),
+        priority: i32::try_from(priority)
+            .map_err(|_| StoreError::Corrupt(format!("grants.priority = {priority}")))?,
+        features: features
+            .map(|f| {
+                serde_json::from_str(&f)
+                    .map_err(|e| StoreError::Corrupt(format!("grants.features: {e}")))
+            })
+            .transpose()?,
+    })
+}
+
+/// A count of units or credits as a BIGINT. Units are capped far below (`cost::UNITS_MAX`), so
+/// this fails only on a bug; it fails loudly rather than wrap.
+fn to_bigint(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} exceeds BIGINT")))
+}
+
+/// A BIGINT read back as a count (the schema's `CHECK`s keep these non-negative).
+fn to_unsigned(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} is negative")))
+}
