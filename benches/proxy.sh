@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# End-to-end proxy benchmark (docs/BENCHMARKS.md). One command:
+#
+#     bash benches/proxy.sh            # ROUNDS=3 DURATION=10 by default
+#
+# The same wrk load against (a) the tiny upstream of benches/upstream.rs directly, (b) nginx as
+# a plain keepalive reverse proxy, (c) flowgate (release build) with the waterfall and the SQLite
+# ledger on and its access log written. Three cases, each run ROUNDS times, medians reported:
+#   max      POST /v1/tasks, 64 connections, as fast as they go: requests/s.
+#   paced    POST /v1/tasks at a fixed RATE (wrk's delay() hook, 10 connections): latency.
+#   sse      POST /v1/stream, 10 events per response, 16 connections.
+# wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+RATE=${RATE:-1000}
+UP=19100 NGX=19200 FG=19300
+
+need() { command -v "$1" >/dev/null || { echo "installing $2"; apt-get install -y -q "$2" >/dev/null; }; }
+need wrk wrk
+need nginx nginx
+
+cargo build --release -q
+upstream_bin=$(cargo bench --bench upstream --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+[ -x "$upstream_bin" ] || { echo "could not build benches/upstream.rs"; exit 1; }
+
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened"; exit 1; }
+
+# (a) the upstream
+PORT=$UP "$upstream_bin" & pids+=($!)
+wait_port $UP
+
+# (b) nginx: keepalive to the upstream, unbuffered so that SSE streams through.
+cat >"$dir/nginx.conf" <<EOF
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+worker_processes auto;
+pid $dir/nginx.pid;
+error_log $dir/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
+  upstream api { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' & pids+=($!)
+wait_port $NGX
+
+# (c) flowgate: one account whose limits and credits never run out, so every request is decided,
+# held, forwarded, settled and committed (usage + monetization + balance update).
+cat >"$dir/flowgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$FG"
+[log]
+format = "json"
+level = "info"
+[store]
+url = "sqlite://$dir/flowgate.db"
+[identity]
+mode = "api_key"
+[upstreams.api]
+url = "http://127.0.0.1:$UP"
+[[routes]]
+method = "POST"
+path = "/v1/tasks"
+feature = "task"
+upstream = "api"
+cost = { fixed = 1 }
+[[routes]]
+method = "POST"
+path = "/v1/stream"
+feature = "stream"
+upstream = "api"
+cost = { fixed = 2 }
+settle = { sse = "/usage/units" }
+[plans.bench]
+price_version = "bench-1"
+prices = { task = 1, stream = 1 }
+[[plans.bench.layers]]
+kind = "usage_limit"
+features = ["task"]
+windows = [{ name = "5h", duration = "5h", limit = 1000 }]
+[[plans.bench.layers]]
+kind = "credits"
+[[accounts]]
+id = "bench"
+plan = "bench"
+api_keys = ["sk-bench"]
+[[accounts.grants]]
+id = "bench-credits"
+kind = "credits"
+amount = 1000000000000
+EOF
+target/release/flowgate serve --config "$dir/flowgate.toml" >"$dir/flowgate.log" 2>&1 & pids+=($!)
+wait_port $FG
+
+# wrk script: POST with the bench key; print rps and latency percentiles (µs) in one line.
+cat >"$dir/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["authorization"] = "Bearer sk-bench"
+local pace = tonumber(os.getenv("PACE_MS") or "0")
+if pace > 0 then function delay() return pace end end
+function done(s, latency, requests)
+  io.write(string.format("RESULT %.0f %d %d %d %d %d\n", s.requests / (s.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    s.errors.status + s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout,
+    s.requests))
+end
+EOF
+
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# run CASE TARGET PATH CONNECTIONS PACE_MS -> "rps p50 p99 p999 errors" (medians over ROUNDS)
+run() {
+  local out="$dir/$1-$2.txt"; : >"$out"
+  for _ in $(seq "$ROUNDS"); do
+    PACE_MS=$5 wrk -t2 -c"$4" -d"${DURATION}s" -s "$dir/post.lua" "http://127.0.0.1:$2$3" |
+      sed -n 's/^RESULT //p' >>"$out"
+  done
+  for col in 1 2 3 4 5; do awk -v c=$col '{print $c}' "$out" | median; done | xargs
+}
+
+printf '%-8s %-9s %10s %9s %9s %9s %7s\n' case target req/s p50_us p99_us p999_us errors
+declare -A res
+for c in max paced sse; do
+  case $c in
+    max) path=/v1/tasks conns=64 pace=0 ;;
+    paced) path=/v1/tasks conns=10 pace=$((10 * 1000 / RATE)) ;;
+    sse) path=/v1/stream conns=16 pace=0 ;;
+  esac
+  for t in direct:$UP nginx:$NGX flowgate:$FG; do
+    name=${t%%:*} port=${t##*:}
+    r=$(run "$c" "$port" "$path" "$conns" "$pace")
+    res[$c-$name]=$r
+    # shellcheck disable=SC2086
+    printf '%-8s %-9s %10s %9s %9s %9s %7s\n' "$c" "$name" $r
+  done
+done
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo
+for c in max sse; do
+  read -r f _ <<<"${res[$c-flowgate]}"; read -r n _ <<<"${res[$c-nginx]}"; read -r d _ <<<"${res[$c-direct]}"
+  echo "$c: flowgate/nginx throughput $(ratio "$f" "$n"), flowgate/direct $(ratio "$f" "$d")"
+done
+read -r _ _ fp99 _ <<<"${res[paced-flowgate]}"; read -r _ _ dp99 _ <<<"${res[paced-direct]}"
+echo "paced at $RATE/s: flowgate adds $((fp99 - dp99)) us to the direct p99"
+sleep 1 # the writer commits within its flush interval
+echo "flowgate ledger after the load:"
+target/release/flowgate reconcile --config "$dir/flowgate.toml" | tail -3
