@@ -33,6 +33,10 @@ const LAG_SECONDS: usize = 5;
 fn config(url: &str) -> String {
     let mut text = format!(
         r#"
+[server]
+listen = "127.0.0.1:0"
+[identity]
+mode = "api_key"
 [store]
 url = "{url}"
 [upstreams.api]
