@@ -9,6 +9,7 @@
 //! window and free-tier usage from recent monetization events. There is no eviction: an evicted
 //! account would lose its in-flight holds, so the cache must hold every active account.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -52,11 +53,18 @@ impl Account {
     }
 }
 
+/// The SHA-256 digest of an API key.
+type KeyDigest = [u8; 32];
+
 /// The cached view: accounts by id and by API-key hash.
 #[derive(Clone)]
 pub struct Accounts {
     by_id: moka::sync::Cache<AccountId, Arc<Account>>,
-    by_key_hash: moka::sync::Cache<Arc<str>, AccountId>,
+    /// By the SHA-256 digest of the key, held as its 32 bytes (half its hex form, and looked up
+    /// without formatting one per request). A plain map: keys are never evicted, and moka's
+    /// per-entry bookkeeping (~300 bytes) would be most of a million-account view's memory.
+    /// Readers hold the lock only for the lookup; writers are the admin API's key creation.
+    by_key_hash: Arc<parking_lot::RwLock<HashMap<KeyDigest, AccountId>>>,
 }
 
 impl Default for Accounts {
@@ -70,7 +78,7 @@ impl Accounts {
     pub fn new() -> Accounts {
         Accounts {
             by_id: moka::sync::Cache::builder().build(),
-            by_key_hash: moka::sync::Cache::builder().build(),
+            by_key_hash: Arc::default(),
         }
     }
 
@@ -79,9 +87,18 @@ impl Accounts {
         self.by_id.insert(account.id.clone(), Arc::new(account));
     }
 
-    /// Maps an API-key hash to an account.
+    /// Maps an API-key hash (SHA-256, hex, as stored) to an account. A hash that is not 64 hex
+    /// digits cannot match any key: it is logged and skipped.
     pub fn insert_key(&self, key_hash: &str, account: AccountId) {
-        self.by_key_hash.insert(key_hash.into(), account);
+        let mut digest = [0u8; 32];
+        match hex::decode_to_slice(key_hash, &mut digest) {
+            Ok(()) => {
+                self.by_key_hash.write().insert(digest, account);
+            }
+            Err(e) => {
+                tracing::error!(account = %account, error = %e, "stored API-key hash is not SHA-256 hex; key ignored")
+            }
+        }
     }
 
     /// The account with this id.
@@ -89,9 +106,12 @@ impl Accounts {
         self.by_id.get(id)
     }
 
-    /// The account that owns the API key with this hash.
-    pub fn by_key_hash(&self, key_hash: &str) -> Option<Arc<Account>> {
-        self.by_key_hash.get(key_hash).and_then(|id| self.get(&id))
+    /// The account that owns this API key.
+    pub fn by_api_key(&self, key: &str) -> Option<Arc<Account>> {
+        use sha2::Digest;
+        let digest: KeyDigest = sha2::Sha256::digest(key.as_bytes()).into();
+        let id = self.by_key_hash.read().get(&digest).cloned();
+        id.and_then(|id| self.get(&id))
     }
 
     /// Number of accounts in the view.

@@ -21,7 +21,7 @@ use super::body::MeteredBody;
 use super::error::{DenialReport, GatewayError};
 use super::quota::Quota;
 use crate::accounts::Account;
-use crate::config::{IdentityMode, Route, hash_api_key};
+use crate::config::{IdentityMode, Route};
 use crate::cost;
 use crate::hold::Hold;
 use crate::idempotency::Claim;
@@ -373,10 +373,7 @@ pub(crate) fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, G
     let (found, missing) = match identity.mode {
         IdentityMode::ApiKey => {
             let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
-            (
-                app.accounts.by_key_hash(&hash_api_key(key)),
-                GatewayError::InvalidApiKey,
-            )
+            (app.accounts.by_api_key(key), GatewayError::InvalidApiKey)
         }
         IdentityMode::TrustedHeader => (app.accounts.get(value), GatewayError::UnknownAccount),
     };
