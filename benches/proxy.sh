@@ -9,6 +9,10 @@
 #   max      POST /v1/tasks, 64 connections, as fast as they go: requests/s.
 #   paced    POST /v1/tasks at a fixed RATE (wrk's delay() hook, 10 connections): latency.
 #   sse      POST /v1/stream, 10 events per response, 16 connections.
+# req/s counts successful (2xx) responses only; "errors" counts the others (flowgate answers 503
+# once its ledger queue is full) and socket errors. STORE_URL=postgres://... puts flowgate's
+# ledger in PostgreSQL; CASES="sse" runs a subset; PERF=/tmp/fg records a perf profile of
+# flowgate per case (/tmp/fg.max, ...; read with `perf report -i`).
 # wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
 set -euo pipefail
 
@@ -16,6 +20,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 RATE=${RATE:-1000}
+CASES=${CASES:-max paced sse}
 UP=19100 NGX=19200 FG=19300
 
 need() { command -v "$1" >/dev/null || { echo "installing $2"; apt-get install -y -q "$2" >/dev/null; }; }
@@ -72,7 +77,7 @@ listen = "127.0.0.1:$FG"
 format = "json"
 level = "info"
 [store]
-url = "sqlite://$dir/flowgate.db"
+url = "${STORE_URL:-sqlite://$dir/flowgate.db}"
 [identity]
 mode = "api_key"
 [upstreams.api]
@@ -109,6 +114,7 @@ kind = "credits"
 amount = 1000000000000
 EOF
 target/release/flowgate serve --config "$dir/flowgate.toml" >"$dir/flowgate.log" 2>&1 & pids+=($!)
+fg_pid=$!
 wait_port $FG
 
 # wrk script: POST with the bench key; print rps and latency percentiles (µs) in one line.
@@ -120,10 +126,9 @@ wrk.headers["authorization"] = "Bearer sk-bench"
 local pace = tonumber(os.getenv("PACE_MS") or "0")
 if pace > 0 then function delay() return pace end end
 function done(s, latency, requests)
-  io.write(string.format("RESULT %.0f %d %d %d %d %d\n", s.requests / (s.duration / 1e6),
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    s.errors.status + s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout,
-    s.requests))
+  local errors = s.errors.status + s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout
+  io.write(string.format("RESULT %.0f %d %d %d %d\n", (s.requests - errors) / (s.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), errors))
 end
 EOF
 
@@ -133,6 +138,10 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 run() {
   local out="$dir/$1-$2.txt"; : >"$out"
   for _ in $(seq "$ROUNDS"); do
+    # PERF=file: profile flowgate's process during its first round of each case.
+    if [ -n "${PERF:-}" ] && [ "$2" = "$FG" ] && [ ! -e "$PERF.$1" ]; then
+      perf record -F 999 -g -p "$fg_pid" -o "$PERF.$1" -- sleep "$DURATION" >/dev/null 2>&1 &
+    fi
     PACE_MS=$5 wrk -t2 -c"$4" -d"${DURATION}s" -s "$dir/post.lua" "http://127.0.0.1:$2$3" |
       sed -n 's/^RESULT //p' >>"$out"
   done
@@ -141,7 +150,7 @@ run() {
 
 printf '%-8s %-9s %10s %9s %9s %9s %7s\n' case target req/s p50_us p99_us p999_us errors
 declare -A res
-for c in max paced sse; do
+for c in $CASES; do
   case $c in
     max) path=/v1/tasks conns=64 pace=0 ;;
     paced) path=/v1/tasks conns=10 pace=$((10 * 1000 / RATE)) ;;
@@ -159,11 +168,14 @@ done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 for c in max sse; do
+  [ -n "${res[$c-flowgate]:-}" ] || continue
   read -r f _ <<<"${res[$c-flowgate]}"; read -r n _ <<<"${res[$c-nginx]}"; read -r d _ <<<"${res[$c-direct]}"
   echo "$c: flowgate/nginx throughput $(ratio "$f" "$n"), flowgate/direct $(ratio "$f" "$d")"
 done
-read -r _ _ fp99 _ <<<"${res[paced-flowgate]}"; read -r _ _ dp99 _ <<<"${res[paced-direct]}"
-echo "paced at $RATE/s: flowgate adds $((fp99 - dp99)) us to the direct p99"
+if [ -n "${res[paced-flowgate]:-}" ]; then
+  read -r _ _ fp99 _ <<<"${res[paced-flowgate]}"; read -r _ _ dp99 _ <<<"${res[paced-direct]}"
+  echo "paced at $RATE/s: flowgate adds $((fp99 - dp99)) us to the direct p99"
+fi
 sleep 1 # the writer commits within its flush interval
 echo "flowgate ledger after the load:"
 target/release/flowgate reconcile --config "$dir/flowgate.toml" | tail -3

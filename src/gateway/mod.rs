@@ -194,6 +194,14 @@ async fn serve(
     stopped: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY a stream's small event writes wait for the client's delayed ACK
+    // (~40 ms each): an SSE response through the gateway crawled (benches/proxy.sh).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let mut signal = stopped.clone();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = signal.wait_for(|s| *s).await;
