@@ -12,14 +12,14 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::debit::{self, LockedGrant};
+use super::debit::LockedGrant;
 use super::{
-    CommitReport, Committed, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError,
-    StoredAccount, StoredGrant, UsageEventRow,
+    CommitReport, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError, StoredAccount,
+    StoredGrant, UsageEventRow,
 };
 use crate::config::AccountSeed;
 use crate::ledger::LedgerEntry;
-use crate::waterfall::{Draw, GrantKind, Millis, Pool};
+use crate::waterfall::{Draw, GrantKind, Millis};
 
 /// Connections in the pool: one writer (the ledger task) plus readers.
 const POOL_CONNECTIONS_MAX: u32 = 4;
@@ -29,6 +29,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 mod api;
+mod commit;
 
 /// A ledger in one SQLite file.
 #[derive(Clone, Debug)]
@@ -186,78 +187,7 @@ impl SqliteStore {
         batch: &[LedgerEntry],
         now: Millis,
     ) -> Result<CommitReport, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut report = CommitReport {
-            results: Vec::with_capacity(batch.len()),
-            ..CommitReport::default()
-        };
-        // The grants of each account charged in this batch, read once: `BEGIN IMMEDIATE` holds
-        // the database's write lock, so nobody else changes them until we commit.
-        let mut grants: HashMap<String, Vec<LockedGrant>> = HashMap::new();
-        for entry in batch {
-            let key = entry.idempotency_key();
-            let charged = entry.charged();
-            let decision = entry.decision_json().to_string();
-            let decision_id = entry.decision_id.to_string();
-            let insert_usage = |outcome: &'static str, charge_key: Option<&str>| {
-                sqlx::query_scalar::<_, i64>(
-                    "INSERT INTO usage_events (decision_id, account_id, feature, units, outcome, code, upstream_status,
-                         idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                     ON CONFLICT DO NOTHING RETURNING id",
-                )
-                .bind(decision_id.clone())
-                .bind(entry.account.to_string())
-                .bind(entry.feature.to_string())
-                .bind(entry.used_units as i64)
-                .bind(outcome)
-                .bind(entry.code)
-                .bind(entry.upstream_status.map(i64::from))
-                .bind(key.clone())
-                .bind(charge_key.map(str::to_owned))
-                .bind(decision.clone())
-                .bind(entry.decided_at)
-                .bind(entry.completed_at)
-                .bind(now)
-            };
-            let usage_id = insert_usage(entry.outcome.as_str(), charged.then_some(key.as_str()))
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(usage_id) = usage_id else {
-                let seen: Option<i64> =
-                    sqlx::query_scalar("SELECT id FROM usage_events WHERE decision_id = ?")
-                        .bind(&decision_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if seen.is_some() {
-                    report.results.push(Committed::AlreadyRecorded);
-                } else {
-                    // The key was charged before: record this attempt, charge nothing.
-                    insert_usage("duplicate", None)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    report.results.push(Committed::Duplicate);
-                }
-                continue;
-            };
-            if charged {
-                if !grants.contains_key(&*entry.account) {
-                    let rows = sqlx::query(&format!("{GRANT_COLUMNS} WHERE account_id = ?"))
-                        .bind(&*entry.account)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    let locked = rows.iter().map(locked_from_row).collect::<Result<_, _>>()?;
-                    grants.insert(entry.account.to_string(), locked);
-                }
-                let account_grants = grants
-                    .get_mut(&*entry.account)
-                    .map_or(&mut [][..], |g| g.as_mut_slice());
-                charge(&mut tx, entry, usage_id, account_grants, &mut report, now).await?;
-            }
-            report.results.push(Committed::Recorded);
-        }
-        tx.commit().await?;
-        Ok(report)
+        commit::commit(&self.pool, batch, now).await
     }
 
     pub(super) async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
@@ -444,85 +374,6 @@ impl SqliteStore {
             .map(grant_from_row)
             .collect()
     }
-}
-
-/// Writes a charge's monetization event and its debits (see [`debit::plan`]), each with its
-/// balance update.
-async fn charge(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    entry: &LedgerEntry,
-    usage_id: i64,
-    grants: &mut [LockedGrant],
-    report: &mut CommitReport,
-    now: Millis,
-) -> Result<(), StoreError> {
-    let d = &entry.decision;
-    let mut credits = 0u64;
-    let mut postpaid = 0u64;
-    for draw in &d.draws {
-        match draw.pool {
-            Pool::Grant { .. } => credits += draw.credits,
-            Pool::Postpaid => postpaid += draw.credits,
-            _ => {}
-        }
-    }
-    let draws = serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into());
-    let units: u64 = d.draws.iter().map(|x| x.units).sum();
-    let monetization_id: i64 = sqlx::query_scalar(
-        "INSERT INTO monetization_events (usage_event_id, account_id, feature, units, credits, postpaid_credits,
-             credits_per_unit, plan, price_version, draws, decided_at, created_at, estimated_units, forgiven_units)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(usage_id)
-    .bind(&*entry.account)
-    .bind(&*entry.feature)
-    .bind(units as i64)
-    .bind(credits as i64)
-    .bind(postpaid as i64)
-    .bind(d.credits_per_unit as i64)
-    .bind(&*entry.plan.name)
-    .bind(&*entry.plan.price_version)
-    .bind(draws)
-    .bind(entry.decided_at)
-    .bind(now)
-    .bind(d.units as i64)
-    .bind(entry.forgiven_units as i64)
-    .fetch_one(&mut **tx)
-    .await?;
-
-    for debit in debit::plan(entry, grants)? {
-        sqlx::query("UPDATE grants SET balance = ? WHERE id = ?")
-            .bind(debit.balance_after)
-            .bind(debit.grant_id)
-            .execute(&mut **tx)
-            .await?;
-        let update = |reason: &'static str, delta: i64, forgiven: i64| {
-            sqlx::query(
-                "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(entry.account.to_string())
-            .bind(debit.grant_id)
-            .bind(reason)
-            .bind(delta)
-            .bind(debit.balance_after)
-            .bind(forgiven)
-            .bind(monetization_id)
-            .bind(now)
-        };
-        if debit.taken > 0 {
-            update("debit", -debit.taken, 0).execute(&mut **tx).await?;
-        }
-        if debit.forgiven > 0 {
-            tracing::warn!(account = %entry.account, grant_id = debit.grant_id, forgiven = debit.forgiven, "overdraft forgiven");
-            update("overdraft_forgiven", 0, debit.forgiven)
-                .execute(&mut **tx)
-                .await?;
-            report.forgiven += debit.forgiven as u64;
-        }
-        report.set_balance(&entry.account, debit.grant_id, debit.balance_after);
-    }
-    Ok(())
 }
 
 fn locked_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<LockedGrant, StoreError> {
