@@ -960,15 +960,17 @@ pub fn cover_up_to(
 /// Applies an admitted decision's draws to the state: the hold.
 pub fn reserve(plan: &Plan, state: &mut AccountState, decision: &Decision, now: Millis) {
     debug_assert!(decision.admitted());
+    let mut hint = 0;
     for draw in &decision.draws {
-        apply_draw(plan, state, draw, now, Direction::Take);
+        apply_draw(plan, state, draw, now, Direction::Take, &mut hint);
     }
 }
 
 /// Gives `draws` back to exactly the pools that paid them (a released hold, a refund).
 pub fn release(plan: &Plan, state: &mut AccountState, draws: &[Draw], now: Millis) {
+    let mut hint = 0;
     for draw in draws {
-        apply_draw(plan, state, draw, now, Direction::Give);
+        apply_draw(plan, state, draw, now, Direction::Give, &mut hint);
     }
 }
 
@@ -978,7 +980,17 @@ enum Direction {
     Give,
 }
 
-fn apply_draw(plan: &Plan, state: &mut AccountState, draw: &Draw, now: Millis, dir: Direction) {
+/// `hint` is where the previous draw's grant was: a decision draws grants in spend order, the
+/// order `state.grants` keeps, so the next one is found a step or two further on and a draw
+/// over many grants costs linear, not quadratic, time.
+fn apply_draw(
+    plan: &Plan,
+    state: &mut AccountState,
+    draw: &Draw,
+    now: Millis,
+    dir: Direction,
+    hint: &mut usize,
+) {
     match (&draw.pool, state.layers.get_mut(draw.layer as usize)) {
         (Pool::Window { minute }, Some(LayerState::UsageLimit(log))) => match dir {
             Direction::Take => {
@@ -1002,7 +1014,14 @@ fn apply_draw(plan: &Plan, state: &mut AccountState, draw: &Draw, now: Millis, d
             }
         }
         (Pool::Grant { grant_id }, _) => {
-            if let Some(grant) = state.grants.iter_mut().find(|g| g.id == *grant_id) {
+            let grants = &mut state.grants;
+            let start = (*hint).min(grants.len());
+            let found = (start..grants.len())
+                .chain(0..start)
+                .find(|&i| grants[i].id == *grant_id);
+            if let Some(i) = found {
+                *hint = i + 1;
+                let grant = &mut grants[i];
                 match dir {
                     Direction::Take => {
                         debug_assert!(grant.balance >= draw.credits, "overdrawn grant");
