@@ -58,6 +58,8 @@ pub struct App {
     pub upstream_timeout: Duration,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The `x-ratelimit-*` header names of every configured window.
+    pub rate_limit_headers: quota::HeaderNames,
 }
 
 /// Why the gateway could not start.
@@ -137,6 +139,7 @@ impl Gateway {
         let app = Arc::new(App {
             upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
             idempotency: Idempotency::new(Duration::from_secs(settings.server.idempotency_ttl_s)),
+            rate_limit_headers: quota::HeaderNames::new(settings.plans.values().map(|p| &**p)),
             settings: Arc::new(settings),
             accounts,
             store,

@@ -201,7 +201,7 @@ async fn proxy(
             ..entry
         });
         let mut response = GatewayError::Denied(Box::new(report)).into_response();
-        quota.apply(response.headers_mut());
+        quota.apply(response.headers_mut(), &app.rate_limit_headers);
         return Ok(response);
     }
     log.outcome = format!("admitted:{}", entry.decision.draws.len());
@@ -244,7 +244,7 @@ async fn proxy(
     hold.set_upstream_status(response.status().as_u16());
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    quota.apply(&mut parts.headers);
+    quota.apply(&mut parts.headers, &app.rate_limit_headers);
     parts.headers.insert(POOLS, pools);
     let body = if !parts.status.is_success() {
         log.outcome = format!("upstream_error:{}", parts.status.as_u16());

@@ -1,6 +1,7 @@
 //! The numbers an account sees on every response: OpenAI-style `x-ratelimit-*` headers per
 //! usage-limit window, and the credits left.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -54,24 +55,65 @@ impl Quota {
     }
 
     /// Writes the headers.
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    pub fn apply(&self, headers: &mut HeaderMap, names: &HeaderNames) {
         for w in &self.windows {
-            for (prefix, value) in [
-                ("x-ratelimit-limit-", HeaderValue::from(w.limit)),
-                ("x-ratelimit-remaining-", HeaderValue::from(w.remaining)),
-                (
-                    "x-ratelimit-reset-",
-                    HeaderValue::try_from(super::error::format_duration(w.reset_in_s))
-                        .unwrap_or(HeaderValue::from_static("0s")),
-                ),
-            ] {
-                if let Ok(name) =
-                    HeaderName::try_from(format!("{prefix}{}", w.name.to_ascii_lowercase()))
-                {
-                    headers.insert(name, value);
+            let Some([limit, remaining, reset]) = names.of(&w.name) else {
+                continue;
+            };
+            headers.insert(limit, HeaderValue::from(w.limit));
+            headers.insert(remaining, HeaderValue::from(w.remaining));
+            headers.insert(
+                reset,
+                HeaderValue::try_from(super::error::format_duration(w.reset_in_s))
+                    .unwrap_or(HeaderValue::from_static("0s")),
+            );
+        }
+        headers.insert(CREDITS_REMAINING, HeaderValue::from(self.credits));
+    }
+}
+
+/// The `x-ratelimit-{limit,remaining,reset}-<window>` names of every window of every plan, made
+/// once at start-up: a response then copies them (a reference count each) instead of
+/// formatting and lower-casing three names per window per request.
+#[derive(Debug, Default)]
+pub struct HeaderNames {
+    by_window: HashMap<Arc<str>, [HeaderName; 3]>,
+}
+
+impl HeaderNames {
+    /// The names of the windows of `plans`.
+    pub fn new<'a>(plans: impl IntoIterator<Item = &'a Plan>) -> HeaderNames {
+        let mut by_window = HashMap::new();
+        for plan in plans {
+            for layer in &plan.layers {
+                if let LayerKind::UsageLimit { windows } = &layer.kind {
+                    for w in windows {
+                        if let Some(names) = Self::make(&w.name) {
+                            by_window.insert(w.name.clone(), names);
+                        }
+                    }
                 }
             }
         }
-        headers.insert(CREDITS_REMAINING, HeaderValue::from(self.credits));
+        HeaderNames { by_window }
+    }
+
+    /// The three names for `window` (`None` if its name cannot be part of a header name).
+    fn of(&self, window: &str) -> Option<[HeaderName; 3]> {
+        match self.by_window.get(window) {
+            Some(names) => Some(names.clone()),
+            None => Self::make(window),
+        }
+    }
+
+    fn make(window: &str) -> Option<[HeaderName; 3]> {
+        let name = |prefix: &str| {
+            HeaderName::try_from(format!(
+                "x-ratelimit-{prefix}-{}",
+                window.to_ascii_lowercase()
+            ))
+            .ok()
+        };
+        Some([name("limit")?, name("remaining")?, name("reset")?])
     }
 }
