@@ -128,6 +128,30 @@ pub struct StoredAccount {
     pub grants: Vec<StoredGrant>,
 }
 
+/// Puts API-key hashes and grants, read as flat `(account id, …)` lists, under their accounts;
+/// rows of accounts not in `accounts` are ignored. Shared by the dialects' `load_accounts`.
+fn attach_keys_and_grants(
+    accounts: &mut [StoredAccount],
+    keys: Vec<(String, String)>,
+    grants: Vec<(String, StoredGrant)>,
+) {
+    let index: std::collections::HashMap<String, usize> = accounts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.id.clone(), i))
+        .collect();
+    for (account, key_hash) in keys {
+        if let Some(&i) = index.get(&account) {
+            accounts[i].key_hashes.push(key_hash);
+        }
+    }
+    for (account, grant) in grants {
+        if let Some(&i) = index.get(&account) {
+            accounts[i].grants.push(grant);
+        }
+    }
+}
+
 /// A grant as the store has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredGrant {

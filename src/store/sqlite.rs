@@ -5,7 +5,6 @@
 //! loss may take the last few), and write transactions open with `BEGIN IMMEDIATE` so that a
 //! second writer waits for the lock (up to `busy_timeout`) instead of failing mid-transaction.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -140,25 +139,17 @@ impl SqliteStore {
                     grants: Vec::new(),
                 })
                 .collect();
-        let index: HashMap<String, usize> = accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.id.clone(), i))
-            .collect();
-        for r in sqlx::query("SELECT key_hash, account_id FROM api_keys")
+        let keys: Vec<(String, String)> =
+            sqlx::query_as("SELECT account_id, key_hash FROM api_keys")
+                .fetch_all(&self.pool)
+                .await?;
+        let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
             .fetch_all(&self.pool)
             .await?
-        {
-            if let Some(&i) = index.get(r.get::<&str, _>("account_id")) {
-                accounts[i].key_hashes.push(r.get("key_hash"));
-            }
-        }
-        for r in sqlx::query(GRANT_COLUMNS).fetch_all(&self.pool).await? {
-            let account: String = r.get("account_id");
-            if let Some(&i) = index.get(&account) {
-                accounts[i].grants.push(grant_from_row(&r)?);
-            }
-        }
+            .iter()
+            .map(|r| Ok((r.get("account_id"), grant_from_row(r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        super::attach_keys_and_grants(&mut accounts, keys, grants);
         Ok(accounts)
     }
 
