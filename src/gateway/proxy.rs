@@ -48,7 +48,7 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
     let mut response = match proxy(&app, &route, req, decision_id, &mut log).await {
         Ok(r) => r,
         Err(e) => {
-            log.outcome = e.to_string();
+            log.outcome = LogOutcome::Error(e.to_string());
             e.into_response()
         }
     };
@@ -78,7 +78,36 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
 struct Log {
     account: Option<Arc<str>>,
     units: u64,
-    outcome: String,
+    outcome: LogOutcome,
+}
+
+/// The access log's `decision` field; formatted only when the line is written, so that an
+/// admitted request builds no string for it.
+#[derive(Default)]
+enum LogOutcome {
+    #[default]
+    None,
+    Replay,
+    Denied(&'static str),
+    Admitted {
+        draws: usize,
+    },
+    UpstreamError(u16),
+    /// A refusal before or after the decision (the error's message).
+    Error(String),
+}
+
+impl std::fmt::Display for LogOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogOutcome::None => Ok(()),
+            LogOutcome::Replay => f.write_str("replay"),
+            LogOutcome::Denied(code) => write!(f, "denied:{code}"),
+            LogOutcome::Admitted { draws } => write!(f, "admitted:{draws}"),
+            LogOutcome::UpstreamError(status) => write!(f, "upstream_error:{status}"),
+            LogOutcome::Error(message) => f.write_str(message),
+        }
+    }
 }
 
 async fn proxy(
@@ -129,7 +158,7 @@ async fn proxy(
                 return Err(GatewayError::IdempotencyKeyInUse { decision_id: id });
             }
             Claim::Charged(original) => {
-                log.outcome = "replay".into();
+                log.outcome = LogOutcome::Replay;
                 return replay(
                     app,
                     route,
@@ -179,7 +208,7 @@ async fn proxy(
         let Some(denial) = entry.decision.denial else {
             return Err(GatewayError::Internal);
         };
-        log.outcome = format!("denied:{}", denial_code(&denial));
+        log.outcome = LogOutcome::Denied(denial_code(&denial));
         app.metrics
             .decisions
             .with_label_values(&[feature_name, denial_code(&denial)])
@@ -204,7 +233,9 @@ async fn proxy(
         quota.apply(response.headers_mut(), &app.rate_limit_headers);
         return Ok(response);
     }
-    log.outcome = format!("admitted:{}", entry.decision.draws.len());
+    log.outcome = LogOutcome::Admitted {
+        draws: entry.decision.draws.len(),
+    };
     let pools = pools_header(&account.plan, &entry.decision);
     app.metrics
         .decisions
@@ -247,7 +278,7 @@ async fn proxy(
     quota.apply(&mut parts.headers, &app.rate_limit_headers);
     parts.headers.insert(POOLS, pools);
     let body = if !parts.status.is_success() {
-        log.outcome = format!("upstream_error:{}", parts.status.as_u16());
+        log.outcome = LogOutcome::UpstreamError(parts.status.as_u16());
         hold.end(Outcome::UpstreamError);
         Body::new(body)
     } else {
