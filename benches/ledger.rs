@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
-use flowgate::ledger::{self, LedgerEntry, Outcome, WriterSettings};
+use flowgate::ledger::{self, WriterSettings};
 use flowgate::metrics::Metrics;
 use flowgate::store::Store;
+use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall::{self, FeatureId};
 use sqlx::Connection;
 
@@ -112,7 +113,11 @@ impl Bench {
             outcome: Outcome::Completed,
             code: None,
             upstream_status: Some(200),
-            idempotency_key: Some(format!("bench-{}", uuid::Uuid::now_v7()).into()),
+            idempotency_key: flowgate::ids::IdempotencyKey::parse(&format!(
+                "bench-{}",
+                uuid::Uuid::now_v7()
+            ))
+            .ok(),
             decided_at: now,
             completed_at: now,
         }

@@ -89,8 +89,8 @@ fn main() {
         // One request of history in the windows, as after a restart.
         let d = decide(&plan, &state, FeatureId(0), 1, now);
         reserve(&plan, &mut state, &d, now);
-        accounts.insert_key(&format!("{:064x}", i), id.clone());
-        accounts.insert(Account::new(id, plan.clone(), false, state));
+        accounts.insert_key(&format!("{:064x}", i), id.clone().into());
+        accounts.insert(Account::new(id.into(), plan.clone(), false, state));
     }
     let n = accounts.len();
     let after = rss_kib();

@@ -15,11 +15,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::config::Settings;
+use crate::ids::AccountId;
 use crate::store::{GrantBalance, Store, StoreError, StoredGrant};
 use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan, Pool};
-
-/// An account id, shared cheaply between the view, holds and ledger entries.
-pub type AccountId = Arc<str>;
 
 /// One account in the cached view.
 #[derive(Debug)]

@@ -53,3 +53,26 @@ pub fn rfc3339(ms: Millis) -> String {
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// Formats seconds the way OpenAI's `x-ratelimit-reset-*` headers do: `1h2m3s`, `6m0s`, `42s`.
+pub fn format_duration(seconds: u64) -> String {
+    let (h, m, s) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_duration;
+
+    #[test]
+    fn durations_read_like_openai() {
+        assert_eq!(format_duration(0), "0s");
+        assert_eq!(format_duration(42), "42s");
+        assert_eq!(format_duration(360), "6m0s");
+        assert_eq!(format_duration(3723), "1h2m3s");
+    }
+}

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use crate::accounts::Account;
 use crate::clock::Clock;
 use crate::idempotency::ClaimedKey;
-use crate::ledger::{LedgerEntry, LedgerQueue, Outcome};
+use crate::ledger::LedgerQueue;
 use crate::settle::SettleError;
+use crate::usage::{LedgerEntry, Outcome};
 use crate::waterfall;
 
 /// An admitted request's reservation. See the module docs.

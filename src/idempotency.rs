@@ -7,10 +7,19 @@
 //! (or after a restart) a repeat is still caught by the store, which records it as a duplicate
 //! and has the in-memory hold given back.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
+
+use crate::ids::{AccountId, IdempotencyKey};
+
+/// Most keys remembered at once; past it the least recently used are forgotten (the store's
+/// unique key still catches their repeats). About 200 bytes each: ~200 MiB at the bound.
+pub const KEYS_MAX: u64 = 1_000_000;
+
+/// A key within its account: two fields, never one joined string, so no two accounts can
+/// share a key whatever their ids and keys contain.
+type ScopedKey = (AccountId, IdempotencyKey);
 
 /// What is known about a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +33,7 @@ pub enum KeyState {
 /// The registry of recent keys, scoped by account.
 #[derive(Clone)]
 pub struct Idempotency {
-    keys: moka::sync::Cache<Arc<str>, KeyState>,
+    keys: moka::sync::Cache<ScopedKey, KeyState>,
 }
 
 /// The result of claiming a key.
@@ -41,7 +50,7 @@ pub enum Claim {
 /// A key owned by one request. Dropping it without [`ClaimedKey::charged`] frees the key.
 #[derive(Debug)]
 pub struct ClaimedKey {
-    key: Arc<str>,
+    key: ScopedKey,
     registry: Idempotency,
     charged: bool,
 }
@@ -53,16 +62,19 @@ impl std::fmt::Debug for Idempotency {
 }
 
 impl Idempotency {
-    /// A registry remembering keys for `ttl`.
-    pub fn new(ttl: Duration) -> Idempotency {
+    /// A registry remembering at most `max` keys, each for `ttl`.
+    pub fn new(ttl: Duration, max: u64) -> Idempotency {
         Idempotency {
-            keys: moka::sync::Cache::builder().time_to_live(ttl).build(),
+            keys: moka::sync::Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(max)
+                .build(),
         }
     }
 
     /// Claims `key` of `account` for the request deciding as `decision`.
-    pub fn claim(&self, account: &str, key: &str, decision: Uuid) -> Claim {
-        let scoped: Arc<str> = format!("{account}:{key}").into();
+    pub fn claim(&self, account: &AccountId, key: &IdempotencyKey, decision: Uuid) -> Claim {
+        let scoped = (account.clone(), key.clone());
         let entry = self
             .keys
             .entry(scoped.clone())
@@ -105,21 +117,45 @@ mod tests {
 
     #[test]
     fn a_key_is_claimed_once_then_replayed_or_freed() {
-        let reg = Idempotency::new(Duration::from_secs(60));
+        let reg = Idempotency::new(Duration::from_secs(60), 100);
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let Claim::Claimed(first) = reg.claim("acct", "k1", a) else {
+        let acct = AccountId::from("acct");
+        let other = AccountId::from("other");
+        let k1 = IdempotencyKey::parse("k1").unwrap();
+        let k2 = IdempotencyKey::parse("k2").unwrap();
+        let Claim::Claimed(first) = reg.claim(&acct, &k1, a) else {
             panic!("first claim")
         };
-        assert!(matches!(reg.claim("acct", "k1", b), Claim::InFlight(id) if id == a));
+        assert!(matches!(reg.claim(&acct, &k1, b), Claim::InFlight(id) if id == a));
         // Another account's identical key is independent.
-        assert!(matches!(reg.claim("other", "k1", b), Claim::Claimed(_)));
+        assert!(matches!(reg.claim(&other, &k1, b), Claim::Claimed(_)));
         first.charged(a);
-        assert!(matches!(reg.claim("acct", "k1", b), Claim::Charged(id) if id == a));
+        assert!(matches!(reg.claim(&acct, &k1, b), Claim::Charged(id) if id == a));
 
-        let Claim::Claimed(failed) = reg.claim("acct", "k2", a) else {
+        let Claim::Claimed(failed) = reg.claim(&acct, &k2, a) else {
             panic!("claim k2")
         };
         drop(failed);
-        assert!(matches!(reg.claim("acct", "k2", b), Claim::Claimed(_)));
+        assert!(matches!(reg.claim(&acct, &k2, b), Claim::Claimed(_)));
+    }
+
+    #[test]
+    fn ids_and_keys_that_join_to_the_same_string_stay_apart() {
+        let reg = Idempotency::new(Duration::from_secs(60), 100);
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let Claim::Claimed(first) = reg.claim(
+            &AccountId::from("a"),
+            &IdempotencyKey::parse("b:c").unwrap(),
+            a,
+        ) else {
+            panic!("first claim")
+        };
+        first.charged(a);
+        let second = reg.claim(
+            &AccountId::from("a:b"),
+            &IdempotencyKey::parse("c").unwrap(),
+            b,
+        );
+        assert!(matches!(second, Claim::Claimed(_)), "{second:?}");
     }
 }

@@ -30,6 +30,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod app;
 pub mod clock;
 pub mod config;
 pub mod cost;
@@ -37,9 +38,14 @@ pub mod demo;
 pub mod gateway;
 pub mod hold;
 pub mod idempotency;
+pub mod identity;
+pub mod ids;
 pub mod ledger;
 pub mod metrics;
+pub mod quota;
 pub mod reconcile;
+pub mod rescue;
 pub mod settle;
 pub mod store;
+pub mod usage;
 pub mod waterfall;

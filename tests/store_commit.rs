@@ -6,8 +6,8 @@ mod common;
 use common::{PgDatabase, StoreKind};
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
-use flowgate::ledger::{LedgerEntry, Outcome};
 use flowgate::store::{Committed, Store};
+use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall;
 
 store_tests!(a_batch_charges_each_key_once_and_writes_each_entry_once);
@@ -62,7 +62,7 @@ fn entry(accounts: &Accounts, settings: &Settings, units: u64, key: &str) -> Led
         outcome: Outcome::Completed,
         code: None,
         upstream_status: Some(200),
-        idempotency_key: Some(key.into()),
+        idempotency_key: Some(flowgate::ids::IdempotencyKey::parse(key).expect("a valid key")),
         decided_at: 1_000,
         completed_at: 1_000,
     }

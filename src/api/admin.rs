@@ -16,8 +16,9 @@ use super::model::{AccountBody, ApiKeyBody, GrantBody, LedgerPageBody, UsageBody
 use super::openapi::ErrorBody;
 use super::{ApiError, ApiJson, ApiState, Query};
 use crate::accounts::{self, Account};
+use crate::app::App;
 use crate::config::{GrantSeed, hash_api_key, parse_instant};
-use crate::gateway::App;
+use crate::ids::IdempotencyKey;
 use crate::store::{Granted, Page, Refund, StoredGrant};
 use crate::waterfall::{AccountState, GrantKind, Millis};
 
@@ -304,15 +305,15 @@ pub async fn grant(
         })?
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .and_then(|k| IdempotencyKey::parse(k).ok())
         .ok_or_else(|| {
             ApiError::invalid(
                 "invalid_idempotency_key",
                 "header:idempotency-key",
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                format!("Idempotency-Key {}", crate::ids::InvalidIdempotencyKey),
             )
         })?;
-    let seed = validate_grant(&app, key, new, now)?;
+    let seed = validate_grant(&app, key.as_str(), new, now)?;
     let granted =
         app.store
             .grant(&account_id, &seed, now)

@@ -17,7 +17,6 @@
 //! to the store in one transaction, then into the view, so the next proxied request sees it.
 
 pub mod admin;
-pub mod error;
 pub mod model;
 pub mod openapi;
 pub mod user;
@@ -37,9 +36,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::accounts::Account;
-use crate::gateway::App;
-use crate::gateway::proxy::identify;
-pub use error::ApiError;
+use crate::app::App;
+use crate::identity::identify;
+pub use crate::rescue::ApiError;
 
 /// Largest request body the APIs read.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use super::model::{DecisionBody, LedgerPageBody, UsageBody};
 use super::openapi::ErrorBody;
 use super::{ApiError, Caller, Me, Query};
-use crate::gateway::App;
+use crate::app::App;
 use crate::store::Page;
 
 /// Your limits (each usage-limit window with its reset time, the free tier) and your balances

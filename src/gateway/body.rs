@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::settle::SettleReader;
 
 use crate::hold::Hold;
-use crate::ledger::Outcome;
+use crate::usage::Outcome;
 
 /// Streams `inner` unchanged (no buffering: an SSE event reaches the client when the upstream
 /// sends it) and ends the hold: settled at the end of the stream, released on an upstream

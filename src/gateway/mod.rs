@@ -7,9 +7,7 @@
 //! `Drop` while the stack unwinds).
 
 mod body;
-pub mod error;
 pub mod proxy;
-mod quota;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -29,38 +27,16 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::accounts::Accounts;
+use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{ConfigError, Settings};
 use crate::idempotency::Idempotency;
-use crate::ledger::{self, LedgerQueue, WriterSettings};
+use crate::ledger::{self, WriterSettings};
 use crate::metrics::Metrics;
+use crate::quota;
+use crate::rescue::GatewayError;
 use crate::store::{Store, StoreError};
 use crate::waterfall::{AccountState, Decision, LayerKind, Millis, Plan};
-use error::GatewayError;
-
-/// What every request handler shares.
-pub struct App {
-    /// The validated configuration.
-    pub settings: Arc<Settings>,
-    /// The cached view of accounts (the hot path's only source of numbers).
-    pub accounts: Accounts,
-    /// The ledger store (operational endpoints only; never on the hot path).
-    pub store: Store,
-    /// Where finished requests are queued for the ledger.
-    pub ledger: LedgerQueue,
-    /// Recent idempotency keys.
-    pub idempotency: Idempotency,
-    /// Pooled HTTP client to the upstreams.
-    pub client: Client<HttpConnector, axum::body::Body>,
-    /// The source of "now".
-    pub clock: Clock,
-    /// How long to wait for an upstream's response headers.
-    pub upstream_timeout: Duration,
-    /// Prometheus metrics.
-    pub metrics: Arc<Metrics>,
-    /// The `x-ratelimit-*` header names of every configured window.
-    pub rate_limit_headers: quota::HeaderNames,
-}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +114,10 @@ impl Gateway {
             .build(connector);
         let app = Arc::new(App {
             upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
-            idempotency: Idempotency::new(Duration::from_secs(settings.server.idempotency_ttl_s)),
+            idempotency: Idempotency::new(
+                Duration::from_secs(settings.server.idempotency_ttl_s),
+                crate::idempotency::KEYS_MAX,
+            ),
             rate_limit_headers: quota::HeaderNames::new(settings.plans.values().map(|p| &**p)),
             settings: Arc::new(settings),
             accounts,

@@ -16,17 +16,19 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use uuid::Uuid;
 
-use super::App;
 use super::body::MeteredBody;
-use super::error::{DenialReport, GatewayError};
-use super::quota::Quota;
 use crate::accounts::Account;
+use crate::app::App;
 use crate::config::{IdentityMode, Route};
 use crate::cost;
 use crate::hold::Hold;
 use crate::idempotency::Claim;
-use crate::ledger::{LedgerEntry, Outcome};
+use crate::identity::identify;
+use crate::ids::{AccountId, IdempotencyKey};
+use crate::quota::Quota;
+use crate::rescue::{DenialReport, GatewayError};
 use crate::settle::SettleReader;
+use crate::usage::{LedgerEntry, Outcome};
 use crate::waterfall::{self, Decision, Millis};
 
 /// Header carrying the decision id on every answer.
@@ -76,7 +78,7 @@ pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Re
 /// What the access log line says about a request.
 #[derive(Default)]
 struct Log {
-    account: Option<Arc<str>>,
+    account: Option<AccountId>,
     units: u64,
     outcome: LogOutcome,
 }
@@ -150,7 +152,7 @@ async fn proxy(
     };
 
     // Phase 3: decide and hold.
-    let claim = match idempotency_key {
+    let claim = match &idempotency_key {
         None => None,
         Some(key) => match app.idempotency.claim(&account.id, key, decision_id) {
             Claim::Claimed(claim) => Some(claim),
@@ -168,6 +170,7 @@ async fn proxy(
                     decision_id,
                     original,
                     units,
+                    key.clone(),
                 )
                 .await;
             }
@@ -312,6 +315,7 @@ async fn replay(
     decision_id: Uuid,
     original: Uuid,
     units: u64,
+    key: IdempotencyKey,
 ) -> Result<Response, GatewayError> {
     let now = app.clock.now_ms();
     let decision = Decision {
@@ -322,11 +326,7 @@ async fn replay(
         draws: Default::default(),
         layers: Default::default(),
     };
-    let key = parts
-        .headers
-        .get(&IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok());
-    let mut entry = new_entry(app, account, route, decision, decision_id, key, now);
+    let mut entry = new_entry(app, account, route, decision, decision_id, Some(key), now);
     entry.outcome = Outcome::Replay;
     let result = forward(app, route, account, parts, body, decision_id).await;
     entry.upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
@@ -347,7 +347,7 @@ fn new_entry(
     route: &Route,
     decision: Decision,
     decision_id: Uuid,
-    idempotency_key: Option<&str>,
+    idempotency_key: Option<IdempotencyKey>,
     now: Millis,
 ) -> LedgerEntry {
     LedgerEntry {
@@ -361,7 +361,7 @@ fn new_entry(
         outcome: Outcome::Internal,
         code: None,
         upstream_status: None,
-        idempotency_key: idempotency_key.map(Into::into),
+        idempotency_key,
         decided_at: now,
         completed_at: now,
     }
@@ -391,33 +391,11 @@ fn denial_code(denial: &waterfall::Denial) -> &'static str {
     }
 }
 
-pub(crate) fn identify(app: &App, headers: &HeaderMap) -> Result<Arc<Account>, GatewayError> {
-    let identity = &app.settings.identity;
-    let value = headers
-        .get(identity.header.as_str())
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| GatewayError::MissingCredentials {
-            header: identity.header.clone(),
-        })?;
-    let (found, missing) = match identity.mode {
-        IdentityMode::ApiKey => {
-            let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
-            (app.accounts.by_api_key(key), GatewayError::InvalidApiKey)
-        }
-        IdentityMode::TrustedHeader => (app.accounts.get(value), GatewayError::UnknownAccount),
-    };
-    let result = if found.is_some() { "hit" } else { "miss" };
-    app.metrics.cache_lookups.with_label_values(&[result]).inc();
-    found.ok_or(missing)
-}
-
-fn idempotency_key(value: &HeaderValue) -> Result<&str, GatewayError> {
+fn idempotency_key(value: &HeaderValue) -> Result<IdempotencyKey, GatewayError> {
     value
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .and_then(|k| IdempotencyKey::parse(k).ok())
         .ok_or(GatewayError::InvalidIdempotencyKey)
 }
 

@@ -12,7 +12,7 @@
 use smallvec::SmallVec;
 
 use super::StoreError;
-use crate::ledger::LedgerEntry;
+use crate::usage::LedgerEntry;
 use crate::waterfall::{GrantKind, Millis, Pool};
 
 /// A grant as a commit sees it: locked, with its committed balance.
@@ -155,7 +155,7 @@ mod tests {
     use smallvec::smallvec;
 
     use super::*;
-    use crate::ledger::Outcome;
+    use crate::usage::Outcome;
     use crate::waterfall::{Decision, Draw, FeatureId, FeatureSet, Layer, LayerKind, Plan};
 
     fn entry(draws: &[(u8, i64, u64)], decided_at: Millis) -> LedgerEntry {

@@ -17,7 +17,7 @@ mod sqlite;
 use serde::Serialize;
 
 use crate::config::AccountSeed;
-use crate::ledger::LedgerEntry;
+use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis};
 
 pub use api::{

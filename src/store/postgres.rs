@@ -44,7 +44,7 @@ use super::{
     StoredAccount, StoredGrant, UsageEventRow,
 };
 use crate::config::AccountSeed;
-use crate::ledger::LedgerEntry;
+use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis, Pool};
 
 /// Connections in the pool: one writer (the ledger task) plus readers (health checks, the
@@ -336,7 +336,7 @@ impl PostgresStore {
                     id,
                     entry,
                     decision_id: entry.decision_id.to_string(),
-                    key: entry.idempotency_key(),
+                    key: entry.charge_key(),
                     decision: entry.decision_json().to_string(),
                 }
             })

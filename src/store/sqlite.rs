@@ -17,7 +17,7 @@ use super::{
     StoredGrant, UsageEventRow,
 };
 use crate::config::AccountSeed;
-use crate::ledger::LedgerEntry;
+use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis};
 
 /// Connections in the pool: one writer (the ledger task) plus readers.

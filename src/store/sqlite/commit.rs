@@ -15,9 +15,9 @@ use std::collections::{HashMap, HashSet};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
 
 use super::{GRANT_COLUMNS, locked_from_row};
-use crate::ledger::LedgerEntry;
 use crate::store::debit::{self, LockedGrant};
 use crate::store::{CommitReport, Committed, StoreError};
+use crate::usage::LedgerEntry;
 use crate::waterfall::{Millis, Pool};
 
 /// Rows per multi-row statement: at most 15 parameters a row keeps it far below SQLite's limit
@@ -69,7 +69,7 @@ pub(super) async fn commit(
     };
 
     // Which entries are recorded already, and which keys were charged already.
-    let keys: Vec<String> = batch.iter().map(LedgerEntry::idempotency_key).collect();
+    let keys: Vec<String> = batch.iter().map(LedgerEntry::charge_key).collect();
     let decision_ids: Vec<String> = batch.iter().map(|e| e.decision_id.to_string()).collect();
     let mut recorded = existing(&mut tx, "decision_id", decision_ids.iter()).await?;
     let charged_keys = batch

@@ -1,14 +1,12 @@
-//! Every way a request can be refused, turned into an HTTP answer in one place.
-//!
-//! Each answer is a JSON body `{"error": {"type", "code", "message", ...}}` and the headers a
-//! client (or an OpenAI/Anthropic SDK) needs to act on it: `Retry-After` when waiting helps,
-//! `x-should-retry: false` when it does not.
+//! Every way a proxied request can be refused, and its HTTP answer.
 
-use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
+use super::{body, no_retry};
+
+use crate::clock::format_duration;
 use crate::config::CreditsDenial;
 use crate::cost::CostError;
 use crate::waterfall::{Denial, Millis};
@@ -88,27 +86,6 @@ pub struct DenialReport {
     pub layers: serde_json::Value,
     /// Now, to turn the retry time into seconds.
     pub now: Millis,
-}
-
-pub(crate) fn body(
-    status: StatusCode,
-    kind: &str,
-    code: &str,
-    message: String,
-    extra: serde_json::Value,
-) -> Response {
-    let mut error = json!({ "type": kind, "code": code, "message": message });
-    if let (Some(e), serde_json::Value::Object(extra)) = (error.as_object_mut(), extra) {
-        e.extend(extra);
-    }
-    (status, Json(json!({ "error": error }))).into_response()
-}
-
-pub(crate) fn no_retry(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert("x-should-retry", HeaderValue::from_static("false"));
-    response
 }
 
 fn retry_after(mut response: Response, seconds: u64) -> Response {
@@ -296,28 +273,5 @@ impl IntoResponse for DenialReport {
                 common,
             )),
         }
-    }
-}
-
-/// Formats seconds the way OpenAI's `x-ratelimit-reset-*` headers do: `1h2m3s`, `6m0s`, `42s`.
-pub fn format_duration(seconds: u64) -> String {
-    let (h, m, s) = (seconds / 3600, seconds % 3600 / 60, seconds % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_duration;
-
-    #[test]
-    fn durations_read_like_openai() {
-        assert_eq!(format_duration(0), "0s");
-        assert_eq!(format_duration(42), "42s");
-        assert_eq!(format_duration(360), "6m0s");
-        assert_eq!(format_duration(3723), "1h2m3s");
     }
 }

@@ -64,7 +64,7 @@ impl Quota {
             headers.insert(remaining, HeaderValue::from(w.remaining));
             headers.insert(
                 reset,
-                HeaderValue::try_from(super::error::format_duration(w.reset_in_s))
+                HeaderValue::try_from(crate::clock::format_duration(w.reset_in_s))
                     .unwrap_or(HeaderValue::from_static("0s")),
             );
         }

@@ -1,4 +1,4 @@
-//! Every way an admin or user API call can fail, turned into HTTP in one place.
+//! Every way an admin or user API call can fail, and its HTTP answer.
 //!
 //! The body has the proxy's shape, `{"error": {"type", "code", "message", "field"}}`; `field`
 //! names what to fix (a JSON field of the body, `query:<name>`, `header:<name>`, or a path
@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::gateway::error::{GatewayError, body, no_retry};
+use super::{GatewayError, body, no_retry};
 use crate::store::StoreError;
 
 /// Why an API call failed.

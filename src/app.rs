@@ -1,0 +1,40 @@
+//! The state every handler shares, proxy and APIs alike.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use crate::accounts::Accounts;
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::idempotency::Idempotency;
+use crate::ledger::LedgerQueue;
+use crate::metrics::Metrics;
+use crate::quota;
+use crate::store::Store;
+
+/// What every request handler shares.
+pub struct App {
+    /// The validated configuration.
+    pub settings: Arc<Settings>,
+    /// The cached view of accounts (the hot path's only source of numbers).
+    pub accounts: Accounts,
+    /// The ledger store (operational endpoints only; never on the hot path).
+    pub store: Store,
+    /// Where finished requests are queued for the ledger.
+    pub ledger: LedgerQueue,
+    /// Recent idempotency keys.
+    pub idempotency: Idempotency,
+    /// Pooled HTTP client to the upstreams.
+    pub client: Client<HttpConnector, axum::body::Body>,
+    /// The source of "now".
+    pub clock: Clock,
+    /// How long to wait for an upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The `x-ratelimit-*` header names of every configured window.
+    pub rate_limit_headers: quota::HeaderNames,
+}

@@ -1,0 +1,140 @@
+//! What one request did: the record the ledger commits for it.
+//!
+//! A [`LedgerEntry`] is made by the gateway when a request ends and read by the store when it
+//! commits; it sits below both so that neither imports the other.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::ids::{AccountId, IdempotencyKey};
+use crate::waterfall::{Decision, Millis, Plan};
+
+/// How a request ended, as recorded in its usage event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered with success and the response was delivered: charged.
+    Completed,
+    /// The waterfall denied the request (the code says why).
+    Denied,
+    /// The upstream answered with a non-success status: not charged.
+    UpstreamError,
+    /// The upstream did not answer in time (504): not charged.
+    UpstreamTimeout,
+    /// The upstream could not be reached (502): not charged.
+    UpstreamUnavailable,
+    /// The upstream's response broke off mid-body: not charged.
+    UpstreamAborted,
+    /// The client went away before the response completed: not charged.
+    ClientAborted,
+    /// The request handler failed internally: not charged.
+    Internal,
+    /// A repeat of an `Idempotency-Key` that was already charged: forwarded, not charged again.
+    Replay,
+    /// Found by the store to repeat an already-charged key (e.g. after a restart): not charged.
+    Duplicate,
+}
+
+impl Outcome {
+    /// The name stored in the ledger.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Denied => "denied",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::UpstreamUnavailable => "upstream_unavailable",
+            Outcome::UpstreamAborted => "upstream_aborted",
+            Outcome::ClientAborted => "client_aborted",
+            Outcome::Internal => "internal_error",
+            Outcome::Replay => "replay",
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Everything the ledger needs to record one request: its usage event, and when charged its
+/// monetization event and balance updates.
+#[derive(Debug, Clone)]
+pub struct LedgerEntry {
+    /// The decision id given to the client (`x-flowgate-decision-id`).
+    pub decision_id: uuid::Uuid,
+    /// Who made the request.
+    pub account: AccountId,
+    /// The account's plan at decision time (names layers, gives the price version).
+    pub plan: Arc<Plan>,
+    /// The feature's name.
+    pub feature: Arc<str>,
+    /// The decision; its draws are what is charged when `outcome` is `Completed` (adjusted to
+    /// the settled cost when the route settles from the response).
+    pub decision: Decision,
+    /// Units the request used: the decision's (estimated) units, or what the response reported.
+    pub used_units: u64,
+    /// Used units nobody could pay when the response settled above the estimate: forgiven.
+    pub forgiven_units: u64,
+    /// How the request ended.
+    pub outcome: Outcome,
+    /// The denial or error code, when there is one.
+    pub code: Option<&'static str>,
+    /// The upstream's status, when it answered.
+    pub upstream_status: Option<u16>,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// When the decision was made.
+    pub decided_at: Millis,
+    /// When the request ended.
+    pub completed_at: Millis,
+}
+
+impl LedgerEntry {
+    /// Whether this entry charges the account.
+    pub fn charged(&self) -> bool {
+        self.outcome == Outcome::Completed && self.decision.admitted()
+    }
+
+    /// The key that makes a charge unique: the client's key scoped to the account, or the
+    /// decision id when the client sent none.
+    pub fn charge_key(&self) -> String {
+        match &self.idempotency_key {
+            Some(k) => format!("{}:{k}", self.account),
+            None => self.decision_id.to_string(),
+        }
+    }
+
+    /// The decision as stored: every layer checked, what it had and gave.
+    pub fn decision_json(&self) -> serde_json::Value {
+        decision_json(&self.plan, &self.decision)
+    }
+}
+
+/// Describes a decision layer by layer, with the names the plan gives them.
+pub fn decision_json(plan: &Plan, decision: &Decision) -> serde_json::Value {
+    let layers: Vec<_> = decision
+        .layers
+        .iter()
+        .filter_map(|r| {
+            let layer = plan.layers.get(r.layer as usize)?;
+            Some(serde_json::json!({
+                "layer": &*layer.name,
+                "kind": layer.kind.tag(),
+                "eligible": r.eligible,
+                "available_units": r.available_units,
+                "available_credits": r.available_credits,
+                "gave_units": r.gave_units,
+                "gave_credits": r.gave_credits,
+                "reset_at": r.reset_at.map(crate::clock::rfc3339),
+            }))
+        })
+        .collect();
+    serde_json::json!({
+        "plan": &*plan.name,
+        "price_version": &*plan.price_version,
+        "units": decision.units,
+        "credits_per_unit": decision.credits_per_unit,
+        "admitted": decision.admitted(),
+        "denial": decision.denial,
+        "layers": layers,
+        "draws": decision.draws,
+    })
+}
