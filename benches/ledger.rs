@@ -15,7 +15,7 @@
 //! to skip it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
@@ -143,6 +143,7 @@ impl Bench {
                 queue_max: usize::MAX,
                 expiry_interval: Duration::from_secs(3600),
             },
+            flowgate::clock::Clock::System,
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(writer.run(async move {
@@ -183,7 +184,7 @@ async fn run(name: &str, url: &str) {
     // Throughput: everything queued at once; built first so that only commits are timed.
     let entries: Vec<LedgerEntry> = (0..EVENTS).map(|i| bench.entry(i)).collect();
     let (queue, metrics, stop) = bench.writer();
-    let started = Instant::now();
+    let started = flowgate::clock::Stopwatch::start();
     for entry in entries {
         queue.push(entry);
     }

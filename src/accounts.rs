@@ -125,12 +125,11 @@ impl Accounts {
 
     /// Gives `draws` back to the account's pools (a hold ended without a charge, or the store
     /// found a charge to be a duplicate).
-    pub fn release(&self, id: &str, draws: &[Draw]) {
+    pub fn release(&self, id: &str, draws: &[Draw], now: Millis) {
         if draws.is_empty() {
             return;
         }
         if let Some(account) = self.get(id) {
-            let now = crate::clock::now_ms();
             account.with_state(|plan, state| waterfall::release(plan, state, draws, now));
         }
     }
@@ -180,14 +179,13 @@ impl Accounts {
 
     /// Applies a refund the store has made: windows and free tier get the charge's units back,
     /// grants take the store's new balances.
-    pub fn refunded(&self, id: &str, draws: &[Draw], balances: &[GrantBalance]) {
+    pub fn refunded(&self, id: &str, draws: &[Draw], balances: &[GrantBalance], now: Millis) {
         if let Some(account) = self.get(id) {
             let units: Vec<Draw> = draws
                 .iter()
                 .filter(|d| matches!(d.pool, Pool::Window { .. } | Pool::FreeTier { .. }))
                 .copied()
                 .collect();
-            let now = crate::clock::now_ms();
             account.with_state(|plan, state| waterfall::release(plan, state, &units, now));
         }
         let _ = self.sync_balances(balances);

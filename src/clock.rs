@@ -1,7 +1,9 @@
 //! Time, read in one place so that tests can control it.
 //!
-//! The waterfall engine never reads a clock; the gateway reads [`Clock::now_ms`] once per
-//! request and passes the instant down.
+//! The waterfall engine never reads a clock; the gateway, the ledger writer and the APIs read
+//! their [`Clock`] (the system's, or a manual one in tests) and pass the instant down.
+//! `clippy.toml` forbids every other way of reading the time; [`Stopwatch`] measures
+//! durations for metrics, which no decision depends on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -40,11 +42,35 @@ impl Clock {
     }
 }
 
-/// The system's wall clock, in milliseconds since the Unix epoch.
+/// The system's wall clock, in milliseconds since the Unix epoch (for [`Clock::System`], the
+/// CLI and tests; a component that can be given a [`Clock`] uses that instead).
+#[allow(clippy::disallowed_methods)] // the one place the wall clock is read
 pub fn now_ms() -> Millis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Elapsed time for metrics and logs (monotonic; never part of a decision).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch(std::time::Instant);
+
+impl Stopwatch {
+    /// Starts measuring.
+    #[allow(clippy::disallowed_methods)] // the one place the monotonic clock is read
+    pub fn start() -> Stopwatch {
+        Stopwatch(std::time::Instant::now())
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.0.elapsed()
+    }
+
+    /// Seconds since the start, as Prometheus histograms take them.
+    pub fn seconds(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
 }
 
 /// Formats an instant as RFC 3339 (UTC, seconds).

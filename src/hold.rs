@@ -208,6 +208,7 @@ mod tests {
                 queue_max: 10,
                 expiry_interval: Duration::from_secs(60),
             },
+            Clock::System,
         );
         let decision = account.with_state(|p, s| {
             let d = decide(p, s, FeatureId(0), 4, 0);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::accounts::Accounts;
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
 use crate::usage::{LedgerEntry, Outcome};
@@ -85,6 +86,7 @@ pub struct LedgerWriter {
     accounts: Accounts,
     metrics: Arc<Metrics>,
     settings: WriterSettings,
+    clock: Clock,
 }
 
 /// Creates the queue and its writer; run the writer with [`LedgerWriter::run`].
@@ -93,6 +95,7 @@ pub fn channel(
     accounts: Accounts,
     metrics: Arc<Metrics>,
     settings: WriterSettings,
+    clock: Clock,
 ) -> (LedgerQueue, LedgerWriter) {
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(QueueState {
@@ -112,6 +115,7 @@ pub fn channel(
             accounts,
             metrics,
             settings,
+            clock,
         },
     )
 }
@@ -173,7 +177,7 @@ impl LedgerWriter {
     /// Writes off expired grants and tells the view. A failure is counted and retried at the
     /// next tick; meanwhile the engine already refuses to draw from an expired grant.
     async fn expire(&self) {
-        match self.store.expire_grants(crate::clock::now_ms()).await {
+        match self.store.expire_grants(self.clock.now_ms()).await {
             Ok(expired) => {
                 if !expired.is_empty() {
                     tracing::info!(grants = expired.len(), "expired grants written off");
@@ -191,12 +195,12 @@ impl LedgerWriter {
     async fn commit(&self, batch: &[LedgerEntry]) {
         let mut backoff = Duration::from_millis(50);
         let report = loop {
-            let started = std::time::Instant::now();
-            match self.store.commit(batch, crate::clock::now_ms()).await {
+            let started = crate::clock::Stopwatch::start();
+            match self.store.commit(batch, self.clock.now_ms()).await {
                 Ok(report) => {
                     self.metrics
                         .ledger_commit_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                        .observe(started.seconds());
                     break report;
                 }
                 Err(e) => {
@@ -212,7 +216,7 @@ impl LedgerWriter {
         if self.shared.store_failing.swap(false, Ordering::Relaxed) {
             tracing::info!("ledger commits succeed again");
         }
-        let now = crate::clock::now_ms();
+        let now = self.clock.now_ms();
         let m = &self.metrics;
         m.ledger_batch_size.observe(batch.len() as f64);
         for (entry, result) in batch.iter().zip(report.results) {
@@ -225,7 +229,8 @@ impl LedgerWriter {
                         .inc();
                     // The store already charged this key (another replica, or before a restart):
                     // give back what the in-memory view took for it.
-                    self.accounts.release(&entry.account, &entry.decision.draws);
+                    self.accounts
+                        .release(&entry.account, &entry.decision.draws, now);
                 }
                 Committed::Recorded => {
                     m.requests

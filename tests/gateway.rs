@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Waits for real processes and servers: tokio's clock (clippy.toml keeps std's out).
+use tokio::time::Instant;
 
 use common::{Harness, StoreKind, header};
 use futures_util::StreamExt;
@@ -578,7 +580,9 @@ async fn balance_of(h: &Harness, id: &str) -> u64 {
 async fn expired_grants_are_never_drawn_and_are_written_off(store: StoreKind) {
     // Alice also has a promotion that expires 1.5 s from now, spent before her purchase (earliest
     // expiry first), and an old grant that expired long ago. Expiry runs at start-up, then hourly.
-    let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let soon =
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(flowgate::clock::now_ms() + 1500)
+            .unwrap();
     let grants = format!(
         r#"[[accounts.grants]]
 id = "promo"
@@ -670,7 +674,7 @@ async fn a_refund_goes_back_to_exactly_the_pools_that_paid(store: StoreKind) {
     h.gateway()
         .app()
         .accounts
-        .refunded(account, draws, balances);
+        .refunded(account, draws, balances, now);
     assert_eq!(
         store.refund(&decision, now).await.unwrap(),
         Refund::AlreadyRefunded

@@ -67,7 +67,10 @@ async fn apply(h: &mut Harness, op: &Op, n: usize) {
         } => {
             let mut body = serde_json::json!({ "kind": "credits", "amount": amount });
             if let Some(ms) = expires_in_ms {
-                let at = chrono::Utc::now() + chrono::Duration::milliseconds(*ms as i64);
+                let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
+                    flowgate::clock::now_ms() + *ms as i64,
+                )
+                .unwrap();
                 body["expires_at"] = at.to_rfc3339().into();
             }
             let r = h

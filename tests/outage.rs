@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Waits for real processes and servers: tokio's clock (clippy.toml keeps std's out).
+use tokio::time::Instant;
 
 use common::{Harness, PgDatabase, StoreKind, header};
 use serde_json::Value;

@@ -271,7 +271,8 @@ async fn a_replica_learns_what_another_spent() {
     use flowgate::clock::Clock;
     use flowgate::config::Settings;
     use flowgate::gateway::Gateway;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant; // waits for real processes
 
     let db = PgDatabase::create().await;
     let backend = MockBackend::start().await.expect("backend");

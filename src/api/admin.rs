@@ -378,7 +378,8 @@ pub async fn refund(
             balances,
             credits,
         } => {
-            app.accounts.refunded(&account, &draws, &balances);
+            app.accounts
+                .refunded(&account, &draws, &balances, app.clock.now_ms());
             tracing::info!(%account, %decision_id, credits, "admin: refunded");
             Ok(Json(RefundBody {
                 decision_id,

@@ -7,8 +7,6 @@
 
 pub mod backend;
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -178,7 +176,7 @@ async fn request(
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
     }
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     let response = client
         .request(req.body(Full::new(Bytes::from(body.to_owned())))?)
         .await?;

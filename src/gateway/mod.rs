@@ -84,6 +84,7 @@ impl Gateway {
                 queue_max: settings.store.ledger_queue_max,
                 expiry_interval: Duration::from_millis(settings.store.expiry_interval_ms),
             },
+            clock.clone(),
         );
         // Other replicas' balance changes (PostgreSQL): the view follows them as they commit.
         let watcher = store.watch_balances().map(|mut changes| {

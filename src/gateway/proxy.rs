@@ -5,7 +5,6 @@
 //! body and ends when the body does.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -43,7 +42,7 @@ const ACCOUNT: HeaderName = HeaderName::from_static("x-flowgate-account");
 
 /// Handles one proxied request on `route`.
 pub(super) async fn handle(app: Arc<App>, route: Arc<Route>, req: Request) -> Response {
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     let decision_id = Uuid::now_v7();
     let request_id = req.headers().get(&REQUEST_ID).cloned();
     let mut log = Log::default();
@@ -178,7 +177,7 @@ async fn proxy(
     };
     let now = app.clock.now_ms();
     let feature = route.feature;
-    let decide_started = Instant::now();
+    let decide_started = crate::clock::Stopwatch::start();
     let (decision, quota, denial_layers) = account.with_state(|plan, state| {
         let decision = waterfall::decide(plan, state, feature, units, now);
         let denial_layers = if decision.admitted() {
@@ -432,7 +431,7 @@ async fn forward(
         headers.insert(DECISION_ID, v);
     }
     let request = http::Request::from_parts(parts, body);
-    let started = Instant::now();
+    let started = crate::clock::Stopwatch::start();
     let result = tokio::time::timeout(app.upstream_timeout, app.client.request(request)).await;
     app.metrics
         .upstream_seconds

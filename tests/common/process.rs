@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Waits for real processes and servers: tokio's clock (clippy.toml keeps std's out).
+use tokio::time::Instant;
 
 /// A gateway running as a child process.
 pub struct ChildGateway {
