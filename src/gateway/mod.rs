@@ -1,13 +1,14 @@
 //! The gateway: an axum router whose configured routes are proxied through the waterfall, and
 //! its lifecycle (start-up from the store, graceful shutdown that flushes the ledger).
 //!
-//! Read [`router`] top to bottom for the whole request path: operational endpoints, then one
-//! axum route per configured route (each handled by [`proxy::handle`]), a JSON 404, and a
-//! panic guard around everything (a panicking handler answers 500; its hold is released by
-//! `Drop` while the stack unwinds).
+//! Read [`router`] top to bottom for the whole request path: operational endpoints, the APIs,
+//! then one axum route per configured route, each served by [`stack`] (the tower layers of
+//! [`layers`] over [`forward::Forward`]), a JSON 404, and a panic guard around everything (a
+//! panicking handler answers 500; its hold is released by `Drop` while the stack unwinds).
 
 mod body;
-pub mod proxy;
+pub mod forward;
+pub mod layers;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, get, on};
+use axum::routing::{MethodFilter, get, on_service};
 use http::StatusCode;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -36,7 +37,6 @@ use crate::metrics::Metrics;
 use crate::quota;
 use crate::rescue::GatewayError;
 use crate::store::{Store, StoreError};
-use crate::waterfall::{AccountState, Decision, LayerKind, Millis, Plan};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +203,26 @@ async fn serve(
     }
 }
 
+/// One configured route's request path: access log → identify → meter → forward.
+pub fn stack(
+    app: Arc<App>,
+    route: Arc<crate::config::Route>,
+) -> impl tower::Service<
+    axum::extract::Request,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::ServiceBuilder::new()
+        .layer(layers::AccessLog::layer(app.clone(), route.feature))
+        .layer(layers::Identify::layer(app.clone()))
+        .layer(layers::Meter::layer(app.clone(), route.clone()))
+        .service(forward::Forward::new(app, route))
+}
+
 /// The whole request path: operational endpoints, the configured proxied routes, a JSON 404,
 /// and a guard that turns a panic into a 500.
 pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
@@ -220,15 +240,10 @@ pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
         };
         let filter =
             MethodFilter::try_from(route.method.clone()).map_err(|e| bad_path(e.to_string()))?;
-        let handler = {
-            let route = route.clone();
-            move |State(app): State<Arc<App>>, req: axum::extract::Request| {
-                proxy::handle(app, route.clone(), req)
-            }
-        };
+        let service = stack(app.clone(), route.clone());
         // axum panics on a path it cannot route (bad syntax, a conflict): report it as config.
         router = std::panic::catch_unwind(AssertUnwindSafe(move || {
-            router.route(&route.path, on(filter, handler))
+            router.route(&route.path, on_service(filter, service))
         }))
         .map_err(|p| {
             let reason = p
@@ -287,49 +302,4 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, axum::Json(body)).into_response()
-}
-
-/// Every layer a decision checked, with what it had and gave, and each usage-limit window in
-/// detail (limit, used, remaining, reset time): the explanation attached to a denial.
-pub fn explain_layers(
-    plan: &Plan,
-    state: &AccountState,
-    decision: &Decision,
-    now: Millis,
-) -> serde_json::Value {
-    let layers = decision
-        .layers
-        .iter()
-        .filter_map(|r| {
-            let layer = plan.layers.get(r.layer as usize)?;
-            let mut v = json!({
-                "layer": &*layer.name,
-                "kind": layer.kind.tag(),
-                "eligible": r.eligible,
-                "available_units": r.available_units,
-            });
-            if let Some(c) = r.available_credits {
-                v["available_credits"] = json!(c);
-            }
-            if let Some(at) = r.reset_at {
-                v["reset_at"] = json!(crate::clock::rfc3339(at));
-            }
-            if let LayerKind::UsageLimit { .. } = layer.kind {
-                v["windows"] = state
-                    .windows(plan, r.layer as usize, now)
-                    .map(|w| {
-                        json!({
-                            "name": &*w.window.name,
-                            "limit": w.window.limit,
-                            "used": w.used,
-                            "remaining": w.remaining,
-                            "reset_at": crate::clock::rfc3339(w.reset_at),
-                        })
-                    })
-                    .collect();
-            }
-            Some(v)
-        })
-        .collect();
-    serde_json::Value::Array(layers)
 }

@@ -14,7 +14,7 @@ use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
 pub use api::ApiError;
-pub use proxy::{DenialReport, GatewayError};
+pub use proxy::{DenialReport, GatewayError, WindowReport};
 
 /// The error body every answer shares; `extra` adds fields beside `type`, `code`, `message`.
 pub(crate) fn body(

@@ -9,7 +9,7 @@ use super::{body, no_retry};
 use crate::clock::format_duration;
 use crate::config::CreditsDenial;
 use crate::cost::CostError;
-use crate::waterfall::{Denial, Millis};
+use crate::waterfall::{Decision, Denial, Millis, Plan, WindowStatus};
 
 /// Why a request was not (or could not be) served.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +96,74 @@ fn retry_after(mut response: Response, seconds: u64) -> Response {
         HeaderValue::from(seconds.saturating_mul(1000)),
     );
     response
+}
+
+/// One usage-limit window's numbers at the decision, copied out of the account's lock.
+#[derive(Debug, Clone)]
+pub struct WindowReport {
+    layer: u8,
+    name: std::sync::Arc<str>,
+    limit: u64,
+    used: u64,
+    remaining: u64,
+    reset_at: Millis,
+}
+
+impl WindowReport {
+    /// The numbers of `status`, a window of the plan's layer `layer`.
+    pub fn of(layer: u8, status: &WindowStatus<'_>) -> WindowReport {
+        WindowReport {
+            layer,
+            name: status.window.name.clone(),
+            limit: status.window.limit,
+            used: status.used,
+            remaining: status.remaining,
+            reset_at: status.reset_at,
+        }
+    }
+}
+
+impl DenialReport {
+    /// Every layer a decision checked, with what it had and gave, and each usage-limit window
+    /// in detail (limit, used, remaining, reset time): the explanation attached to a denial.
+    pub fn layers(plan: &Plan, decision: &Decision, windows: &[WindowReport]) -> serde_json::Value {
+        let layers = decision
+            .layers
+            .iter()
+            .filter_map(|r| {
+                let layer = plan.layers.get(r.layer as usize)?;
+                let mut v = json!({
+                    "layer": &*layer.name,
+                    "kind": layer.kind.tag(),
+                    "eligible": r.eligible,
+                    "available_units": r.available_units,
+                });
+                if let Some(c) = r.available_credits {
+                    v["available_credits"] = json!(c);
+                }
+                if let Some(at) = r.reset_at {
+                    v["reset_at"] = json!(crate::clock::rfc3339(at));
+                }
+                if let crate::waterfall::LayerKind::UsageLimit { .. } = layer.kind {
+                    v["windows"] = windows
+                        .iter()
+                        .filter(|w| w.layer == r.layer)
+                        .map(|w| {
+                            json!({
+                                "name": &*w.name,
+                                "limit": w.limit,
+                                "used": w.used,
+                                "remaining": w.remaining,
+                                "reset_at": crate::clock::rfc3339(w.reset_at),
+                            })
+                        })
+                        .collect();
+                }
+                Some(v)
+            })
+            .collect();
+        serde_json::Value::Array(layers)
+    }
 }
 
 impl IntoResponse for GatewayError {
