@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::accounts::Account;
 use crate::clock::Clock;
-use crate::idempotency::ClaimedKey;
+use crate::idempotency::{ClaimedKey, RESPONSE_BYTES_MAX, StoredResponse};
 use crate::ledger::LedgerQueue;
 use crate::settle::SettleError;
 use crate::usage::{LedgerEntry, Outcome};
@@ -33,6 +33,11 @@ pub struct Hold {
     on_drop: Outcome,
     /// The cost the response reported, for routes that settle from it.
     settled: Option<Result<waterfall::Units, SettleError>>,
+    /// The response being kept to answer repeats of the key (only with a claimed key, and
+    /// dropped once it outgrows `RESPONSE_BYTES_MAX`).
+    capture: Option<StoredResponse>,
+    /// The body bytes captured so far.
+    captured: bytes::BytesMut,
 }
 
 impl Hold {
@@ -52,6 +57,8 @@ impl Hold {
             clock,
             on_drop: Outcome::Internal,
             settled: None,
+            capture: None,
+            captured: bytes::BytesMut::new(),
         }
     }
 
@@ -63,6 +70,32 @@ impl Hold {
     /// Records the cost the response reported; applied if the hold ends `Completed`.
     pub fn settle(&mut self, units: Result<waterfall::Units, SettleError>) {
         self.settled = Some(units);
+    }
+
+    /// Starts keeping the response (status, `content_type`, then its body through
+    /// [`Hold::observe`]) for repeats of the request's idempotency key, if it has one.
+    pub fn capture(&mut self, status: http::StatusCode, content_type: Option<http::HeaderValue>) {
+        if self.key.is_some() {
+            self.capture = Some(StoredResponse {
+                status,
+                content_type,
+                body: bytes::Bytes::new(),
+            });
+        }
+    }
+
+    /// A chunk of the response body as it passes.
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if self.capture.is_none() {
+            return;
+        }
+        if self.captured.len() + chunk.len() > RESPONSE_BYTES_MAX {
+            // Too large to keep: a repeat is told the key has completed instead.
+            self.capture = None;
+            self.captured = bytes::BytesMut::new();
+        } else {
+            self.captured.extend_from_slice(chunk);
+        }
     }
 
     /// Records the upstream's status for the ledger.
@@ -100,7 +133,11 @@ impl Hold {
                 None => {}
             }
             if let Some(key) = self.key.take() {
-                key.charged(entry.decision_id);
+                let response = self.capture.take().map(|mut r| {
+                    r.body = std::mem::take(&mut self.captured).freeze();
+                    r
+                });
+                key.charged(entry.decision_id, response);
             }
         } else {
             let now = entry.completed_at;

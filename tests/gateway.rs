@@ -7,7 +7,7 @@ use std::time::Duration;
 // Waits for real processes and servers: tokio's clock (clippy.toml keeps std's out).
 use tokio::time::Instant;
 
-use common::{Harness, StoreKind, header};
+use common::{Harness, StoreKind, has_header, header};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -84,7 +84,7 @@ async fn usage_limit_denial_says_when_and_why(store: StoreKind) {
     );
     assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "0");
     assert!(
-        header(&r, "x-should-retry").is_empty(),
+        !has_header(&r, "x-should-retry"),
         "waiting helps: no x-should-retry: false"
     );
     assert!(!header(&r, "x-flowgate-decision-id").is_empty());
@@ -139,7 +139,7 @@ async fn credit_denial_can_be_openai_insufficient_quota(store: StoreKind) {
     let r = h.task("sk-dave", 6).await;
     assert_eq!(r.status(), 429);
     assert_eq!(header(&r, "x-should-retry"), "false");
-    assert!(header(&r, "retry-after").is_empty());
+    assert!(!has_header(&r, "retry-after"));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["type"], "insufficient_quota");
     assert_eq!(body["error"]["code"], "insufficient_quota");
@@ -307,6 +307,14 @@ async fn upstream_timeout_is_504_and_releases_the_hold(store: StoreKind) {
     );
 }
 
+/// Requests the mock upstream has received.
+fn h_calls(h: &Harness) -> u64 {
+    h.backend
+        .counters()
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn idempotency_key_replayed_charges_once(store: StoreKind) {
     let mut h = Harness::start(store).await;
     let send = |h: &Harness| {
@@ -318,11 +326,41 @@ async fn idempotency_key_replayed_charges_once(store: StoreKind) {
     let first = send(&h).await.unwrap();
     assert_eq!(first.status(), 200);
     let first_id = header(&first, "x-flowgate-decision-id");
-    first.text().await.unwrap();
+    let first_type = header(&first, "content-type");
+    let first_body = first.text().await.unwrap();
+    assert!(!first_body.is_empty());
+    let calls = h_calls(&h);
+
+    // The repeat is answered with the kept response: same status and body, no upstream work.
     let second = send(&h).await.unwrap();
     assert_eq!(second.status(), 200);
     assert_eq!(header(&second, "x-flowgate-replay-of"), first_id);
-    second.text().await.unwrap();
+    assert_eq!(header(&second, "idempotent-replayed"), "true");
+    assert_eq!(header(&second, "content-type"), first_type);
+    assert_eq!(second.text().await.unwrap(), first_body);
+    assert_eq!(
+        h_calls(&h),
+        calls,
+        "a replay must not make the upstream work again"
+    );
+    assert_eq!(h.stored_balance("alice").await, 95);
+
+    // The same key for a different request: 422, nothing forwarded, nothing charged.
+    let other = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-units", 4)
+        .header("idempotency-key", "retry-1")
+        .body("another body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    assert_eq!(header(&other, "x-should-retry"), "false");
+    let e = other.json::<Value>().await.unwrap();
+    assert_eq!(e["error"]["code"], "idempotency_key_reused");
+    assert_eq!(e["error"]["original_decision_id"], first_id.as_str());
+    assert_eq!(h_calls(&h), calls);
+    h.settle_ledger().await;
     assert_eq!(h.stored_balance("alice").await, 95);
 
     // After a restart the in-memory registry is empty: the store's unique key still holds.
@@ -434,11 +472,13 @@ async fn restart_keeps_balances_and_windows(store: StoreKind) {
 }
 
 /// The value of the sample `name` (with its labels exactly as exported) in a scrape.
+/// The value of the sample `name` (with its labels) in a scrape; a missing sample fails the
+/// test, so that an assertion on a metric cannot pass because the metric is gone.
 fn sample(scrape: &str, name: &str) -> f64 {
     scrape
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no sample {name} in the scrape:\n{scrape}"))
 }
 
 async fn metrics_count_decisions_and_the_ledger(store: StoreKind) {

@@ -47,10 +47,15 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         let this = &mut *self;
-        if let (Some(reader), Some(Ok(f))) = (&mut this.settle, &frame)
+        if let Some(Ok(f)) = &frame
             && let Some(data) = f.data_ref()
         {
-            reader.observe(data.chunk());
+            if let Some(reader) = &mut this.settle {
+                reader.observe(data.chunk());
+            }
+            if let Some(hold) = &mut this.hold {
+                hold.observe(data.chunk());
+            }
         }
         let ended = match &frame {
             None => Some(Outcome::Completed),

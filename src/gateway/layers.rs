@@ -35,7 +35,7 @@ use crate::clock::Stopwatch;
 use crate::config::Route;
 use crate::cost;
 use crate::hold::Hold;
-use crate::idempotency::Claim;
+use crate::idempotency::{self, Claim, Fingerprint, StoredResponse};
 use crate::identity::identify;
 use crate::ids::{AccountId, IdempotencyKey};
 use crate::quota::Quota;
@@ -50,6 +50,8 @@ pub const DECISION_ID: HeaderName = HeaderName::from_static("x-flowgate-decision
 pub const REPLAY_OF: HeaderName = HeaderName::from_static("x-flowgate-replay-of");
 /// Header saying which layers paid how many units of an admitted request.
 pub const POOLS: HeaderName = HeaderName::from_static("x-flowgate-pools");
+/// Set on an answer given from a kept response (Stripe's name for it).
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -327,24 +329,30 @@ where
         .ok_or(GatewayError::Internal)?;
     log.account = Some(account.id.clone());
 
-    let (units, mut req) = cost(app, route, req).await?;
-    log.units = units;
     let key = match req.headers().get(&IDEMPOTENCY_KEY) {
         None => None,
         Some(v) => Some(idempotency_key(v)?),
     };
+    let (units, fingerprint, mut req) = cost(app, route, req, key.is_some()).await?;
+    log.units = units;
     req.extensions_mut().insert(Attribution {
         account: account.id.clone(),
         decision_id,
     });
     let claim = match &key {
         None => None,
-        Some(key) => match app.idempotency.claim(&account.id, key, decision_id) {
+        Some(key) => match app
+            .idempotency
+            .claim(&account.id, key, fingerprint, decision_id)
+        {
             Claim::Claimed(claim) => Some(claim),
             Claim::InFlight(id) => {
                 return Err(GatewayError::IdempotencyKeyInUse { decision_id: id });
             }
-            Claim::Charged(original) => {
+            Claim::Mismatch(id) => {
+                return Err(GatewayError::IdempotencyKeyMismatch { decision_id: id });
+            }
+            Claim::Charged(original, stored) => {
                 log.outcome = LogOutcome::Replay;
                 let replay = Replay {
                     decision_id,
@@ -352,7 +360,7 @@ where
                     units,
                     key: key.clone(),
                 };
-                return replay.forward(app, route, &account, inner, req).await;
+                return replay.answer(app, route, &account, stored.as_deref());
             }
         },
     };
@@ -397,16 +405,18 @@ where
     ))
 }
 
-/// Phase **cost**: the request's units by its route's rule; a rule that reads the body takes
-/// it whole (at most `request_body_bytes_max`) and hands it on.
+/// Phase **cost**: the request's units by its route's rule, and, for a request with an
+/// idempotency key, its fingerprint. A rule that reads the body, or a key, takes the body
+/// whole (at most `request_body_bytes_max`) and hands it on.
 async fn cost(
     app: &App,
     route: &Route,
     req: Request<Body>,
-) -> Result<(u64, Request<Body>), GatewayError> {
-    if !cost::needs_body(&route.cost) {
+    keyed: bool,
+) -> Result<(u64, Fingerprint, Request<Body>), GatewayError> {
+    if !cost::needs_body(&route.cost) && !keyed {
         let units = cost::units(&route.cost, req.headers(), &[])?;
-        return Ok((units, req));
+        return Ok((units, Fingerprint::default(), req));
     }
     let (parts, body) = req.into_parts();
     let limit = app.settings.server.request_body_bytes_max;
@@ -416,7 +426,12 @@ async fn cost(
         .map_err(|_| GatewayError::BodyTooLarge { limit })?
         .to_bytes();
     let units = cost::units(&route.cost, &parts.headers, &bytes)?;
-    Ok((units, Request::from_parts(parts, Body::from(bytes))))
+    let print = if keyed {
+        idempotency::fingerprint(&parts.method, &parts.uri, &bytes)
+    } else {
+        Fingerprint::default()
+    };
+    Ok((units, print, Request::from_parts(parts, Body::from(bytes))))
 }
 
 fn idempotency_key(value: &HeaderValue) -> Result<IdempotencyKey, GatewayError> {
@@ -572,6 +587,10 @@ where
     };
     hold.set_upstream_status(response.status().as_u16());
     let (mut parts, body) = response.into_parts();
+    if parts.status.is_success() {
+        let content_type = parts.headers.get(http::header::CONTENT_TYPE).cloned();
+        hold.capture(parts.status, content_type);
+    }
     quota.apply(&mut parts.headers, &app.rate_limit_headers);
     parts.headers.insert(POOLS, pools);
     let body = if !parts.status.is_success() {
@@ -597,8 +616,8 @@ where
     Ok(Response::from_parts(parts, body))
 }
 
-/// A repeat of a key already charged: forwarded (the upstream may answer it from its own
-/// idempotency cache), recorded, not charged.
+/// A repeat of a key already charged: answered here with the kept response (or told the key
+/// has completed), never forwarded, recorded, not charged.
 struct Replay {
     decision_id: Uuid,
     original: Uuid,
@@ -607,19 +626,13 @@ struct Replay {
 }
 
 impl Replay {
-    async fn forward<S, B>(
+    fn answer(
         self,
         app: &App,
         route: &Route,
         account: &Account,
-        inner: S,
-        req: Request<Body>,
-    ) -> Result<Response, GatewayError>
-    where
-        S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
-        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-        B::Error: Into<axum::BoxError>,
-    {
+        stored: Option<&StoredResponse>,
+    ) -> Result<Response, GatewayError> {
         let now = app.clock.now_ms();
         let decision = Decision {
             feature: route.feature,
@@ -639,15 +652,28 @@ impl Replay {
             now,
         );
         entry.outcome = Outcome::Replay;
-        let result = inner.oneshot(req).await;
-        entry.upstream_status = result.as_ref().ok().map(|r| r.status().as_u16());
-        entry.completed_at = app.clock.now_ms();
+        entry.code = Some(if stored.is_some() {
+            "replayed_response"
+        } else {
+            "idempotency_key_completed"
+        });
         app.ledger.push(entry);
-        let (mut parts, body) = result?.into_parts();
-        if let Ok(v) = HeaderValue::try_from(self.original.to_string()) {
-            parts.headers.insert(REPLAY_OF, v);
+        let Some(stored) = stored else {
+            return Err(GatewayError::IdempotencyKeyCompleted {
+                decision_id: self.original,
+            });
+        };
+        let mut response = Response::new(Body::from(stored.body.clone()));
+        *response.status_mut() = stored.status;
+        let headers = response.headers_mut();
+        if let Some(ct) = &stored.content_type {
+            headers.insert(http::header::CONTENT_TYPE, ct.clone());
         }
-        Ok(Response::from_parts(parts, Body::new(body)))
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        if let Ok(v) = HeaderValue::try_from(self.original.to_string()) {
+            headers.insert(REPLAY_OF, v);
+        }
+        Ok(response)
     }
 }
 

@@ -117,7 +117,7 @@ impl Gateway {
             upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
             idempotency: Idempotency::new(
                 Duration::from_secs(settings.server.idempotency_ttl_s),
-                crate::idempotency::KEYS_MAX,
+                crate::idempotency::REGISTRY_BYTES_MAX,
             ),
             rate_limit_headers: quota::HeaderNames::new(settings.plans.values().map(|p| &**p)),
             settings: Arc::new(settings),

@@ -47,6 +47,19 @@ pub enum GatewayError {
         /// The decision of the running request.
         decision_id: uuid::Uuid,
     },
+    /// The key's request completed and was charged, and its response was too large (or too
+    /// long a stream) to keep: it is not run again.
+    #[error("idempotency key completed")]
+    IdempotencyKeyCompleted {
+        /// The decision that ran it.
+        decision_id: uuid::Uuid,
+    },
+    /// The key was used before for a different request (method, path or body).
+    #[error("idempotency key reused for another request")]
+    IdempotencyKeyMismatch {
+        /// The decision of the first request.
+        decision_id: uuid::Uuid,
+    },
     /// The waterfall denied the request.
     #[error("denied")]
     Denied(Box<DenialReport>),
@@ -229,6 +242,20 @@ impl IntoResponse for GatewayError {
                 ),
                 1,
             ),
+            E::IdempotencyKeyCompleted { decision_id } => no_retry(body(
+                StatusCode::CONFLICT,
+                "conflict_error",
+                "idempotency_key_completed",
+                "a request with this Idempotency-Key has completed and was charged; its response was too large to keep, so it is not run again: look it up by its decision id, or send a new key to run it again".into(),
+                json!({ "original_decision_id": decision_id.to_string() }),
+            )),
+            E::IdempotencyKeyMismatch { decision_id } => no_retry(body(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request (method, path or body); send a new key".into(),
+                json!({ "original_decision_id": decision_id.to_string(), "field": "header:idempotency-key" }),
+            )),
             E::Denied(report) => report.into_response(),
             E::LedgerBacklog => retry_after(
                 body(

@@ -345,11 +345,18 @@ impl Harness {
 
 /// A header's value as a string ("" if absent).
 pub fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
+    match r.headers().get(name) {
+        Some(v) => v
+            .to_str()
+            .unwrap_or_else(|_| panic!("header {name} is not text: {v:?}"))
+            .to_owned(),
+        None => panic!("no header {name} in the answer: {:?}", r.headers()),
+    }
+}
+
+/// Whether the answer carries the header `name` (for asserting that one is absent).
+pub fn has_header(r: &reqwest::Response, name: &str) -> bool {
+    r.headers().contains_key(name)
 }
 
 /// Declares each listed async test function (taking a [`StoreKind`]) once per store.
