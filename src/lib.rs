@@ -6,24 +6,36 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML file, validated into [`config::Settings`] (errors name key and line).
+//! Lowest first: each module imports only modules above it in this list's order of need
+//! (`tests/layering.rs` fails on any import circle).
+//!
 //! - [`waterfall`]: the pure engine. Plans, layers, account state, [`waterfall::decide`],
 //!   [`waterfall::reserve`], [`waterfall::release`]. No I/O, no clock.
-//! - [`accounts`]: the cached view of accounts the hot path decides against (moka + one
-//!   mutex per account), rebuilt from the store on start-up.
+//! - [`clock`]: "now" ([`clock::Clock`], injected everywhere; `clippy.toml` forbids other reads).
+//! - [`ids`]: [`ids::AccountId`] and [`ids::IdempotencyKey`], parsed at the boundary.
+//! - [`config`]: the TOML file, validated into [`config::Settings`] (errors name key and line).
 //! - [`cost`]: a request's cost in units (fixed, a header, a JSON field).
-//! - [`idempotency`]: one request per `Idempotency-Key` at a time, one charge per key.
-//! - [`hold`]: an admitted request's reservation, which always ends (settled or released).
-//! - [`gateway`]: the axum router, the proxy phases, denial answers, start-up and shutdown.
-//! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
-//! - [`ledger`]: the queue of finished requests and the writer that commits them in batches.
+//! - [`settle`]: the true cost read from the response as it streams.
+//! - [`usage`]: [`usage::LedgerEntry`], what one request did; made by the gateway, committed by
+//!   the store.
 //! - [`store`]: the ledger's SQL, one module per dialect, behind one interface.
-//! - [`clock`]: "now", read in one place.
+//! - [`accounts`]: the cached view the hot path decides against (moka + one mutex per
+//!   account), rebuilt from the store on start-up.
+//! - [`idempotency`]: one request per `Idempotency-Key` at a time, one charge per key, repeats
+//!   answered from the kept response.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`ledger`]: the queue of finished requests and the writer that commits them in batches.
+//! - [`hold`]: an admitted request's reservation, which always ends (settled or released).
+//! - [`quota`]: the `x-ratelimit-*` numbers of a response.
+//! - [`rescue`]: every failure turned into an HTTP answer, in one place.
+//! - [`app`]: the state handlers share; [`identity`]: who a request acts for.
+//! - [`reconcile`]: re-derives charges and balances from the ledger.
+//! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
+//! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
 //!
-//! A request flows one way: gateway (identify, cost) → waterfall (decide) → hold → forward →
-//! settle → ledger → store. See `docs/ARCHITECTURE.md`.
+//! A request flows one way: gateway layers (access log → identify → meter: cost, claim,
+//! decide and hold) → forward → settle → ledger → store. See `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]

@@ -620,9 +620,10 @@ async fn balance_of(h: &Harness, id: &str) -> u64 {
 async fn expired_grants_are_never_drawn_and_are_written_off(store: StoreKind) {
     // Alice also has a promotion that expires 1.5 s from now, spent before her purchase (earliest
     // expiry first), and an old grant that expired long ago. Expiry runs at start-up, then hourly.
-    let soon =
-        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(flowgate::clock::now_ms() + 1500)
-            .unwrap();
+    // The gateway's clock is manual: the test moves it past the expiry instead of sleeping.
+    let clock = flowgate::clock::Clock::manual(flowgate::clock::now_ms());
+    let soon = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(clock.now_ms() + 1500)
+        .expect("a valid instant");
     let grants = format!(
         r#"[[accounts.grants]]
 id = "promo"
@@ -640,7 +641,7 @@ expires_at = "2020-01-01T00:00:00Z"
 id = "bob""#,
         soon.to_rfc3339()
     );
-    let h = Harness::start_with(store, |c| {
+    let h = Harness::start_with_clock(store, clock.clone(), |c| {
         c.replacen("[[accounts]]\nid = \"bob\"", &grants, 1)
             .replace(
                 "ledger_flush_interval_ms = 1",
@@ -666,7 +667,7 @@ id = "bob""#,
 
     // Past its expiry, before the job runs again: the store still shows 25, the engine draws
     // nothing from it.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    clock.advance_ms(1600);
     assert_eq!(h.cached_credits("alice", "task"), 100);
     let r = h.task("sk-alice", 1).await;
     assert_eq!(header(&r, "x-credits-remaining"), "95");

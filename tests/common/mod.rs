@@ -212,6 +212,8 @@ pub struct Harness {
     pub store_url: String,
     /// The configuration text in use.
     pub config: String,
+    /// The gateway's clock (the system's unless the test moves time itself).
+    pub clock: Clock,
     // Declared last: dropped after the gateway has let go of the store.
     _pg: Option<PgDatabase>,
     _dir: tempfile::TempDir,
@@ -225,6 +227,16 @@ impl Harness {
 
     /// Starts with the test configuration as changed by `edit`.
     pub async fn start_with(kind: StoreKind, edit: impl FnOnce(String) -> String) -> Harness {
+        Harness::start_with_clock(kind, Clock::System, edit).await
+    }
+
+    /// Starts with `clock` (a manual one lets a test move time instead of sleeping) and the
+    /// test configuration as changed by `edit`.
+    pub async fn start_with_clock(
+        kind: StoreKind,
+        clock: Clock,
+        edit: impl FnOnce(String) -> String,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let pg = match kind {
             StoreKind::Sqlite => None,
@@ -247,6 +259,7 @@ impl Harness {
             base: String::new(),
             store_url,
             config,
+            clock,
             _pg: pg,
             _dir: dir,
         };
@@ -259,7 +272,7 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let gateway = Gateway::start(settings, listener, Clock::System)
+        let gateway = Gateway::start(settings, listener, self.clock.clone())
             .await
             .expect("gateway starts");
         self.base = format!("http://{}", gateway.addr());
@@ -339,7 +352,7 @@ impl Harness {
         let app = self.gateway().app();
         let feature = app.settings.feature_id(feature).expect("feature");
         let acct = app.accounts.get(account).expect("account cached");
-        acct.with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
+        acct.with_state(|_, s| s.spendable_credits(feature, self.clock.now_ms()))
     }
 }
 
