@@ -1,0 +1,436 @@
+//! The checks serde cannot make: references between sections, positive amounts, durations,
+//! and feature names interned into [`FeatureId`]s. One function per section, in the order
+//! each needs the ones before it (upstreams → routes and features → plans → accounts).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use toml::Spanned;
+
+use super::*;
+use crate::waterfall::{self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Period, Plan};
+
+/// Checks `raw` section by section into [`Settings`].
+pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigError> {
+    check_log_and_store(&raw, cx)?;
+    let upstreams = upstreams(&raw.upstreams, cx)?;
+    let (features, routes) = routes(&raw.routes, &upstreams, cx)?;
+    let plans = plans(&raw.plans, &features, cx)?;
+    let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
+    let admin = admin(&raw.admin, cx)?;
+    Ok(Settings {
+        server: raw.server,
+        store: raw.store,
+        identity: raw.identity,
+        log: raw.log,
+        admin,
+        features,
+        upstreams,
+        routes,
+        plans,
+        accounts,
+    })
+}
+
+fn check_log_and_store(raw: &RawConfig, cx: &Ctx<'_>) -> Result<(), ConfigError> {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        return cx.err("log.level", None, format!("not a log filter: {e}"));
+    }
+    if raw.store.ledger_batch_size_max == 0 || raw.store.ledger_queue_max == 0 {
+        return cx.err(
+            "raw.store.ledger_batch_size_max",
+            None,
+            "must be at least 1",
+        );
+    }
+    if raw.store.expiry_interval_ms == 0 {
+        return cx.err("raw.store.expiry_interval_ms", None, "must be at least 1");
+    }
+    Ok(())
+}
+
+fn upstreams(
+    raw_upstreams: &BTreeMap<String, RawUpstream>,
+    cx: &Ctx<'_>,
+) -> Result<Vec<Upstream>, ConfigError> {
+    let mut upstreams = Vec::new();
+    for (name, up) in raw_upstreams {
+        let uri: http::Uri = match up.url.get_ref().parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return cx.err(
+                    format!("upstreams.{name}.url"),
+                    Some(up.url.span()),
+                    format!("not a URL: {e}"),
+                );
+            }
+        };
+        let (Some("http"), Some(authority), true) = (
+            uri.scheme_str(),
+            uri.authority(),
+            uri.path() == "/" || uri.path().is_empty(),
+        ) else {
+            return cx.err(
+                format!("upstreams.{name}.url"),
+                Some(up.url.span()),
+                "must be http://host:port with no path",
+            );
+        };
+        upstreams.push(Upstream {
+            name: name.clone(),
+            base: authority.clone(),
+        });
+    }
+    Ok(upstreams)
+}
+
+fn routes(
+    raw_routes: &[RawRoute],
+    upstreams: &[Upstream],
+    cx: &Ctx<'_>,
+) -> Result<(Vec<Arc<str>>, Vec<Route>), ConfigError> {
+    let mut features: Vec<Arc<str>> = Vec::new();
+    let mut routes = Vec::new();
+    for (i, r) in raw_routes.iter().enumerate() {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let method =
+            match http::Method::from_bytes(r.method.get_ref().to_ascii_uppercase().as_bytes()) {
+                Ok(m) => m,
+                Err(_) => {
+                    return cx.err(key("method"), Some(r.method.span()), "not an HTTP method");
+                }
+            };
+        if !r.path.get_ref().starts_with('/') {
+            return cx.err(key("path"), Some(r.path.span()), "must start with '/'");
+        }
+        if let Some(reserved) = reserved_path(r.path.get_ref()) {
+            return cx.err(
+                key("path"),
+                Some(r.path.span()),
+                format!("{reserved} is served by the gateway itself; choose another path"),
+            );
+        }
+        let Some(upstream) = upstreams
+            .iter()
+            .position(|u| &u.name == r.upstream.get_ref())
+        else {
+            return cx.err(
+                key("upstream"),
+                Some(r.upstream.span()),
+                format!(
+                    "unknown upstream {:?} (declared: {})",
+                    r.upstream.get_ref(),
+                    upstreams
+                        .iter()
+                        .map(|u| u.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        };
+        let name = r.feature.get_ref();
+        if !valid_name(name) {
+            return cx.err(
+                key("feature"),
+                Some(r.feature.span()),
+                "use letters, digits, '_' and '-' only",
+            );
+        }
+        let feature = match features.iter().position(|f| &**f == name.as_str()) {
+            Some(p) => p,
+            None => {
+                if features.len() == FeatureSet::CAPACITY {
+                    return cx.err(
+                        key("feature"),
+                        Some(r.feature.span()),
+                        format!("at most {} features", FeatureSet::CAPACITY),
+                    );
+                }
+                features.push(name.as_str().into());
+                features.len() - 1
+            }
+        };
+        let cost = r.cost.get_ref().clone();
+        match &cost {
+            CostRule::Fixed(0) => {
+                return cx.err(key("cost.fixed"), Some(r.cost.span()), "must be at least 1");
+            }
+            CostRule::Header(h) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                return cx.err(
+                    key("cost.header"),
+                    Some(r.cost.span()),
+                    "not a valid header name",
+                );
+            }
+            CostRule::Json(p) if !p.starts_with('/') => {
+                return cx.err(
+                    key("cost.json"),
+                    Some(r.cost.span()),
+                    "a JSON pointer starts with '/', e.g. \"/seconds\"",
+                );
+            }
+            _ => {}
+        }
+        let settle = r.settle.as_ref().map(|s| s.get_ref().clone());
+        if let Some(rule) = &r.settle {
+            match rule.get_ref() {
+                SettleRule::Header(h) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                    return cx.err(
+                        key("settle.header"),
+                        Some(rule.span()),
+                        "not a valid header name",
+                    );
+                }
+                SettleRule::Json(p) | SettleRule::Sse(p) if !p.starts_with('/') => {
+                    return cx.err(
+                        key("settle"),
+                        Some(rule.span()),
+                        "a JSON pointer starts with '/', e.g. \"/usage/units\"",
+                    );
+                }
+                _ => {}
+            }
+        }
+        routes.push(Route {
+            method,
+            path: r.path.get_ref().clone(),
+            feature: FeatureId(feature as u16),
+            upstream,
+            cost,
+            settle,
+        });
+    }
+    Ok((features, routes))
+}
+
+/// The set of the features `list` names (all when absent); an unknown name is an error at `key`.
+fn feature_set(
+    features: &[Arc<str>],
+    cx: &Ctx<'_>,
+    key: String,
+    list: &Option<Spanned<Vec<String>>>,
+) -> Result<FeatureSet, ConfigError> {
+    let Some(list) = list else {
+        return Ok(FeatureSet::ALL);
+    };
+    let mut set = FeatureSet::EMPTY;
+    for name in list.get_ref() {
+        match features.iter().position(|f| **f == **name) {
+            Some(p) => set = set.with(FeatureId(p as u16)),
+            None => {
+                return cx.err(
+                    key,
+                    Some(list.span()),
+                    format!(
+                        "unknown feature {name:?} (routes declare: {})",
+                        features.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    Ok(set)
+}
+
+fn plans(
+    raw_plans: &BTreeMap<String, RawPlan>,
+    features: &[Arc<str>],
+    cx: &Ctx<'_>,
+) -> Result<HashMap<String, Arc<Plan>>, ConfigError> {
+    let mut plans = HashMap::new();
+    for (plan_name, p) in raw_plans {
+        let mut prices = vec![None; features.len()];
+        for (feature, price) in &p.prices {
+            let Some(pos) = features.iter().position(|f| **f == **feature) else {
+                return cx.err(
+                    format!("plans.{plan_name}.prices.{feature}"),
+                    Some(price.span()),
+                    format!("unknown feature (routes declare: {})", features.join(", ")),
+                );
+            };
+            if *price.get_ref() > PRICE_MAX {
+                return cx.err(
+                    format!("plans.{plan_name}.prices.{feature}"),
+                    Some(price.span()),
+                    format!("at most {PRICE_MAX} credits per unit"),
+                );
+            }
+            prices[pos] = Some(*price.get_ref());
+        }
+        let mut layers = Vec::new();
+        for (i, l) in p.layers.iter().enumerate() {
+            let key = |k: &str| format!("plans.{plan_name}.layers[{i}].{k}");
+            let kind = match l.kind.get_ref().as_str() {
+                "usage_limit" => {
+                    if l.windows.is_empty() {
+                        return cx.err(key("windows"), Some(l.kind.span()), "a usage_limit layer needs at least one window");
+                    }
+                    let mut windows = Vec::new();
+                    for (j, w) in l.windows.iter().enumerate() {
+                        let wkey = |k: &str| key(&format!("windows[{j}].{k}"));
+                        let name = w.name.get_ref();
+                        if !valid_name(name) {
+                            return cx.err(wkey("name"), Some(w.name.span()), "use letters, digits, '_' and '-' only (it becomes a header name)");
+                        }
+                        let minutes = match humantime::parse_duration(w.duration.get_ref()) {
+                            Ok(d) if d.as_secs() >= 60 && d.as_secs() % 60 == 0 && d.as_secs() / 60 <= u64::from(u32::MAX) => (d.as_secs() / 60) as u32,
+                            Ok(_) => return cx.err(wkey("duration"), Some(w.duration.span()), "must be a whole number of minutes, at least 1m"),
+                            Err(e) => return cx.err(wkey("duration"), Some(w.duration.span()), format!("not a duration like \"5h\" or \"7days\": {e}")),
+                        };
+                        if *w.limit.get_ref() == 0 {
+                            return cx.err(wkey("limit"), Some(w.limit.span()), "must be at least 1");
+                        }
+                        windows.push(waterfall::Window { name: name.as_str().into(), minutes, limit: *w.limit.get_ref() });
+                    }
+                    LayerKind::UsageLimit { windows }
+                }
+                "free_tier" => {
+                    let Some(units) = l.units.filter(|u| *u > 0) else {
+                        return cx.err(key("units"), Some(l.kind.span()), "a free_tier layer needs units >= 1");
+                    };
+                    let period = match l.period.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+                        Some(("day", _)) => Period::Day,
+                        Some(("week", _)) => Period::Week,
+                        Some(("month", _)) | None => Period::Month,
+                        Some((_, span)) => return cx.err(key("period"), Some(span), "must be \"day\", \"week\" or \"month\""),
+                    };
+                    LayerKind::FreeTier { units, period }
+                }
+                "credits" => LayerKind::Credits,
+                "promotions" => LayerKind::Promotions,
+                "enterprise" => LayerKind::Enterprise { postpaid: l.postpaid },
+                other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise)")),
+            };
+            let name = l.name.clone().unwrap_or_else(|| kind.tag().to_string());
+            layers.push(Layer {
+                name: name.into(),
+                features: feature_set(features, cx, key("features"), &l.features)?,
+                kind,
+            });
+        }
+        if layers.len() > usize::from(u8::MAX) {
+            return cx.err(
+                format!("plans.{plan_name}.layers"),
+                None,
+                "at most 255 layers",
+            );
+        }
+        plans.insert(
+            plan_name.clone(),
+            Arc::new(Plan {
+                name: plan_name.as_str().into(),
+                layers,
+                prices,
+                price_version: p.price_version.as_str().into(),
+            }),
+        );
+    }
+    Ok(plans)
+}
+
+fn accounts(
+    raw_accounts: &[RawAccount],
+    features: &[Arc<str>],
+    plans: &HashMap<String, Arc<Plan>>,
+    cx: &Ctx<'_>,
+) -> Result<Vec<AccountSeed>, ConfigError> {
+    let mut accounts: Vec<AccountSeed> = Vec::new();
+    for (i, a) in raw_accounts.iter().enumerate() {
+        let key = |k: &str| format!("accounts[{i}].{k}");
+        let id = a.id.get_ref();
+        if id.is_empty() || id.len() > 128 || accounts.iter().any(|s| &s.id == id) {
+            return cx.err(
+                key("id"),
+                Some(a.id.span()),
+                "must be unique, 1 to 128 characters",
+            );
+        }
+        if !plans.contains_key(a.plan.get_ref()) {
+            return cx.err(
+                key("plan"),
+                Some(a.plan.span()),
+                format!("unknown plan {:?}", a.plan.get_ref()),
+            );
+        }
+        let mut grants: Vec<GrantSeed> = Vec::new();
+        for (j, g) in a.grants.iter().enumerate() {
+            let gkey = |k: &str| key(&format!("grants[{j}].{k}"));
+            if grants.iter().any(|s| s.external_id == g.id) {
+                return cx.err(
+                    gkey("id"),
+                    Some(g.kind.span()),
+                    "duplicate grant id for this account",
+                );
+            }
+            let Some(kind) = GrantKind::parse(g.kind.get_ref()) else {
+                return cx.err(
+                    gkey("kind"),
+                    Some(g.kind.span()),
+                    "must be \"credits\", \"promotion\" or \"enterprise\"",
+                );
+            };
+            if *g.amount.get_ref() == 0 || *g.amount.get_ref() > i64::MAX as u64 {
+                return cx.err(
+                    gkey("amount"),
+                    Some(g.amount.span()),
+                    "must be a positive integer",
+                );
+            }
+            let expires_at = match &g.expires_at {
+                None => None,
+                Some(s) => match DateTime::parse_from_rfc3339(s.get_ref()) {
+                    Ok(t) => Some(t.with_timezone(&Utc).timestamp_millis()),
+                    Err(e) => {
+                        return cx.err(
+                            gkey("expires_at"),
+                            Some(s.span()),
+                            format!("not an RFC 3339 time like 2027-01-01T00:00:00Z: {e}"),
+                        );
+                    }
+                },
+            };
+            let features = match &g.features {
+                None => None,
+                Some(list) => {
+                    feature_set(features, cx, gkey("features"), &g.features)?;
+                    Some(list.get_ref().clone())
+                }
+            };
+            grants.push(GrantSeed {
+                external_id: g.id.clone(),
+                kind,
+                amount: *g.amount.get_ref(),
+                expires_at,
+                priority: g.priority,
+                features,
+            });
+        }
+        accounts.push(AccountSeed {
+            id: id.clone(),
+            plan: a.plan.get_ref().clone(),
+            suspended: a.suspended,
+            key_hashes: a.api_keys.iter().map(|k| hash_api_key(k)).collect(),
+            grants,
+        });
+    }
+    Ok(accounts)
+}
+
+fn admin(raw_admin: &RawAdmin, cx: &Ctx<'_>) -> Result<AdminSettings, ConfigError> {
+    let mut admin = AdminSettings::default();
+    for (i, hash) in raw_admin.token_hashes.iter().enumerate() {
+        let digest = hex::decode(hash.get_ref().trim())
+            .ok()
+            .and_then(|d| <[u8; 32]>::try_from(d).ok());
+        let Some(digest) = digest else {
+            return cx.err(
+                format!("admin.token_hashes[{i}]"),
+                Some(hash.span()),
+                "must be a SHA-256 digest in hex (64 characters), e.g. the output of `printf %s TOKEN | sha256sum`",
+            );
+        };
+        admin.token_hashes.push(digest);
+    }
+    Ok(admin)
+}

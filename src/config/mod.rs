@@ -1,0 +1,576 @@
+//! Configuration: one TOML file, parsed at the boundary into validated [`Settings`].
+//!
+//! Parsing happens in two steps. serde turns the text into the `Raw*` structs (rejecting
+//! unknown keys and wrong types, with the line of the offence); `compile` then checks
+//! what serde cannot (references between sections, positive amounts, durations) and interns
+//! feature names, so that nothing downstream handles an unchecked string. Every error names the
+//! key and, where the text has one, the line.
+
+mod compile;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::DateTime;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::waterfall::{FeatureId, FeatureSet, GrantKind, Plan};
+
+/// A configuration that cannot be used, with the key and line at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config error{}: {key}: {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The dotted path of the offending key, e.g. `routes[2].upstream`.
+    pub key: String,
+    /// The 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// The highest price, in credits per unit, a plan may set (with [`crate::cost::UNITS_MAX`] it
+/// keeps every `units × price` within an `i64`).
+pub const PRICE_MAX: u64 = 1_000_000_000;
+
+/// The environment variable that overrides `store.url` (it may carry a password).
+pub const STORE_URL_ENV: &str = "FLOWGATE_STORE_URL";
+
+/// The environment variable holding admin API bearer tokens, comma-separated (added to
+/// `admin.token_hashes`; the tokens are hashed on reading and never kept in clear).
+pub const ADMIN_TOKENS_ENV: &str = "FLOWGATE_ADMIN_TOKENS";
+
+/// Paths the gateway serves itself (operational endpoints, the admin and user APIs, the
+/// OpenAPI document): a configured route may not use them, nor any path below the prefixes
+/// ending in `/`.
+pub const RESERVED_PATHS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/admin",
+    "/admin/",
+    "/v1/me",
+    "/v1/me/",
+    "/v1/decisions/",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: ServerSettings,
+    store: StoreSettings,
+    identity: IdentitySettings,
+    #[serde(default)]
+    log: LogSettings,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    accounts: Vec<RawAccount>,
+}
+
+/// `[log]`: what the process writes to stderr.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (for people) or `json` (one object per line, for collectors).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `warn,flowgate::access=info`, …); `FLOWGATE_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// SHA-256 (hex) of each accepted bearer token.
+    #[serde(default)]
+    token_hashes: Vec<Spanned<String>>,
+}
+
+/// `[admin]`: who may use the admin API. With no token (none here and none in
+/// `FLOWGATE_ADMIN_TOKENS`) the admin API is disabled and answers 404 to everything.
+#[derive(Clone, Default)]
+pub struct AdminSettings {
+    /// SHA-256 digests of the accepted bearer tokens; the tokens themselves are never kept.
+    pub token_hashes: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Hashes are not secrets, but there is no reason to print them either.
+        f.debug_struct("AdminSettings")
+            .field("tokens", &self.token_hashes.len())
+            .finish()
+    }
+}
+
+impl AdminSettings {
+    /// Whether the admin API is enabled (at least one token is configured).
+    pub fn enabled(&self) -> bool {
+        !self.token_hashes.is_empty()
+    }
+
+    /// Adds the comma-separated tokens of `value` (the `FLOWGATE_ADMIN_TOKENS` format), hashed.
+    /// Blank entries are ignored.
+    pub fn add_tokens(&mut self, value: &str) {
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            self.token_hashes.push(sha256(token));
+        }
+    }
+}
+
+/// SHA-256 of `text`.
+pub fn sha256(text: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).into()
+}
+
+/// `[server]`: the listener and how requests are answered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// How long to wait for an upstream's response headers before answering 504.
+    #[serde(default = "defaults::upstream_timeout_ms")]
+    pub upstream_timeout_ms: u64,
+    /// Largest request body read to compute a cost from a JSON field.
+    #[serde(default = "defaults::request_body_bytes_max")]
+    pub request_body_bytes_max: usize,
+    /// How a request that only more credits would admit is answered.
+    #[serde(default)]
+    pub credits_denial: CreditsDenial,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    #[serde(default = "defaults::shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Idle upstream connections are closed after this long.
+    #[serde(default = "defaults::upstream_idle_timeout_ms")]
+    pub upstream_idle_timeout_ms: u64,
+    /// How long an `Idempotency-Key` is remembered in memory (the store remembers forever).
+    #[serde(default = "defaults::idempotency_ttl_s")]
+    pub idempotency_ttl_s: u64,
+}
+
+/// The answer when credits are short and waiting will not help.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditsDenial {
+    /// 402 Payment Required, error type `insufficient_credits`.
+    #[default]
+    PaymentRequired,
+    /// 429 with error type `insufficient_quota`, as OpenAI answers (for clients on its SDKs).
+    InsufficientQuota,
+}
+
+/// `[store]`: where the ledger lives and how it is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://path/to/file.db` (created if missing) or `postgres://user@host/db` (several
+    /// replicas). Overridden by `FLOWGATE_STORE_URL`, so that a password need not be in the file.
+    pub url: String,
+    /// Whether `serve` applies migrations on start-up.
+    #[serde(default = "defaults::yes")]
+    pub migrate_on_start: bool,
+    /// Most ledger entries committed in one transaction.
+    #[serde(default = "defaults::ledger_batch_size_max")]
+    pub ledger_batch_size_max: usize,
+    /// Longest an entry waits for its batch to fill before it is committed anyway.
+    #[serde(default = "defaults::ledger_flush_interval_ms")]
+    pub ledger_flush_interval_ms: u64,
+    /// Most entries waiting to be committed; past it, new requests are refused with 503 until
+    /// the writer catches up (queued usage itself is never dropped).
+    #[serde(default = "defaults::ledger_queue_max")]
+    pub ledger_queue_max: usize,
+    /// How often grants past their expiry are written off (balance updates, reason `expired`).
+    /// An expired grant is never drawn from, whether or not this has run yet.
+    #[serde(default = "defaults::expiry_interval_ms")]
+    pub expiry_interval_ms: u64,
+}
+
+/// `[identity]`: who is calling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// `api_key`: a key in `header` (optionally `Bearer `-prefixed) maps to an account;
+    /// `trusted_header`: an upstream auth layer has put the account id in `header`.
+    pub mode: IdentityMode,
+    /// The header to read.
+    #[serde(default = "defaults::identity_header")]
+    pub header: String,
+}
+
+/// How callers are identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMode {
+    /// An API key mapped to an account.
+    ApiKey,
+    /// A header set by a trusted layer in front (sidecar mode).
+    TrustedHeader,
+}
+
+mod defaults {
+    pub fn upstream_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn request_body_bytes_max() -> usize {
+        1 << 20
+    }
+    pub fn shutdown_grace_ms() -> u64 {
+        10_000
+    }
+    pub fn upstream_idle_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn idempotency_ttl_s() -> u64 {
+        24 * 3600
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn expiry_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub fn ledger_batch_size_max() -> usize {
+        512
+    }
+    pub fn ledger_flush_interval_ms() -> u64 {
+        5
+    }
+    pub fn ledger_queue_max() -> usize {
+        10_000
+    }
+    pub fn identity_header() -> String {
+        "authorization".into()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    method: Spanned<String>,
+    path: Spanned<String>,
+    feature: Spanned<String>,
+    upstream: Spanned<String>,
+    cost: Spanned<CostRule>,
+    settle: Option<Spanned<SettleRule>>,
+}
+
+/// Where a route's true cost is read from the upstream's response, when its request cost is an
+/// estimate: the hold is adjusted to it when the response completes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SettleRule {
+    /// The integer value of this response header.
+    Header(String),
+    /// The integer at this JSON pointer of the (JSON) response body.
+    Json(String),
+    /// The integer at this JSON pointer of the last server-sent event's `data` that has it
+    /// (e.g. `/usage/total_tokens` of an OpenAI-style stream's final chunk).
+    Sse(String),
+}
+
+/// How a route's cost in units is found.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CostRule {
+    /// Every request costs this many units.
+    Fixed(u64),
+    /// The units are the integer value of this request header.
+    Header(String),
+    /// The units are the integer at this JSON pointer (RFC 6901, e.g. `/seconds`) of the body.
+    Json(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    price_version: String,
+    #[serde(default)]
+    prices: BTreeMap<String, Spanned<u64>>,
+    #[serde(default)]
+    layers: Vec<RawLayer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayer {
+    kind: Spanned<String>,
+    name: Option<String>,
+    features: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    windows: Vec<RawWindow>,
+    units: Option<u64>,
+    period: Option<Spanned<String>>,
+    #[serde(default)]
+    postpaid: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    name: Spanned<String>,
+    duration: Spanned<String>,
+    limit: Spanned<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: Spanned<String>,
+    plan: Spanned<String>,
+    #[serde(default)]
+    suspended: bool,
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    grants: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    id: String,
+    kind: Spanned<String>,
+    amount: Spanned<u64>,
+    expires_at: Option<Spanned<String>>,
+    #[serde(default)]
+    priority: i32,
+    features: Option<Spanned<Vec<String>>>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[store]`, with the environment override applied.
+    pub store: StoreSettings,
+    /// `[identity]`.
+    pub identity: IdentitySettings,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[admin]`, with the tokens of `FLOWGATE_ADMIN_TOKENS` added.
+    pub admin: AdminSettings,
+    /// Feature names, indexed by [`FeatureId`].
+    pub features: Vec<Arc<str>>,
+    /// Upstreams, indexed by [`Route::upstream`].
+    pub upstreams: Vec<Upstream>,
+    /// Proxied routes.
+    pub routes: Vec<Route>,
+    /// Plans by name.
+    pub plans: HashMap<String, Arc<Plan>>,
+    /// Accounts to create (and grants to give) on start-up if the store lacks them.
+    pub accounts: Vec<AccountSeed>,
+}
+
+/// An upstream server.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Its name in the config.
+    pub name: String,
+    /// `http://host:port`, without a path.
+    pub base: http::uri::Authority,
+}
+
+/// A proxied route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The HTTP method it matches.
+    pub method: http::Method,
+    /// The path pattern (axum syntax: `/v1/tasks/{id}`).
+    pub path: String,
+    /// The feature its units count as.
+    pub feature: FeatureId,
+    /// Index into [`Settings::upstreams`].
+    pub upstream: usize,
+    /// How its cost is found (an estimate when `settle` is set).
+    pub cost: CostRule,
+    /// Where its true cost is read from the response, if anywhere.
+    pub settle: Option<SettleRule>,
+}
+
+/// An account declared in the config.
+#[derive(Debug, Clone)]
+pub struct AccountSeed {
+    /// The account id.
+    pub id: String,
+    /// Its plan's name (checked to exist).
+    pub plan: String,
+    /// Whether its requests are refused.
+    pub suspended: bool,
+    /// SHA-256 hashes (hex) of its API keys; the keys themselves are not kept.
+    pub key_hashes: Vec<String>,
+    /// Grants to give it once.
+    pub grants: Vec<GrantSeed>,
+}
+
+/// A grant declared in the config, given once (keyed by account and `external_id`).
+#[derive(Debug, Clone)]
+pub struct GrantSeed {
+    /// The grant's id in the config, unique per account.
+    pub external_id: String,
+    /// What it is.
+    pub kind: GrantKind,
+    /// Credits granted (> 0).
+    pub amount: u64,
+    /// When it expires.
+    pub expires_at: Option<i64>,
+    /// Spend priority (lower first).
+    pub priority: i32,
+    /// Feature names it may pay for (`None`: all).
+    pub features: Option<Vec<String>>,
+}
+
+/// Hashes an API key for storage and lookup; keys are never stored or logged in clear.
+pub fn hash_api_key(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err<T>(
+        &self,
+        key: impl Into<String>,
+        span: Option<std::ops::Range<usize>>,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            key: key.into(),
+            line: span.map(|s| {
+                self.text[..s.start.min(self.text.len())]
+                    .lines()
+                    .count()
+                    .max(1)
+            }),
+            message: message.into(),
+        })
+    }
+}
+
+impl Settings {
+    /// Reads and validates the file at `path`, applying environment overrides.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: path.display().to_string(),
+            line: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        let mut settings = Settings::parse(&text)?;
+        if let Ok(url) = std::env::var(STORE_URL_ENV) {
+            settings.store.url = url;
+        }
+        if let Ok(tokens) = std::env::var(ADMIN_TOKENS_ENV) {
+            settings.admin.add_tokens(&tokens);
+        }
+        Ok(settings)
+    }
+
+    /// Parses and validates config text (no environment overrides).
+    pub fn parse(text: &str) -> Result<Settings, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError {
+                key: "(parse)".into(),
+                line,
+                message: e.message().to_string(),
+            }
+        })?;
+        compile::compile(raw, &Ctx { text })
+    }
+
+    /// The id of a feature name, if the config declares it.
+    pub fn feature_id(&self, name: &str) -> Option<FeatureId> {
+        self.features
+            .iter()
+            .position(|f| &**f == name)
+            .map(|p| FeatureId(p as u16))
+    }
+
+    /// The set of the named features; unknown names are ignored (the config checked them).
+    pub fn feature_set(&self, names: Option<&[String]>) -> FeatureSet {
+        match names {
+            None => FeatureSet::ALL,
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.feature_id(n))
+                .fold(FeatureSet::EMPTY, FeatureSet::with),
+        }
+    }
+}
+
+/// The reserved path (or prefix) that `path` would take from the gateway, if any.
+fn reserved_path(path: &str) -> Option<&'static str> {
+    let path = path.trim_end_matches('/');
+    RESERVED_PATHS.iter().copied().find(|reserved| {
+        if let Some(prefix) = reserved.strip_suffix('/') {
+            path == prefix || path.starts_with(reserved)
+        } else {
+            path == *reserved
+        }
+    })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Parses an RFC 3339 instant into epoch milliseconds.
+pub fn parse_instant(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests;
