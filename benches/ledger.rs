@@ -120,6 +120,7 @@ impl Bench {
             .ok(),
             decided_at: now,
             completed_at: now,
+            committed: None,
         }
     }
 

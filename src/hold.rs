@@ -38,6 +38,19 @@ pub struct Hold {
     capture: Option<StoredResponse>,
     /// The body bytes captured so far.
     captured: bytes::BytesMut,
+    /// Strict durability: a charge's ending hands back a [`Commit`] to wait on.
+    strict: bool,
+}
+
+/// A charged entry's commit, to wait on before the response completes (strict durability).
+#[derive(Debug)]
+pub struct Commit(Arc<tokio::sync::Notify>);
+
+impl Commit {
+    /// Resolves once the ledger writer has committed the entry.
+    pub async fn wait(self) {
+        self.0.notified().await;
+    }
 }
 
 impl Hold {
@@ -59,7 +72,13 @@ impl Hold {
             settled: None,
             capture: None,
             captured: bytes::BytesMut::new(),
+            strict: false,
         }
+    }
+
+    /// Strict durability: ending as a charge returns a [`Commit`] to wait on.
+    pub fn require_commit(&mut self) {
+        self.strict = true;
     }
 
     /// Sets how the hold ends if it is dropped without being ended.
@@ -110,15 +129,14 @@ impl Hold {
         self.entry.as_ref().map(|e| e.decision_id)
     }
 
-    /// Ends the hold: `Completed` settles (charges) it, anything else releases it.
-    pub fn end(mut self, outcome: Outcome) {
-        self.finish(outcome);
+    /// Ends the hold: `Completed` settles (charges) it, anything else releases it. With
+    /// strict durability a charge returns the [`Commit`] its response must wait for.
+    pub fn end(mut self, outcome: Outcome) -> Option<Commit> {
+        self.finish(outcome)
     }
 
-    fn finish(&mut self, outcome: Outcome) {
-        let Some(mut entry) = self.entry.take() else {
-            return;
-        };
+    fn finish(&mut self, outcome: Outcome) -> Option<Commit> {
+        let mut entry = self.entry.take()?;
         entry.outcome = outcome;
         tracing::debug!(decision_id = %entry.decision_id, outcome = outcome.as_str(), "hold ended");
         entry.completed_at = self.clock.now_ms();
@@ -139,6 +157,12 @@ impl Hold {
                 });
                 key.charged(entry.decision_id, response);
             }
+            if self.strict {
+                let notify = Arc::new(tokio::sync::Notify::new());
+                entry.committed = Some(notify.clone());
+                self.queue.push(entry);
+                return Some(Commit(notify));
+            }
         } else {
             let now = entry.completed_at;
             self.account.with_state(|plan, state| {
@@ -147,6 +171,7 @@ impl Hold {
             self.key = None;
         }
         self.queue.push(entry);
+        None
     }
 }
 
@@ -188,7 +213,8 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.finish(self.on_drop);
+        // Nobody is left to wait for a commit: the response is gone.
+        let _ = self.finish(self.on_drop);
     }
 }
 
@@ -267,6 +293,7 @@ mod tests {
             idempotency_key: None,
             decided_at: 0,
             completed_at: 0,
+            committed: None,
         };
         let hold = Hold::new(
             account.clone(),

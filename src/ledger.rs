@@ -268,6 +268,12 @@ impl LedgerWriter {
             }
         }
         m.overdraft_forgiven.inc_by(report.forgiven);
+        // Strict durability: the responses waiting on these entries may complete now.
+        for entry in batch {
+            if let Some(committed) = &entry.committed {
+                committed.notify_one();
+            }
+        }
         // Every grant a batch debits is already in the view.
         let _ = self.accounts.sync_balances(&report.balances);
     }

@@ -85,6 +85,8 @@ pub struct LedgerEntry {
     pub decided_at: Millis,
     /// When the request ended.
     pub completed_at: Millis,
+    /// Woken once the entry is committed (strict durability: the response's end waits on it).
+    pub committed: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LedgerEntry {

@@ -65,6 +65,7 @@ fn entry(accounts: &Accounts, settings: &Settings, units: u64, key: &str) -> Led
         idempotency_key: Some(flowgate::ids::IdempotencyKey::parse(key).expect("a valid key")),
         decided_at: 1_000,
         completed_at: 1_000,
+        committed: None,
     }
 }
 

@@ -217,6 +217,23 @@ pub struct StoreSettings {
     /// An expired grant is never drawn from, whether or not this has run yet.
     #[serde(default = "defaults::expiry_interval_ms")]
     pub expiry_interval_ms: u64,
+    /// `batched` (default): a response completes when the upstream's does, and its usage is
+    /// committed within the flush interval after. `strict`: the last bytes of a charged
+    /// response wait until its usage event is committed, so a `kill -9` loses no usage a client
+    /// saw completed (at the price of the commit's latency on every charged response).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// When a charged response may complete, relative to its usage event's commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Completes with the upstream; committed within `ledger_flush_interval_ms` after.
+    #[default]
+    Batched,
+    /// Completes only once committed.
+    Strict,
 }
 
 /// `[identity]`: who is calling.

@@ -1,6 +1,11 @@
 //! The response body of an admitted request: passed through frame by frame, and the hold
 //! settled when the upstream's last frame has gone by.
+//!
+//! With strict durability the last frame (the last data of a body of known length, or the end
+//! of a chunked one) is held back until the charge is committed, so a client never sees a
+//! complete response whose usage a crash could still lose.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -15,20 +20,30 @@ use crate::usage::Outcome;
 /// Streams `inner` unchanged (no buffering: an SSE event reaches the client when the upstream
 /// sends it) and ends the hold: settled at the end of the stream, released on an upstream
 /// error, and released by the hold's own `Drop` if the client goes away first.
-pub struct MeteredBody<B> {
+pub struct MeteredBody<B: Body> {
     inner: B,
     hold: Option<Hold>,
     /// Reads the true cost as the body passes, for routes that settle from the response.
     settle: Option<SettleReader>,
+    /// Strict durability: the last frame, waiting for its charge's commit.
+    last: Option<Last<B::Data>>,
 }
 
-impl<B> MeteredBody<B> {
+/// The upstream's last frame (`None`: the end of a chunked body), held until `commit` resolves.
+/// Only a completed body is charged, so only a successful ending is ever held.
+struct Last<D> {
+    frame: Option<Frame<D>>,
+    commit: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl<B: Body> MeteredBody<B> {
     /// Wraps `inner`; `hold` ends with it, settled by what `settle` reads, if given.
     pub fn new(inner: B, hold: Hold, settle: Option<SettleReader>) -> Self {
         MeteredBody {
             inner,
             hold: Some(hold),
             settle,
+            last: None,
         }
     }
 }
@@ -36,7 +51,7 @@ impl<B> MeteredBody<B> {
 impl<B> Body for MeteredBody<B>
 where
     B: Body + Unpin,
-    B::Data: Buf,
+    B::Data: Buf + Unpin,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -45,8 +60,12 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         let this = &mut *self;
+        if let Some(last) = &mut this.last {
+            ready!(last.commit.as_mut().poll(cx));
+            return Poll::Ready(this.last.take().and_then(|l| l.frame).map(Ok));
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(Ok(f)) = &frame
             && let Some(data) = f.data_ref()
         {
@@ -72,13 +91,19 @@ where
             {
                 hold.settle(reader.finish());
             }
-            hold.end(outcome);
+            if let Some(commit) = hold.end(outcome) {
+                this.last = Some(Last {
+                    frame: frame.and_then(Result::ok),
+                    commit: Box::pin(commit.wait()),
+                });
+                return self.poll_frame(cx); // waits on the commit, then yields the frame
+            }
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.last.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -32,7 +32,7 @@ use super::body::MeteredBody;
 use crate::accounts::Account;
 use crate::app::App;
 use crate::clock::Stopwatch;
-use crate::config::Route;
+use crate::config::{Durability, Route};
 use crate::cost;
 use crate::hold::Hold;
 use crate::idempotency::{self, Claim, Fingerprint, StoredResponse};
@@ -380,15 +380,20 @@ where
         log.outcome = LogOutcome::Admitted {
             draws: entry.decision.draws.len(),
         };
+        let pools = pools_header(&account.plan, &entry.decision);
+        let mut hold = Hold::new(
+            account.clone(),
+            entry,
+            claim,
+            app.ledger.clone(),
+            app.clock.clone(),
+        );
+        if app.settings.store.durability == Durability::Strict {
+            hold.require_commit();
+        }
         let held = Held {
-            pools: pools_header(&account.plan, &entry.decision),
-            hold: Hold::new(
-                account.clone(),
-                entry,
-                claim,
-                app.ledger.clone(),
-                app.clock.clone(),
-            ),
+            pools,
+            hold,
             quota: decided.quota,
         };
         return forward_held(app, route, inner, req, held, log).await;
@@ -606,7 +611,9 @@ where
             if let Some(reader) = settle {
                 hold.settle(reader.finish());
             }
-            hold.end(Outcome::Completed);
+            if let Some(commit) = hold.end(Outcome::Completed) {
+                commit.wait().await; // strict durability: answer once the charge is committed
+            }
             Body::new(body)
         } else {
             hold.on_drop(Outcome::ClientAborted);
@@ -700,6 +707,7 @@ fn new_entry(
         idempotency_key,
         decided_at: now,
         completed_at: now,
+        committed: None,
     }
 }
 

@@ -205,6 +205,7 @@ mod tests {
             idempotency_key: None,
             decided_at,
             completed_at: decided_at,
+            committed: None,
         }
     }
 
