@@ -95,11 +95,20 @@ impl LedgerEntry {
         self.outcome == Outcome::Completed && self.decision.admitted()
     }
 
-    /// The key that makes a charge unique: the client's key scoped to the account, or the
-    /// decision id when the client sent none.
+    /// The `charge_key` column: unique together with `account_id` (two columns under one
+    /// unique index, never one joined string). A client's key and a gateway-assigned one live
+    /// apart: `k:<client key>`, `d:<decision id>`.
     pub fn charge_key(&self) -> String {
         match &self.idempotency_key {
-            Some(k) => format!("{}:{k}", self.account),
+            Some(k) => format!("k:{}", k.as_str()),
+            None => format!("d:{}", self.decision_id),
+        }
+    }
+
+    /// The `idempotency_key` column: the client's key as sent, or the decision id without one.
+    pub fn idempotency_column(&self) -> String {
+        match &self.idempotency_key {
+            Some(k) => k.as_str().to_owned(),
             None => self.decision_id.to_string(),
         }
     }

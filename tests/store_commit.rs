@@ -6,11 +6,15 @@ mod common;
 use common::{PgDatabase, StoreKind};
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
-use flowgate::store::{Committed, Store};
+use flowgate::store::{Committed, Page, Store};
 use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall;
 
-store_tests!(a_batch_charges_each_key_once_and_writes_each_entry_once);
+store_tests!(
+    a_batch_charges_each_key_once_and_writes_each_entry_once,
+    charge_keys_never_collide_across_accounts,
+    old_joined_charge_keys_are_migrated_per_account,
+);
 
 const CONFIG: &str = r#"
 [server]
@@ -39,11 +43,43 @@ plan = "p"
 id = "g"
 kind = "credits"
 amount = 100
+[[accounts]]
+id = "a"
+plan = "p"
+[[accounts.grants]]
+id = "g"
+kind = "credits"
+amount = 100
+[[accounts]]
+id = "a:b"
+plan = "p"
+[[accounts.grants]]
+id = "g"
+kind = "credits"
+amount = 100
+[[accounts]]
+id = "ü:ñ/ 😀"
+plan = "p"
+[[accounts.grants]]
+id = "g"
+kind = "credits"
+amount = 100
 "#;
 
 /// A completed request of `units` with the client's `key`, decided and held by the engine.
 fn entry(accounts: &Accounts, settings: &Settings, units: u64, key: &str) -> LedgerEntry {
-    let account = accounts.get("acct").expect("account");
+    entry_of(accounts, settings, "acct", units, key)
+}
+
+/// A completed request of `account`, with the client's `key`.
+fn entry_of(
+    accounts: &Accounts,
+    settings: &Settings,
+    account: &str,
+    units: u64,
+    key: &str,
+) -> LedgerEntry {
+    let account = accounts.get(account).expect("account");
     let feature = settings.feature_id("task").expect("feature");
     let decision = account.with_state(|plan, state| {
         let d = waterfall::decide(plan, state, feature, units, 1_000);
@@ -130,9 +166,145 @@ async fn a_batch_charges_each_key_once_and_writes_each_entry_once(kind: StoreKin
             counts.monetization_events,
             counts.balance_updates
         ),
-        // Usage: k1, k1 duplicate, k2, k1 duplicate. Balance updates: the grant, two debits.
-        (4, 2, 3)
+        // Usage: k1, k1 duplicate, k2, k1 duplicate. Balance updates: the four accounts'
+        // grants, two debits.
+        (4, 2, 6)
     );
     let grants = store.grants("acct").await.unwrap();
     assert_eq!(grants[0].balance, 79);
+}
+
+/// A fresh store of `kind` with the config's accounts, and its view.
+async fn open(
+    kind: StoreKind,
+) -> (
+    Store,
+    Settings,
+    Accounts,
+    Option<PgDatabase>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = match kind {
+        StoreKind::Sqlite => None,
+        StoreKind::Postgres => Some(PgDatabase::create().await),
+    };
+    let url = match &pg {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", dir.path().join("l.db").display()),
+    };
+    let settings = Settings::parse(CONFIG).unwrap();
+    let store = Store::open(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    store.seed(&settings.accounts, 1_000).await.unwrap();
+    let accounts = Accounts::load(&store, &settings, 1_000).await.unwrap();
+    (store, settings, accounts, pg, dir)
+}
+
+/// Account "a" with key "b:c" and account "a:b" with key "c" joined to the same string once;
+/// so did a client key shaped like an assigned one. Each is its own charge now.
+async fn charge_keys_never_collide_across_accounts(kind: StoreKind) {
+    let (store, settings, accounts, _pg, _dir) = open(kind).await;
+    let longest = "k".repeat(255);
+    let assigned = entry_of(&accounts, &settings, "a", 1, "x"); // its decision id below
+    let forged = format!("d:{}", assigned.decision_id);
+    let batch = vec![
+        entry_of(&accounts, &settings, "a", 1, "b:c"),
+        entry_of(&accounts, &settings, "a:b", 1, "c"),
+        entry_of(&accounts, &settings, "ü:ñ/ 😀", 1, "c"),
+        entry_of(&accounts, &settings, "a", 1, &longest),
+        entry_of(&accounts, &settings, "a:b", 1, &longest),
+        entry_of(&accounts, &settings, "a", 1, &forged),
+        LedgerEntry {
+            idempotency_key: None,
+            ..assigned
+        },
+    ];
+    let report = store.commit(&batch, 2_000).await.unwrap();
+    assert_eq!(report.results, vec![Committed::Recorded; batch.len()]);
+    // The same account and key again: one charge, ever.
+    let again = vec![
+        entry_of(&accounts, &settings, "a", 1, "b:c"),
+        entry_of(&accounts, &settings, "a:b", 1, "c"),
+        entry_of(&accounts, &settings, "a:b", 1, &longest),
+    ];
+    let report = store.commit(&again, 3_000).await.unwrap();
+    assert_eq!(report.results, vec![Committed::Duplicate; again.len()]);
+    let balance = |id: &'static str| {
+        let store = store.clone();
+        async move { store.grants(id).await.unwrap()[0].balance }
+    };
+    // 7 credits per unit: "a" paid 4 charges, "a:b" 2, the unicode account 1.
+    assert_eq!(balance("a").await, 100 - 4 * 7);
+    assert_eq!(balance("a:b").await, 100 - 2 * 7);
+    assert_eq!(balance("ü:ñ/ 😀").await, 100 - 7);
+    // The client's key is stored as sent.
+    let page = store.ledger_page("a:b", Page::After(0), 10).await.unwrap();
+    let keys: Vec<&str> = page
+        .iter()
+        .map(|e| e.usage.idempotency_key.as_str())
+        .collect();
+    assert!(keys.contains(&"c"), "{keys:?}");
+}
+
+/// A ledger written before charge keys were per account: its joined keys are split on
+/// migration, charges stay unique, and the same client key is then free for other accounts.
+async fn old_joined_charge_keys_are_migrated_per_account(kind: StoreKind) {
+    let (store, settings, accounts, pg, dir) = open(kind).await;
+    // Write rows the way the old code did, straight into the migrated table, then undo the
+    // new format to the old one to stand for a ledger from before the migration.
+    let batch = vec![
+        entry_of(&accounts, &settings, "a", 1, "b:c"),
+        LedgerEntry {
+            idempotency_key: None,
+            ..entry_of(&accounts, &settings, "acct", 1, "unused")
+        },
+    ];
+    store.commit(&batch, 2_000).await.unwrap();
+    let to_old = "UPDATE usage_events SET
+            charge_key = CASE WHEN charge_key LIKE 'd:%' THEN decision_id
+                              ELSE account_id || ':' || substr(charge_key, 3) END,
+            idempotency_key = CASE WHEN idempotency_key = decision_id THEN idempotency_key
+                                   ELSE account_id || ':' || idempotency_key END";
+    let redo = "DELETE FROM _sqlx_migrations WHERE version = 4";
+    match &pg {
+        Some(db) => {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(&format!(
+                "ALTER TABLE usage_events DROP CONSTRAINT usage_events_account_charge_key;
+                 {to_old};
+                 ALTER TABLE usage_events ADD CONSTRAINT usage_events_charge_key_key UNIQUE (charge_key);
+                 {redo}"
+            ))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        }
+        None => {
+            use sqlx::Connection;
+            let url = format!("sqlite://{}", dir.path().join("l.db").display());
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(&format!("{to_old}; {redo}"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+    store.migrate().await.unwrap();
+    let page = store.ledger_page("a", Page::After(0), 10).await.unwrap();
+    assert_eq!(
+        page[0].usage.idempotency_key, "b:c",
+        "the client's key, as sent"
+    );
+    // Migrated keys still guard their charges, and no longer block another account.
+    let again = vec![
+        entry_of(&accounts, &settings, "a", 1, "b:c"),
+        entry_of(&accounts, &settings, "a:b", 1, "c"),
+    ];
+    let report = store.commit(&again, 3_000).await.unwrap();
+    assert_eq!(
+        report.results,
+        vec![Committed::Duplicate, Committed::Recorded]
+    );
 }

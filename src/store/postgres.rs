@@ -130,8 +130,10 @@ struct UsageRow<'a> {
     entry: &'a LedgerEntry,
     /// `entry.decision_id` as stored.
     decision_id: String,
-    /// The entry's idempotency key (its charge key when charged).
+    /// The entry's charge key (stored when charged; unique within the account).
     key: String,
+    /// The `idempotency_key` column.
+    idempotency_key: String,
     /// The decision as stored (JSON).
     decision: String,
 }
@@ -337,6 +339,7 @@ impl PostgresStore {
                     entry,
                     decision_id: entry.decision_id.to_string(),
                     key: entry.charge_key(),
+                    idempotency_key: entry.idempotency_column(),
                     decision: entry.decision_json().to_string(),
                 }
             })
@@ -696,7 +699,7 @@ async fn insert_usage(
         });
         code.push(e.code);
         upstream_status.push(e.upstream_status.map(i64::from));
-        idempotency_key.push(r.key.as_str());
+        idempotency_key.push(r.idempotency_key.as_str());
         charge_key.push((!duplicate && e.charged()).then_some(r.key.as_str()));
         decision.push(r.decision.as_str());
         decided_at.push(e.decided_at);
@@ -711,7 +714,7 @@ async fn insert_usage(
                      $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[])
               AS u(id, decision_id, account_id, feature, units, outcome, code, upstream_status,
                    idempotency_key, charge_key, decision, decided_at, completed_at)
-         ORDER BY charge_key, id
+         ORDER BY account_id, charge_key, id
          ON CONFLICT DO NOTHING
          RETURNING id",
     )

@@ -52,8 +52,28 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// Applies the migrations on one connection with foreign keys off, as SQLite's table
+    /// rebuild requires (a migration cannot turn them off inside its own transaction), then
+    /// checks every reference before turning them back on.
     pub(super) async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("PRAGMA foreign_keys = OFF")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = MIGRATOR.run(&mut *conn).await;
+        let broken: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check")
+            .fetch_all(&mut *conn)
+            .await?;
+        sqlx::query("PRAGMA foreign_keys = ON")
+            .execute(&mut *conn)
+            .await?;
+        migrated?;
+        if !broken.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "after migrating, rows of {:?} refer to rows that do not exist",
+                broken
+            )));
+        }
         Ok(())
     }
 

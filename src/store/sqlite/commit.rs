@@ -29,9 +29,10 @@ struct UsageRow<'a> {
     id: i64,
     entry: &'a LedgerEntry,
     decision_id: String,
-    key: &'a str,
+    /// The `idempotency_key` column.
+    idempotency_key: String,
     outcome: &'static str,
-    /// The idempotency key when this event is the charge for it.
+    /// The charge key (unique within the account) when this event is the charge for it.
     charge_key: Option<&'a str>,
 }
 
@@ -76,8 +77,8 @@ pub(super) async fn commit(
         .iter()
         .zip(&keys)
         .filter(|(e, _)| e.charged())
-        .map(|(_, k)| k);
-    let mut charged = existing(&mut tx, "charge_key", charged_keys).await?;
+        .map(|(e, k)| (e.account.as_str(), k.as_str()));
+    let mut charged = existing_charges(&mut tx, charged_keys).await?;
 
     // Classify in batch order, as if the entries were committed one by one.
     let mut next_id = max_id(&mut tx, "usage_events").await? + 1;
@@ -91,14 +92,14 @@ pub(super) async fn commit(
             id: next_id,
             entry,
             decision_id,
-            key,
+            idempotency_key: entry.idempotency_column(),
             outcome,
             charge_key,
         };
         if !entry.charged() {
             usage.push(row(entry.outcome.as_str(), None));
             report.results.push(Committed::Recorded);
-        } else if charged.insert(key.clone()) {
+        } else if charged.insert((entry.account.to_string(), key.clone())) {
             usage.push(row(entry.outcome.as_str(), Some(key.as_str())));
             report.results.push(Committed::Recorded);
         } else {
@@ -194,6 +195,33 @@ async fn existing<'a>(
     Ok(found)
 }
 
+/// Which of the (account, charge key) pairs were charged already.
+async fn existing_charges<'a>(
+    tx: &mut Transaction<'_, Sqlite>,
+    pairs: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<HashSet<(String, String)>, StoreError> {
+    let pairs: Vec<(&str, &str)> = pairs.collect();
+    let mut found = HashSet::new();
+    for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT account_id, charge_key FROM usage_events WHERE (account_id, charge_key) IN (VALUES ",
+        );
+        let mut list = q.separated(", ");
+        for (account, key) in chunk {
+            list.push("(")
+                .push_bind_unseparated(*account)
+                .push_unseparated(", ")
+                .push_bind_unseparated(*key)
+                .push_unseparated(")");
+        }
+        q.push(")");
+        for r in q.build().fetch_all(&mut **tx).await? {
+            found.insert((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?));
+        }
+    }
+    Ok(found)
+}
+
 async fn max_id(tx: &mut Transaction<'_, Sqlite>, table: &str) -> Result<i64, StoreError> {
     let max: Option<i64> = sqlx::query_scalar(&format!("SELECT MAX(id) FROM {table}"))
         .fetch_one(&mut **tx)
@@ -250,7 +278,7 @@ async fn insert_usage(
                 .push_bind(r.outcome)
                 .push_bind(e.code)
                 .push_bind(e.upstream_status.map(i64::from))
-                .push_bind(r.key)
+                .push_bind(r.idempotency_key.as_str())
                 .push_bind(r.charge_key)
                 .push_bind(e.decision_json().to_string())
                 .push_bind(e.decided_at)
