@@ -146,18 +146,12 @@ impl Store {
         suspended: bool,
         now: Millis,
     ) -> Result<bool, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.create_account(id, plan, suspended, now).await,
-            Store::Postgres(s) => s.create_account(id, plan, suspended, now).await,
-        }
+        dialect!(self, s => s.create_account(id, plan, suspended, now).await)
     }
 
     /// The account with this id.
     pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.account(id).await,
-            Store::Postgres(s) => s.account(id).await,
-        }
+        dialect!(self, s => s.account(id).await)
     }
 
     /// Changes an account's plan and/or suspension (`None`: unchanged); the account after, or
@@ -168,18 +162,12 @@ impl Store {
         plan: Option<&str>,
         suspended: Option<bool>,
     ) -> Result<Option<AccountRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.update_account(id, plan, suspended).await,
-            Store::Postgres(s) => s.update_account(id, plan, suspended).await,
-        }
+        dialect!(self, s => s.update_account(id, plan, suspended).await)
     }
 
     /// Stores an API key's hash for an account; `false` if there is no such account.
     pub async fn add_api_key(&self, account: &str, key_hash: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.add_api_key(account, key_hash).await,
-            Store::Postgres(s) => s.add_api_key(account, key_hash).await,
-        }
+        dialect!(self, s => s.add_api_key(account, key_hash).await)
     }
 
     /// Gives a grant once per (account, external id): the grant and its `grant` balance update
@@ -191,10 +179,7 @@ impl Store {
         grant: &GrantSeed,
         now: Millis,
     ) -> Result<Option<Granted>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.grant(account, grant, now).await,
-            Store::Postgres(s) => s.grant(account, grant, now).await,
-        }
+        dialect!(self, s => s.grant(account, grant, now).await)
     }
 
     /// A page of an account's usage events, each with its charge and balance updates.
@@ -204,18 +189,12 @@ impl Store {
         page: Page,
         limit: u32,
     ) -> Result<Vec<LedgerEvent>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.ledger_page(account, page, limit).await,
-            Store::Postgres(s) => s.ledger_page(account, page, limit).await,
-        }
+        dialect!(self, s => s.ledger_page(account, page, limit).await)
     }
 
     /// The usage event of a decision, with its charge and balance updates.
     pub async fn ledger_event(&self, decision_id: &str) -> Result<Option<LedgerEvent>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.ledger_event(decision_id).await,
-            Store::Postgres(s) => s.ledger_event(decision_id).await,
-        }
+        dialect!(self, s => s.ledger_event(decision_id).await)
     }
 
     /// The draws of an account's charges decided at or after `since`, oldest first (what a
@@ -225,10 +204,7 @@ impl Store {
         account: &str,
         since: Millis,
     ) -> Result<Vec<Draw>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.account_draws_since(account, since).await,
-            Store::Postgres(s) => s.account_draws_since(account, since).await,
-        }
+        dialect!(self, s => s.account_draws_since(account, since).await)
     }
 }
 

@@ -9,9 +9,20 @@
 //!   and never below zero (a `CHECK`); what a debit cannot take is recorded as forgiven;
 //! - a batch commits whole or not at all, in queue order.
 
+/// Calls the same method on whichever dialect the store is: `dialect!(self, s => s.f(x))`.
+macro_rules! dialect {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
+}
+
 mod api;
 mod debit;
 mod postgres;
+mod shared;
 mod sqlite;
 
 use serde::Serialize;
@@ -235,35 +246,23 @@ impl Store {
 
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.migrate().await,
-            Store::Postgres(s) => s.migrate().await,
-        }
+        dialect!(self, s => s.migrate().await)
     }
 
     /// Whether the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.ping().await,
-            Store::Postgres(s) => s.ping().await,
-        }
+        dialect!(self, s => s.ping().await)
     }
 
     /// Creates the configured accounts, keys and grants the store does not have yet. Idempotent:
     /// a grant is given once per (account, grant id), however often the gateway restarts.
     pub async fn seed(&self, seeds: &[AccountSeed], now: Millis) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.seed(seeds, now).await,
-            Store::Postgres(s) => s.seed(seeds, now).await,
-        }
+        dialect!(self, s => s.seed(seeds, now).await)
     }
 
     /// Every account, with its keys and grants.
     pub async fn load_accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.load_accounts().await,
-            Store::Postgres(s) => s.load_accounts().await,
-        }
+        dialect!(self, s => s.load_accounts().await)
     }
 
     /// The draws of every charge decided at or after `since`, by account, oldest first: the
@@ -272,10 +271,7 @@ impl Store {
         &self,
         since: Millis,
     ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.load_draws_since(since).await,
-            Store::Postgres(s) => s.load_draws_since(since).await,
-        }
+        dialect!(self, s => s.load_draws_since(since).await)
     }
 
     /// Commits a batch in one transaction, in order; says what happened to each entry and to
@@ -285,29 +281,20 @@ impl Store {
         batch: &[LedgerEntry],
         now: Millis,
     ) -> Result<CommitReport, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.commit(batch, now).await,
-            Store::Postgres(s) => s.commit(batch, now).await,
-        }
+        dialect!(self, s => s.commit(batch, now).await)
     }
 
     /// Expires every grant whose time has come (`expires_at <= now`) and still holds credits:
     /// its balance goes to zero with a balance update (reason `expired`), in one transaction.
     /// Returns the grants expired, with their new (zero) balances.
     pub async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.expire_grants(now).await,
-            Store::Postgres(s) => s.expire_grants(now).await,
-        }
+        dialect!(self, s => s.expire_grants(now).await)
     }
 
     /// Refunds the charge of decision `decision_id`: each grant it debited gets its credits back
     /// (a `refund` balance update), and the charge is marked refunded, in one transaction.
     pub async fn refund(&self, decision_id: &str, now: Millis) -> Result<Refund, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.refund(decision_id, now).await,
-            Store::Postgres(s) => s.refund(decision_id, now).await,
-        }
+        dialect!(self, s => s.refund(decision_id, now).await)
     }
 
     /// Other writers' balance changes as they commit, where the store can tell (PostgreSQL:
@@ -321,18 +308,12 @@ impl Store {
 
     /// Reads what reconciliation needs (events decided at or after `since`).
     pub async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.snapshot(since).await,
-            Store::Postgres(s) => s.snapshot(since).await,
-        }
+        dialect!(self, s => s.snapshot(since).await)
     }
 
     /// Row counts of the three datasets.
     pub async fn counts(&self) -> Result<LedgerCounts, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.counts().await,
-            Store::Postgres(s) => s.counts().await,
-        }
+        dialect!(self, s => s.counts().await)
     }
 
     /// An account's most recent usage events, newest first.
@@ -341,18 +322,12 @@ impl Store {
         account: &str,
         limit: u32,
     ) -> Result<Vec<UsageEventRow>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.usage_events(account, limit).await,
-            Store::Postgres(s) => s.usage_events(account, limit).await,
-        }
+        dialect!(self, s => s.usage_events(account, limit).await)
     }
 
     /// The grants of an account with their balances.
     pub async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.grants(account).await,
-            Store::Postgres(s) => s.grants(account).await,
-        }
+        dialect!(self, s => s.grants(account).await)
     }
 }
 

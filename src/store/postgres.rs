@@ -39,11 +39,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::debit::{self, LockedGrant};
+use super::shared::to_bigint;
 use super::{
     CommitReport, Committed, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError,
     StoredAccount, StoredGrant, UsageEventRow,
 };
-use crate::config::AccountSeed;
 use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis, Pool};
 
@@ -174,70 +174,6 @@ impl PostgresStore {
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    pub(super) async fn seed(&self, seeds: &[AccountSeed], now: Millis) -> Result<(), StoreError> {
-        // Replicas seed the same accounts in the same (config) order: the second waits on the
-        // first's rows, then finds them there. Start-up only, so one statement per row is fine.
-        let mut tx = self.pool.begin().await?;
-        for seed in seeds {
-            sqlx::query(
-                "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended",
-            )
-            .bind(&seed.id)
-            .bind(&seed.plan)
-            .bind(seed.suspended)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            for hash in &seed.key_hashes {
-                sqlx::query(
-                    "INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)
-                     ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id",
-                )
-                .bind(hash)
-                .bind(&seed.id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for g in &seed.grants {
-                let features = g
-                    .features
-                    .as_ref()
-                    .map(|f| serde_json::to_string(f).unwrap_or_default());
-                let amount = to_bigint(g.amount, "grants.amount")?;
-                let inserted: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO grants (account_id, external_id, kind, amount, balance, expires_at, priority, features, created_at)
-                     VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8)
-                     ON CONFLICT (account_id, external_id) DO NOTHING RETURNING id",
-                )
-                .bind(&seed.id)
-                .bind(&g.external_id)
-                .bind(g.kind.as_str())
-                .bind(amount)
-                .bind(g.expires_at)
-                .bind(i64::from(g.priority))
-                .bind(features)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(grant_id) = inserted {
-                    sqlx::query(
-                        "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
-                         VALUES ($1, $2, 'grant', $3, $3, $4)",
-                    )
-                    .bind(&seed.id)
-                    .bind(grant_id)
-                    .bind(amount)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
-        tx.commit().await?;
         Ok(())
     }
 
@@ -955,10 +891,6 @@ fn grant_from_row(r: &PgRow) -> Result<StoredGrant, StoreError> {
 
 /// A count of units or credits as a BIGINT. Units are capped far below (`cost::UNITS_MAX`), so
 /// this fails only on a bug; it fails loudly rather than wrap.
-fn to_bigint(v: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} exceeds BIGINT")))
-}
-
 /// A BIGINT read back as a count (the schema's `CHECK`s keep these non-negative).
 fn to_unsigned(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} is negative")))

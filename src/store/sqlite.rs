@@ -16,7 +16,6 @@ use super::{
     CommitReport, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError, StoredAccount,
     StoredGrant, UsageEventRow,
 };
-use crate::config::AccountSeed;
 use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis};
 
@@ -79,69 +78,6 @@ impl SqliteStore {
 
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    pub(super) async fn seed(&self, seeds: &[AccountSeed], now: Millis) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for seed in seeds {
-            sqlx::query(
-                "INSERT INTO accounts (id, plan, suspended, created_at) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended",
-            )
-            .bind(&seed.id)
-            .bind(&seed.plan)
-            .bind(seed.suspended)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            for hash in &seed.key_hashes {
-                sqlx::query(
-                    "INSERT INTO api_keys (key_hash, account_id) VALUES (?, ?)
-                     ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id",
-                )
-                .bind(hash)
-                .bind(&seed.id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for g in &seed.grants {
-                let features = g
-                    .features
-                    .as_ref()
-                    .map(|f| serde_json::to_string(f).unwrap_or_default());
-                let inserted: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO grants (account_id, external_id, kind, amount, balance, expires_at, priority, features, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                     ON CONFLICT (account_id, external_id) DO NOTHING RETURNING id",
-                )
-                .bind(&seed.id)
-                .bind(&g.external_id)
-                .bind(g.kind.as_str())
-                .bind(g.amount as i64)
-                .bind(g.amount as i64)
-                .bind(g.expires_at)
-                .bind(g.priority)
-                .bind(features)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(grant_id) = inserted {
-                    sqlx::query(
-                        "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
-                         VALUES (?, ?, 'grant', ?, ?, ?)",
-                    )
-                    .bind(&seed.id)
-                    .bind(grant_id)
-                    .bind(g.amount as i64)
-                    .bind(g.amount as i64)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
-        tx.commit().await?;
         Ok(())
     }
 

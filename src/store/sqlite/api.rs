@@ -1,270 +1,41 @@
-//! The admin and user APIs' statements on SQLite (see `store::api`). Writes open with
-//! `BEGIN IMMEDIATE`, like the ledger writer's.
+//! The admin and user APIs' statements on SQLite: the shim [`super::super::shared`] needs,
+//! then the statements themselves, expanded from there.
 
 use sqlx::Row;
+use sqlx::sqlite::Sqlite as DB;
 
 use super::super::api::{
     AccountRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
     UsageEventRecord, columns, join, parse_draws,
 };
-use super::super::{StoreError, StoredGrant};
+use super::super::{GrantBalance, StoreError, StoredGrant};
 use super::{GRANT_COLUMNS, SqliteStore, grant_from_row};
-use crate::config::GrantSeed;
+use crate::config::{AccountSeed, GrantSeed};
 use crate::waterfall::{Draw, Millis};
 
-const ACCOUNT: &str = "SELECT id, plan, suspended, created_at,
-        (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id) AS api_keys
-     FROM accounts a WHERE id = ?";
+/// An id list: the ids as a JSON array, read back by `json_each`.
+const IDS_IN: &str = "IN (SELECT value FROM json_each($1))";
+
+fn ids_arg(ids: impl Iterator<Item = i64>) -> Result<String, StoreError> {
+    serde_json::to_string(&ids.collect::<Vec<_>>())
+        .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))
+}
 
 impl SqliteStore {
-    pub(in crate::store) async fn create_account(
-        &self,
-        id: &str,
-        plan: &str,
-        suspended: bool,
-        now: Millis,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let created: Option<String> = sqlx::query_scalar(
-            "INSERT INTO accounts (id, plan, suspended, created_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-        )
-        .bind(id)
-        .bind(plan)
-        .bind(suspended)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(created.is_some())
+    /// A write transaction holding SQLite's write lock from its start: a second writer waits
+    /// (up to the busy timeout) instead of failing when it would upgrade.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    pub(in crate::store) async fn account(
+    /// One process per SQLite file: nobody else to tell.
+    async fn announce_grant(
         &self,
-        id: &str,
-    ) -> Result<Option<AccountRow>, StoreError> {
-        Ok(sqlx::query_as(ACCOUNT)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
-    pub(in crate::store) async fn update_account(
-        &self,
-        id: &str,
-        plan: Option<&str>,
-        suspended: Option<bool>,
-    ) -> Result<Option<AccountRow>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let updated = sqlx::query(
-            "UPDATE accounts SET plan = COALESCE(?, plan), suspended = COALESCE(?, suspended)
-             WHERE id = ?",
-        )
-        .bind(plan)
-        .bind(suspended)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let row = if updated == 0 {
-            None
-        } else {
-            sqlx::query_as(ACCOUNT)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-        };
-        tx.commit().await?;
-        Ok(row)
-    }
-
-    pub(in crate::store) async fn add_api_key(
-        &self,
-        account: &str,
-        key_hash: &str,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = ?")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Ok(false);
-        }
-        sqlx::query("INSERT INTO api_keys (key_hash, account_id) VALUES (?, ?)")
-            .bind(key_hash)
-            .bind(account)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    pub(in crate::store) async fn grant(
-        &self,
-        account: &str,
-        g: &GrantSeed,
-        now: Millis,
-    ) -> Result<Option<Granted>, StoreError> {
-        let amount = i64::try_from(g.amount).map_err(|_| {
-            StoreError::Corrupt(format!("grant amount {} exceeds INTEGER", g.amount))
-        })?;
-        let features = g
-            .features
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("grant features: {e}")))?;
-        // BEGIN IMMEDIATE: a second request with the same key waits here, then finds the grant.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM accounts WHERE id = ?")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Ok(None);
-        }
-        let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO grants (account_id, external_id, kind, amount, balance, expires_at, priority, features, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (account_id, external_id) DO NOTHING RETURNING id",
-        )
-        .bind(account)
-        .bind(&g.external_id)
-        .bind(g.kind.as_str())
-        .bind(amount)
-        .bind(amount)
-        .bind(g.expires_at)
-        .bind(g.priority)
-        .bind(features)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(grant_id) = inserted {
-            sqlx::query(
-                "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
-                 VALUES (?, ?, 'grant', ?, ?, ?)",
-            )
-            .bind(account)
-            .bind(grant_id)
-            .bind(amount)
-            .bind(amount)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let row = sqlx::query(&format!(
-            "{GRANT_COLUMNS} WHERE account_id = ? AND external_id = ?"
-        ))
-        .bind(account)
-        .bind(&g.external_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let grant: StoredGrant = grant_from_row(&row)?;
-        tx.commit().await?;
-        Ok(Some(if inserted.is_some() {
-            Granted::Created(grant)
-        } else {
-            Granted::Existing(grant)
-        }))
-    }
-
-    pub(in crate::store) async fn ledger_page(
-        &self,
-        account: &str,
-        page: Page,
-        limit: u32,
-    ) -> Result<Vec<LedgerEvent>, StoreError> {
-        let usage: Vec<UsageEventRecord> = match page {
-            Page::After(after) => {
-                sqlx::query_as(&format!(
-                    "SELECT {} FROM usage_events WHERE account_id = ? AND id > ? ORDER BY id LIMIT ?",
-                    columns::USAGE
-                ))
-                .bind(account)
-                .bind(after)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?
-            }
-            Page::Before(before) => {
-                sqlx::query_as(&format!(
-                    "SELECT {} FROM usage_events WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                    columns::USAGE
-                ))
-                .bind(account)
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        self.attach(usage).await
-    }
-
-    pub(in crate::store) async fn ledger_event(
-        &self,
-        decision_id: &str,
-    ) -> Result<Option<LedgerEvent>, StoreError> {
-        let usage: Vec<UsageEventRecord> = sqlx::query_as(&format!(
-            "SELECT {} FROM usage_events WHERE decision_id = ?",
-            columns::USAGE
-        ))
-        .bind(decision_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(self.attach(usage).await?.into_iter().next())
-    }
-
-    /// Reads the charges and balance updates of `usage` and joins them.
-    async fn attach(&self, usage: Vec<UsageEventRecord>) -> Result<Vec<LedgerEvent>, StoreError> {
-        if usage.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids = serde_json::to_string(&usage.iter().map(|u| u.id).collect::<Vec<_>>())
-            .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-        let monetization: Vec<MonetizationRecord> = sqlx::query_as(&format!(
-            "SELECT {} FROM monetization_events
-             WHERE usage_event_id IN (SELECT value FROM json_each(?)) ORDER BY id",
-            columns::MONETIZATION
-        ))
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
-        let updates: Vec<BalanceUpdateRecord> = if monetization.is_empty() {
-            Vec::new()
-        } else {
-            let ids = serde_json::to_string(&monetization.iter().map(|m| m.id).collect::<Vec<_>>())
-                .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))?;
-            sqlx::query_as(&format!(
-                "SELECT {} FROM balance_updates
-                 WHERE monetization_event_id IN (SELECT value FROM json_each(?)) ORDER BY id",
-                columns::BALANCE_UPDATES
-            ))
-            .bind(&ids)
-            .fetch_all(&self.pool)
-            .await?
-        };
-        Ok(join(usage, monetization, updates))
-    }
-
-    pub(in crate::store) async fn account_draws_since(
-        &self,
-        account: &str,
-        since: Millis,
-    ) -> Result<Vec<Draw>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT draws FROM monetization_events
-             WHERE account_id = ? AND decided_at >= ? AND refunded_at IS NULL ORDER BY id",
-        )
-        .bind(account)
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut draws = Vec::new();
-        for r in rows {
-            draws.extend(parse_draws(r.get("draws"))?);
-        }
-        Ok(draws)
+        _tx: &mut sqlx::Transaction<'_, DB>,
+        _balance: GrantBalance,
+    ) -> Result<(), StoreError> {
+        Ok(())
     }
 }
+
+super::super::shared::api_statements!(SqliteStore);

@@ -1,0 +1,333 @@
+//! The admin and user APIs' statements, written once for both dialects.
+//!
+//! SQL uses `$n` placeholders, which SQLite accepts too (in order of first appearance, as
+//! here). The Rust around each statement is the same for both stores but for the types sqlx
+//! is generic over, so [`api_statements!`] expands one body per store, inside the dialect's
+//! own module; each module supplies the few things that truly differ (its shim):
+//!
+//! - `begin_write(&self)`: SQLite takes the write lock at once (`BEGIN IMMEDIATE`), so that a
+//!   second writer waits instead of failing on upgrade; PostgreSQL begins normally;
+//! - `IDS_IN` and `ids_arg`: an id list (`json_each` of a JSON array, or `= ANY` of an array);
+//! - `announce_grant(&self, tx, balance)`: PostgreSQL tells the other replicas; SQLite has none;
+//! - `grant_from_row` and `GRANT_COLUMNS`, over the dialect's row type.
+
+/// Expands the API statements as methods of `$store` (see the module documentation).
+macro_rules! api_statements {
+    ($store:ty) => {
+        const ACCOUNT: &str = "SELECT id, plan, suspended, created_at,
+                (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id) AS api_keys
+             FROM accounts a WHERE id = $1";
+
+        impl $store {
+            pub(in crate::store) async fn create_account(
+                &self,
+                id: &str,
+                plan: &str,
+                suspended: bool,
+                now: Millis,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let created: Option<String> = sqlx::query_scalar(
+                    "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                )
+                .bind(id)
+                .bind(plan)
+                .bind(suspended)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(created.is_some())
+            }
+
+            /// Creates or updates the configured accounts, their API keys and their grants
+            /// (each grant once). Replicas seed the same accounts in the same (config) order:
+            /// the second waits on the first's rows, then finds them there.
+            pub(in crate::store) async fn seed(
+                &self,
+                seeds: &[AccountSeed],
+                now: Millis,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.begin_write().await?;
+                for seed in seeds {
+                    sqlx::query(
+                        "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended",
+                    )
+                    .bind(&seed.id)
+                    .bind(&seed.plan)
+                    .bind(seed.suspended)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    for hash in &seed.key_hashes {
+                        sqlx::query(
+                            "INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)
+                             ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id",
+                        )
+                        .bind(hash)
+                        .bind(&seed.id)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    for g in &seed.grants {
+                        insert_grant(&mut tx, &seed.id, g, now).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub(in crate::store) async fn account(
+                &self,
+                id: &str,
+            ) -> Result<Option<AccountRow>, StoreError> {
+                Ok(sqlx::query_as(ACCOUNT)
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            pub(in crate::store) async fn update_account(
+                &self,
+                id: &str,
+                plan: Option<&str>,
+                suspended: Option<bool>,
+            ) -> Result<Option<AccountRow>, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let updated = sqlx::query(
+                    "UPDATE accounts SET plan = COALESCE($1, plan), suspended = COALESCE($2, suspended)
+                     WHERE id = $3",
+                )
+                .bind(plan)
+                .bind(suspended)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let row = if updated == 0 {
+                    None
+                } else {
+                    sqlx::query_as(ACCOUNT)
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                };
+                tx.commit().await?;
+                Ok(row)
+            }
+
+            pub(in crate::store) async fn add_api_key(
+                &self,
+                account: &str,
+                key_hash: &str,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let exists: Option<String> =
+                    sqlx::query_scalar("SELECT id FROM accounts WHERE id = $1")
+                        .bind(account)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if exists.is_none() {
+                    return Ok(false);
+                }
+                sqlx::query("INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)")
+                    .bind(key_hash)
+                    .bind(account)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            /// Gives `g` to `account` once per external id, with its balance update. A second
+            /// transaction with the same key waits on the first's unique index entry, then
+            /// inserts nothing and reads the first's grant.
+            pub(in crate::store) async fn grant(
+                &self,
+                account: &str,
+                g: &GrantSeed,
+                now: Millis,
+            ) -> Result<Option<Granted>, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let exists: Option<String> =
+                    sqlx::query_scalar("SELECT id FROM accounts WHERE id = $1")
+                        .bind(account)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if exists.is_none() {
+                    return Ok(None);
+                }
+                let inserted = insert_grant(&mut tx, account, g, now).await?;
+                if let Some(grant_id) = inserted {
+                    let balance = GrantBalance {
+                        account: account.to_owned(),
+                        grant_id,
+                        balance: g.amount,
+                    };
+                    self.announce_grant(&mut tx, balance).await?;
+                }
+                let row = sqlx::query(&format!(
+                    "{GRANT_COLUMNS} WHERE account_id = $1 AND external_id = $2"
+                ))
+                .bind(account)
+                .bind(&g.external_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let grant: StoredGrant = grant_from_row(&row)?;
+                tx.commit().await?;
+                Ok(Some(if inserted.is_some() {
+                    Granted::Created(grant)
+                } else {
+                    Granted::Existing(grant)
+                }))
+            }
+
+            pub(in crate::store) async fn ledger_page(
+                &self,
+                account: &str,
+                page: Page,
+                limit: u32,
+            ) -> Result<Vec<LedgerEvent>, StoreError> {
+                let (sql, cursor) = match page {
+                    Page::After(after) => (
+                        "WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                        after,
+                    ),
+                    Page::Before(before) => (
+                        "WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                        before.unwrap_or(i64::MAX),
+                    ),
+                };
+                let usage: Vec<UsageEventRecord> = sqlx::query_as(&format!(
+                    "SELECT {} FROM usage_events {sql}",
+                    columns::USAGE
+                ))
+                .bind(account)
+                .bind(cursor)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                self.attach(usage).await
+            }
+
+            pub(in crate::store) async fn ledger_event(
+                &self,
+                decision_id: &str,
+            ) -> Result<Option<LedgerEvent>, StoreError> {
+                let usage: Vec<UsageEventRecord> = sqlx::query_as(&format!(
+                    "SELECT {} FROM usage_events WHERE decision_id = $1",
+                    columns::USAGE
+                ))
+                .bind(decision_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(self.attach(usage).await?.into_iter().next())
+            }
+
+            /// Reads the charges and balance updates of `usage` and joins them.
+            async fn attach(
+                &self,
+                usage: Vec<UsageEventRecord>,
+            ) -> Result<Vec<LedgerEvent>, StoreError> {
+                if usage.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let monetization: Vec<MonetizationRecord> = sqlx::query_as(&format!(
+                    "SELECT {} FROM monetization_events WHERE usage_event_id {IDS_IN} ORDER BY id",
+                    columns::MONETIZATION
+                ))
+                .bind(ids_arg(usage.iter().map(|u| u.id))?)
+                .fetch_all(&self.pool)
+                .await?;
+                let updates: Vec<BalanceUpdateRecord> = if monetization.is_empty() {
+                    Vec::new()
+                } else {
+                    sqlx::query_as(&format!(
+                        "SELECT {} FROM balance_updates WHERE monetization_event_id {IDS_IN} ORDER BY id",
+                        columns::BALANCE_UPDATES
+                    ))
+                    .bind(ids_arg(monetization.iter().map(|m| m.id))?)
+                    .fetch_all(&self.pool)
+                    .await?
+                };
+                Ok(join(usage, monetization, updates))
+            }
+
+            pub(in crate::store) async fn account_draws_since(
+                &self,
+                account: &str,
+                since: Millis,
+            ) -> Result<Vec<Draw>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT draws FROM monetization_events
+                     WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL ORDER BY id",
+                )
+                .bind(account)
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+                let mut draws = Vec::new();
+                for r in rows {
+                    draws.extend(parse_draws(r.get("draws"))?);
+                }
+                Ok(draws)
+            }
+        }
+
+        /// Inserts a grant and its `grant` balance update unless the account has one with its
+        /// external id; returns the new grant's id. The one statement for configured grants
+        /// (seeded at start-up) and API grants alike.
+        pub(in crate::store) async fn insert_grant(
+            tx: &mut sqlx::Transaction<'_, DB>,
+            account: &str,
+            g: &GrantSeed,
+            now: Millis,
+        ) -> Result<Option<i64>, StoreError> {
+            let amount = crate::store::shared::to_bigint(g.amount, "grants.amount")?;
+            let features = g
+                .features
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("grant features: {e}")))?;
+            let inserted: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO grants (account_id, external_id, kind, amount, balance, expires_at, priority, features, created_at)
+                 VALUES ($1, $2, $3, $4, $4, $5, $6, $7, $8)
+                 ON CONFLICT (account_id, external_id) DO NOTHING RETURNING id",
+            )
+            .bind(account)
+            .bind(&g.external_id)
+            .bind(g.kind.as_str())
+            .bind(amount)
+            .bind(g.expires_at)
+            .bind(i64::from(g.priority))
+            .bind(features)
+            .bind(now)
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(grant_id) = inserted {
+                sqlx::query(
+                    "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
+                     VALUES ($1, $2, 'grant', $3, $3, $4)",
+                )
+                .bind(account)
+                .bind(grant_id)
+                .bind(amount)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Ok(inserted)
+        }
+    };
+}
+
+pub(super) use api_statements;
+
+/// A count or amount as the stores' signed 64-bit integers.
+pub(super) fn to_bigint(v: u64, what: &str) -> Result<i64, super::StoreError> {
+    i64::try_from(v)
+        .map_err(|_| super::StoreError::Corrupt(format!("{what} = {v} exceeds a 64-bit integer")))
+}
