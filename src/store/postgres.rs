@@ -39,13 +39,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::debit::{self, LockedGrant};
-use super::shared::to_bigint;
+use super::shared::{to_bigint, to_unsigned};
 use super::{
-    CommitReport, Committed, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError,
-    StoredAccount, StoredGrant, UsageEventRow,
+    CommitReport, Committed, GrantBalance, LedgerSnapshot, Refund, StoreError, StoredGrant,
 };
 use crate::usage::LedgerEntry;
-use crate::waterfall::{Draw, GrantKind, Millis, Pool};
+use crate::waterfall::{GrantKind, Millis, Pool};
 
 /// Connections in the pool: one writer (the ledger task) plus readers (health checks, the
 /// admin and user APIs). Each replica has its own pool: mind the server's `max_connections`.
@@ -175,54 +174,6 @@ impl PostgresStore {
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-
-    pub(super) async fn load_accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
-        let mut accounts: Vec<StoredAccount> =
-            sqlx::query("SELECT id, plan, suspended FROM accounts ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?
-                .into_iter()
-                .map(|r| StoredAccount {
-                    id: r.get("id"),
-                    plan: r.get("plan"),
-                    suspended: r.get("suspended"),
-                    key_hashes: Vec::new(),
-                    grants: Vec::new(),
-                })
-                .collect();
-        let keys: Vec<(String, String)> =
-            sqlx::query_as("SELECT account_id, key_hash FROM api_keys")
-                .fetch_all(&self.pool)
-                .await?;
-        let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((r.get("account_id"), grant_from_row(r)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        super::attach_keys_and_grants(&mut accounts, keys, grants);
-        Ok(accounts)
-    }
-
-    pub(super) async fn load_draws_since(
-        &self,
-        since: Millis,
-    ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT account_id, draws FROM monetization_events
-             WHERE decided_at >= $1 AND refunded_at IS NULL ORDER BY id",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let draws: Vec<Draw> = serde_json::from_str(r.get("draws"))
-                    .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
-                Ok((r.get("account_id"), draws))
-            })
-            .collect()
     }
 
     /// Commits a batch in one transaction: usage events, then monetization events, then debits
@@ -530,71 +481,6 @@ impl PostgresStore {
         tx.commit().await?;
         Ok(snapshot)
     }
-
-    pub(super) async fn counts(&self) -> Result<LedgerCounts, StoreError> {
-        let r = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM usage_events) AS u, (SELECT COUNT(*) FROM monetization_events) AS m,
-                    (SELECT COUNT(*) FROM balance_updates) AS b",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(LedgerCounts {
-            usage_events: to_unsigned(r.get("u"), "count(usage_events)")?,
-            monetization_events: to_unsigned(r.get("m"), "count(monetization_events)")?,
-            balance_updates: to_unsigned(r.get("b"), "count(balance_updates)")?,
-        })
-    }
-
-    pub(super) async fn usage_events(
-        &self,
-        account: &str,
-        limit: u32,
-    ) -> Result<Vec<UsageEventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT u.decision_id, u.feature, u.units, u.outcome, u.code, u.upstream_status, u.decided_at,
-                    m.id IS NOT NULL AS charged, COALESCE(m.credits, 0) AS credits
-             FROM usage_events u LEFT JOIN monetization_events m ON m.usage_event_id = u.id
-             WHERE u.account_id = $1 ORDER BY u.id DESC LIMIT $2",
-        )
-        .bind(account)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageEventRow {
-                    decision_id: r.get("decision_id"),
-                    feature: r.get("feature"),
-                    units: to_unsigned(r.get("units"), "usage_events.units")?,
-                    outcome: r.get("outcome"),
-                    code: r.get("code"),
-                    upstream_status: r
-                        .get::<Option<i64>, _>("upstream_status")
-                        .map(|s| {
-                            u16::try_from(s).map_err(|_| {
-                                StoreError::Corrupt(format!("usage_events.upstream_status = {s}"))
-                            })
-                        })
-                        .transpose()?,
-                    charged: r.get("charged"),
-                    credits: to_unsigned(r.get("credits"), "monetization_events.credits")?,
-                    decided_at: r.get("decided_at"),
-                })
-            })
-            .collect()
-    }
-
-    pub(super) async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
-        sqlx::query(&format!(
-            "{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY id"
-        ))
-        .bind(account)
-        .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(grant_from_row)
-        .collect()
-    }
 }
 
 /// Inserts usage events in one statement, sorted by charge key (so that two writers wait on
@@ -887,11 +773,4 @@ fn grant_from_row(r: &PgRow) -> Result<StoredGrant, StoreError> {
             })
             .transpose()?,
     })
-}
-
-/// A count of units or credits as a BIGINT. Units are capped far below (`cost::UNITS_MAX`), so
-/// this fails only on a bug; it fails loudly rather than wrap.
-/// A BIGINT read back as a count (the schema's `CHECK`s keep these non-negative).
-fn to_unsigned(v: i64, what: &str) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} = {v} is negative")))
 }

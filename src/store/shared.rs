@@ -276,6 +276,122 @@ macro_rules! api_statements {
             }
         }
 
+        /// The reads the view and the tests make, the same on both dialects.
+        impl $store {
+        pub(in crate::store) async fn load_accounts(&self) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
+            let mut accounts: Vec<crate::store::StoredAccount> =
+                sqlx::query("SELECT id, plan, suspended FROM accounts ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| crate::store::StoredAccount {
+                        id: r.get("id"),
+                        plan: r.get("plan"),
+                        suspended: r.get("suspended"),
+                        key_hashes: Vec::new(),
+                        grants: Vec::new(),
+                    })
+                    .collect();
+            let keys: Vec<(String, String)> =
+                sqlx::query_as("SELECT account_id, key_hash FROM api_keys")
+                    .fetch_all(&self.pool)
+                    .await?;
+            let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| Ok((r.get("account_id"), grant_from_row(r)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            crate::store::attach_keys_and_grants(&mut accounts, keys, grants);
+            Ok(accounts)
+        }
+
+        pub(in crate::store) async fn load_draws_since(
+            &self,
+            since: Millis,
+        ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
+            let rows = sqlx::query(
+                "SELECT account_id, draws FROM monetization_events
+                 WHERE decided_at >= $1 AND refunded_at IS NULL ORDER BY id",
+            )
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.into_iter()
+                .map(|r| {
+                    let draws: Vec<Draw> = serde_json::from_str(r.get("draws"))
+                        .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
+                    Ok((r.get("account_id"), draws))
+                })
+                .collect()
+        }
+
+        pub(in crate::store) async fn counts(&self) -> Result<crate::store::LedgerCounts, StoreError> {
+            let r = sqlx::query(
+                "SELECT (SELECT COUNT(*) FROM usage_events) AS u, (SELECT COUNT(*) FROM monetization_events) AS m,
+                        (SELECT COUNT(*) FROM balance_updates) AS b",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(crate::store::LedgerCounts {
+                usage_events: crate::store::shared::to_unsigned(r.get("u"), "count(usage_events)")?,
+                monetization_events: crate::store::shared::to_unsigned(r.get("m"), "count(monetization_events)")?,
+                balance_updates: crate::store::shared::to_unsigned(r.get("b"), "count(balance_updates)")?,
+            })
+        }
+
+        pub(in crate::store) async fn usage_events(
+            &self,
+            account: &str,
+            limit: u32,
+        ) -> Result<Vec<crate::store::UsageEventRow>, StoreError> {
+            let rows = sqlx::query(
+                "SELECT u.decision_id, u.feature, u.units, u.outcome, u.code, u.upstream_status, u.decided_at,
+                        m.id IS NOT NULL AS charged, COALESCE(m.credits, 0) AS credits
+                 FROM usage_events u LEFT JOIN monetization_events m ON m.usage_event_id = u.id
+                 WHERE u.account_id = $1 ORDER BY u.id DESC LIMIT $2",
+            )
+            .bind(account)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(crate::store::UsageEventRow {
+                        decision_id: r.get("decision_id"),
+                        feature: r.get("feature"),
+                        units: crate::store::shared::to_unsigned(r.get("units"), "usage_events.units")?,
+                        outcome: r.get("outcome"),
+                        code: r.get("code"),
+                        upstream_status: r
+                            .get::<Option<i64>, _>("upstream_status")
+                            .map(|s| {
+                                u16::try_from(s).map_err(|_| {
+                                    StoreError::Corrupt(format!("usage_events.upstream_status = {s}"))
+                                })
+                            })
+                            .transpose()?,
+                        charged: r.get("charged"),
+                        credits: crate::store::shared::to_unsigned(r.get("credits"), "monetization_events.credits")?,
+                        decided_at: r.get("decided_at"),
+                    })
+                })
+                .collect()
+        }
+
+        pub(in crate::store) async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
+            sqlx::query(&format!(
+                "{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY id"
+            ))
+            .bind(account)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(grant_from_row)
+            .collect()
+        }
+        }
+
         /// Inserts a grant and its `grant` balance update unless the account has one with its
         /// external id; returns the new grant's id. The one statement for configured grants
         /// (seeded at start-up) and API grants alike.
@@ -330,4 +446,9 @@ pub(super) use api_statements;
 pub(super) fn to_bigint(v: u64, what: &str) -> Result<i64, super::StoreError> {
     i64::try_from(v)
         .map_err(|_| super::StoreError::Corrupt(format!("{what} = {v} exceeds a 64-bit integer")))
+}
+
+/// A BIGINT read back as a count (the schema's `CHECK`s keep these non-negative).
+pub(super) fn to_unsigned(v: i64, what: &str) -> Result<u64, super::StoreError> {
+    u64::try_from(v).map_err(|_| super::StoreError::Corrupt(format!("{what} = {v} is negative")))
 }

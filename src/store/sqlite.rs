@@ -12,12 +12,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::debit::LockedGrant;
-use super::{
-    CommitReport, GrantBalance, LedgerCounts, LedgerSnapshot, Refund, StoreError, StoredAccount,
-    StoredGrant, UsageEventRow,
-};
+use super::{CommitReport, GrantBalance, LedgerSnapshot, Refund, StoreError, StoredGrant};
 use crate::usage::LedgerEntry;
-use crate::waterfall::{Draw, GrantKind, Millis};
+use crate::waterfall::{GrantKind, Millis};
 
 /// Connections in the pool: one writer (the ledger task) plus readers.
 const POOL_CONNECTIONS_MAX: u32 = 4;
@@ -79,54 +76,6 @@ impl SqliteStore {
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-
-    pub(super) async fn load_accounts(&self) -> Result<Vec<StoredAccount>, StoreError> {
-        let mut accounts: Vec<StoredAccount> =
-            sqlx::query("SELECT id, plan, suspended FROM accounts ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?
-                .into_iter()
-                .map(|r| StoredAccount {
-                    id: r.get("id"),
-                    plan: r.get("plan"),
-                    suspended: r.get("suspended"),
-                    key_hashes: Vec::new(),
-                    grants: Vec::new(),
-                })
-                .collect();
-        let keys: Vec<(String, String)> =
-            sqlx::query_as("SELECT account_id, key_hash FROM api_keys")
-                .fetch_all(&self.pool)
-                .await?;
-        let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((r.get("account_id"), grant_from_row(r)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        super::attach_keys_and_grants(&mut accounts, keys, grants);
-        Ok(accounts)
-    }
-
-    pub(super) async fn load_draws_since(
-        &self,
-        since: Millis,
-    ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT account_id, draws FROM monetization_events
-             WHERE decided_at >= ? AND refunded_at IS NULL ORDER BY id",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let draws: Vec<Draw> = serde_json::from_str(r.get("draws"))
-                    .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
-                Ok((r.get("account_id"), draws))
-            })
-            .collect()
     }
 
     pub(super) async fn commit(
@@ -265,61 +214,6 @@ impl SqliteStore {
         };
         tx.commit().await?;
         Ok(snapshot)
-    }
-
-    pub(super) async fn counts(&self) -> Result<LedgerCounts, StoreError> {
-        let r = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM usage_events) AS u, (SELECT COUNT(*) FROM monetization_events) AS m,
-                    (SELECT COUNT(*) FROM balance_updates) AS b",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(LedgerCounts {
-            usage_events: r.get::<i64, _>("u") as u64,
-            monetization_events: r.get::<i64, _>("m") as u64,
-            balance_updates: r.get::<i64, _>("b") as u64,
-        })
-    }
-
-    pub(super) async fn usage_events(
-        &self,
-        account: &str,
-        limit: u32,
-    ) -> Result<Vec<UsageEventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT u.decision_id, u.feature, u.units, u.outcome, u.code, u.upstream_status, u.decided_at,
-                    m.id IS NOT NULL AS charged, COALESCE(m.credits, 0) AS credits
-             FROM usage_events u LEFT JOIN monetization_events m ON m.usage_event_id = u.id
-             WHERE u.account_id = ? ORDER BY u.id DESC LIMIT ?",
-        )
-        .bind(account)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| UsageEventRow {
-                decision_id: r.get("decision_id"),
-                feature: r.get("feature"),
-                units: r.get::<i64, _>("units") as u64,
-                outcome: r.get("outcome"),
-                code: r.get("code"),
-                upstream_status: r.get::<Option<i64>, _>("upstream_status").map(|s| s as u16),
-                charged: r.get("charged"),
-                credits: r.get::<i64, _>("credits") as u64,
-                decided_at: r.get("decided_at"),
-            })
-            .collect())
-    }
-
-    pub(super) async fn grants(&self, account: &str) -> Result<Vec<StoredGrant>, StoreError> {
-        sqlx::query(&format!("{GRANT_COLUMNS} WHERE account_id = ? ORDER BY id"))
-            .bind(account)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(grant_from_row)
-            .collect()
     }
 }
 
