@@ -38,14 +38,30 @@ fn check_log_and_store(raw: &RawConfig, cx: &Ctx<'_>) -> Result<(), ConfigError>
         return cx.err("log.level", None, format!("not a log filter: {e}"));
     }
     if raw.store.ledger_batch_size_max == 0 || raw.store.ledger_queue_max == 0 {
-        return cx.err(
-            "raw.store.ledger_batch_size_max",
-            None,
-            "must be at least 1",
-        );
+        return cx.err("store.ledger_batch_size_max", None, "must be at least 1");
     }
     if raw.store.expiry_interval_ms == 0 {
-        return cx.err("raw.store.expiry_interval_ms", None, "must be at least 1");
+        return cx.err("store.expiry_interval_ms", None, "must be at least 1");
+    }
+    let server = &raw.server;
+    for (key, value) in [
+        (
+            "server.client_header_timeout_ms",
+            server.client_header_timeout_ms,
+        ),
+        (
+            "server.client_body_timeout_ms",
+            server.client_body_timeout_ms,
+        ),
+        ("server.connections_max", server.connections_max as u64),
+        (
+            "server.http2_max_concurrent_streams",
+            u64::from(server.http2_max_concurrent_streams),
+        ),
+    ] {
+        if value == 0 {
+            return cx.err(key, None, "must be at least 1");
+        }
     }
     Ok(())
 }

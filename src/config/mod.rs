@@ -180,6 +180,23 @@ pub struct ServerSettings {
     /// How long an `Idempotency-Key` is remembered in memory (the store remembers forever).
     #[serde(default = "defaults::idempotency_ttl_s")]
     pub idempotency_ttl_s: u64,
+    /// How long a client may take to send a request's headers, counted from when the gateway
+    /// starts waiting for them — so it is also how long an idle keep-alive connection stays
+    /// open (hyper times both with one timer). Past it the connection is closed (nginx's
+    /// `client_header_timeout`, 60 s).
+    #[serde(default = "defaults::client_header_timeout_ms")]
+    pub client_header_timeout_ms: u64,
+    /// How long a client may take to send a body the gateway reads (a JSON cost rule, an
+    /// idempotency key); past it, 408 (nginx's `client_body_timeout`, 60 s).
+    #[serde(default = "defaults::client_body_timeout_ms")]
+    pub client_body_timeout_ms: u64,
+    /// Most client connections open at once; past it the gateway stops accepting until one
+    /// closes (the kernel's backlog holds or refuses the rest).
+    #[serde(default = "defaults::connections_max")]
+    pub connections_max: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[serde(default = "defaults::http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// The answer when credits are short and waiting will not help.
@@ -273,6 +290,18 @@ mod defaults {
     }
     pub fn idempotency_ttl_s() -> u64 {
         24 * 3600
+    }
+    pub fn client_header_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn client_body_timeout_ms() -> u64 {
+        60_000
+    }
+    pub fn connections_max() -> usize {
+        10_000
+    }
+    pub fn http2_max_concurrent_streams() -> u32 {
+        128
     }
     pub fn yes() -> bool {
         true

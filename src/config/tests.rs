@@ -91,3 +91,11 @@ fn zero_grant_and_bad_duration_are_rejected() {
     let e = error_of(&EXAMPLE.replacen("duration = \"5h\"", "duration = \"90s\"", 1));
     assert!(e.key.ends_with("duration"), "{e}");
 }
+
+#[test]
+fn section_checks_name_their_keys() {
+    let text = EXAMPLE.replace("ledger_queue_max = 10000", "ledger_queue_max = 0");
+    assert_eq!(error_of(&text).key, "store.ledger_batch_size_max");
+    let text = EXAMPLE.replace("connections_max = 10000", "connections_max = 0");
+    assert_eq!(error_of(&text).key, "server.connections_max");
+}

@@ -425,9 +425,10 @@ async fn cost(
     }
     let (parts, body) = req.into_parts();
     let limit = app.settings.server.request_body_bytes_max;
-    let bytes = http_body_util::Limited::new(body, limit)
-        .collect()
+    let timeout = std::time::Duration::from_millis(app.settings.server.client_body_timeout_ms);
+    let bytes = tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect())
         .await
+        .map_err(|_| GatewayError::BodyTimeout)?
         .map_err(|_| GatewayError::BodyTooLarge { limit })?
         .to_bytes();
     let units = cost::units(&route.cost, &parts.headers, &bytes)?;

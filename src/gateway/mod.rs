@@ -134,7 +134,13 @@ impl Gateway {
             .map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
         let grace = Duration::from_millis(app.settings.server.shutdown_grace_ms);
         let (stop, stopped) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, router, stopped, grace));
+        let server = &app.settings.server;
+        let limits = FrontDoor {
+            header_timeout: Duration::from_millis(server.client_header_timeout_ms),
+            connections_max: server.connections_max,
+            http2_streams: server.http2_max_concurrent_streams,
+        };
+        let server = tokio::spawn(serve(listener, router, stopped, grace, limits));
         tracing::info!(%addr, "flowgate listening");
         Ok(Gateway {
             addr,
@@ -171,36 +177,84 @@ impl Gateway {
     }
 }
 
+/// The front door: accepts connections (at most `connections_max` open at once), serves each
+/// with hyper — HTTP/1.1 with a header read timeout that also closes idle keep-alive
+/// connections, or HTTP/2 with a stream limit — and on `stopped` stops accepting, lets open
+/// connections finish for up to `grace`, then abandons them.
 async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
-    stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
     grace: Duration,
+    limits: FrontDoor,
 ) {
-    use axum::serve::ListenerExt;
-    // Without TCP_NODELAY a stream's small event writes wait for the client's delayed ACK
-    // (~40 ms each): an SSE response through the gateway crawled (benches/proxy.sh).
-    let listener = listener.tap_io(|tcp| {
+    let stop = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stop);
+    use hyper_util::server::conn::auto;
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_streams);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        // Past the limit, wait for a connection to close before accepting another.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // closed: never, but then there is nothing to serve
+            },
+            () = &mut stop => break,
+        };
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept: wait, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        // Without TCP_NODELAY a stream's small event writes wait for the client's delayed ACK
+        // (~40 ms each): an SSE response through the gateway crawled (benches/proxy.sh).
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
-    });
-    let mut signal = stopped.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = signal.wait_for(|s| *s).await;
-    });
-    let mut deadline = stopped;
-    tokio::select! {
-        result = server.into_future() => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "server failed");
-            }
-        }
-        _ = async move {
-            let _ = deadline.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!("shutdown grace elapsed; abandoning in-flight requests (released, not charged)"),
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = http
+            .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that goes away or times out ends its connection; nothing to report.
+            let _ = conn.await;
+            drop(permit);
+        });
     }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown grace elapsed; abandoning in-flight requests (released, not charged)");
+        }
+    }
+}
+
+/// The front door's limits, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+struct FrontDoor {
+    header_timeout: Duration,
+    connections_max: usize,
+    http2_streams: u32,
 }
 
 /// One configured route's request path: access log → identify → meter → forward.

@@ -38,6 +38,9 @@ pub enum GatewayError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The client sent the body too slowly (`client_body_timeout_ms`).
+    #[error("request body timeout")]
+    BodyTimeout,
     /// The `Idempotency-Key` header is not a short printable string.
     #[error("invalid idempotency key")]
     InvalidIdempotencyKey,
@@ -225,6 +228,13 @@ impl IntoResponse for GatewayError {
                 format!("the request body is larger than {limit} bytes"),
                 json!({ "field": "body" }),
             )),
+            E::BodyTimeout => body(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_body_timeout",
+                "the request body did not arrive in time".into(),
+                json!({ "field": "body" }),
+            ),
             E::InvalidIdempotencyKey => no_retry(body(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
