@@ -1,4 +1,4 @@
-//! The `flowgate` command: `serve`, `migrate`, `demo`.
+//! The `flowgate` command: `serve`, `migrate`, `reconcile`, `backup`, `restore`, `demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +45,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a SQLite ledger to a new file while the gateway serves (a consistent snapshot).
+    Backup {
+        /// The TOML configuration (its `store.url`, or FLOWGATE_STORE_URL).
+        #[arg(long, default_value = "config/flowgate.toml")]
+        config: PathBuf,
+        /// The file to write; it must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a backup in place as the SQLite ledger, after checking it (stop the gateway first).
+    Restore {
+        /// The TOML configuration (its `store.url`, or FLOWGATE_STORE_URL).
+        #[arg(long, default_value = "config/flowgate.toml")]
+        config: PathBuf,
+        /// The backup to restore.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace an existing ledger file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Watch the waterfall work: a mock backend, a gateway on a temporary SQLite file, one user.
     Demo,
 }
@@ -79,6 +100,12 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Command::Backup { config, to } => backup(config, to).await,
+        Command::Restore {
+            config,
+            from,
+            force,
+        } => restore(config, from, force).await,
         Command::Demo => {
             let _logs = init_logs(&LogSettings {
                 level: "warn".into(),
@@ -130,6 +157,27 @@ async fn migrate(config: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let settings = Settings::load(&config)?;
     Store::open(&settings.store.url).await?.migrate().await?;
     println!("migrations applied");
+    Ok(())
+}
+
+async fn backup(config: PathBuf, to: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = Settings::load(&config)?;
+    Store::open(&settings.store.url).await?.backup(&to).await?;
+    println!("ledger copied to {}", to.display());
+    Ok(())
+}
+
+async fn restore(
+    config: PathBuf,
+    from: PathBuf,
+    force: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = Settings::load(&config)?;
+    let events = Store::restore(&settings.store.url, &from, force).await?;
+    println!(
+        "restored {} ({events} usage events); run `flowgate reconcile` to check it",
+        from.display()
+    );
     Ok(())
 }
 

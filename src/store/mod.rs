@@ -53,6 +53,9 @@ pub enum StoreError {
     /// A stored value could not be read back (a bug or a tampered row).
     #[error("corrupt ledger row: {0}")]
     Corrupt(String),
+    /// A backup or restore cannot be made as asked (the reason says why).
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 /// What happened to one ledger entry in a commit.
@@ -247,6 +250,38 @@ impl Store {
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dialect!(self, s => s.migrate().await)
+    }
+
+    /// Writes a consistent copy of the ledger to `to` while the gateway serves (SQLite's
+    /// `VACUUM INTO`). PostgreSQL has its own tools for this, and they are the right ones.
+    pub async fn backup(&self, to: &std::path::Path) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.backup(to).await,
+            Store::Postgres(_) => Err(StoreError::Backup(
+                "a PostgreSQL ledger is backed up with PostgreSQL's tools \
+                 (pg_dump, or continuous archiving for point-in-time recovery)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Puts the backup `from` in place as the SQLite ledger at `url` (the gateway stopped),
+    /// after checking it; returns how many usage events it holds. Without `force` an existing
+    /// ledger is never replaced.
+    pub async fn restore(
+        url: &str,
+        from: &std::path::Path,
+        force: bool,
+    ) -> Result<u64, StoreError> {
+        let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        else {
+            return Err(StoreError::Backup(
+                "restore is for SQLite ledgers; restore PostgreSQL with pg_restore".into(),
+            ));
+        };
+        sqlite::backup::restore(from, std::path::Path::new(path), force).await
     }
 
     /// Whether the store answers.
