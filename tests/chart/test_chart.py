@@ -52,7 +52,19 @@ def by_kind(objs, kind):
     return [o for o in objs if o["kind"] == kind]
 
 
-for strict_values in [None, {"serviceMonitor": {"enabled": True}, "autoscaling": {"enabled": True}}]:
+def fails(values, needle, what):
+    """The chart must refuse to render `values`, saying `needle`."""
+    try:
+        objects(values)
+    except Exception as e:  # Helm's template error, with the chart's `fail` message
+        check(needle in str(e), f"refused: {what} ({needle!r} in the error)")
+        return
+    check(False, f"refused: {what} (it rendered)")
+
+
+PG = {"store": {"kind": "postgres", "url": "postgres://flowgate:s3cret@pg:5432/ledger"}}
+
+for strict_values in [None, {**PG, "serviceMonitor": {"enabled": True}, "autoscaling": {"enabled": True}}]:
     report = helm_python.lint(str(CHART), strict_values, strict=True, kube_version="v" + KUBE_VERSION)
     bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
     check(not bad, f"helm lint --strict ({'defaults' if strict_values is None else 'all options'}): {bad}")
@@ -79,13 +91,28 @@ check(config["server"]["listen"].startswith("0.0.0.0:"), "the config listens on 
 check(config["server"]["listen"].endswith(":8080") and container["ports"][0]["containerPort"] == 8080,
       "the container port is the config's")
 check(not by_kind(default, "Secret"), "no Secret without a store URL or tokens")
+# The SQLite ledger outlives the pod and the release; one pod at a time opens it.
+claims = by_kind(default, "PersistentVolumeClaim")
+check(len(claims) == 1, "the SQLite ledger gets a PersistentVolumeClaim by default")
+check(claims[0]["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep",
+      "the ledger's claim survives helm uninstall")
+data = [v for v in pod["volumes"] if v["name"] == "data"][0]
+check(data.get("persistentVolumeClaim", {}).get("claimName") == claims[0]["metadata"]["name"],
+      "the pod's data volume is the claim, not an emptyDir")
+check(deploy["spec"]["strategy"]["type"] == "Recreate", "never two pods on one SQLite file (Recreate)")
+env = {e["name"]: e.get("value") for e in container["env"]}
+check(env.get("FLOWGATE_STORE_URL") == "sqlite:///var/lib/flowgate/flowgate.db",
+      "the ledger path is on the claim's mount")
+check(container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0, "a preStop delay before SIGTERM")
+check(not by_kind(default, "PodDisruptionBudget"), "no PDB for a single SQLite pod (it would block drains)")
+check(not by_kind(default, "CronJob"), "no backup CronJob unless asked")
 check(not by_kind(default, "HorizontalPodAutoscaler") and not by_kind(default, "ServiceMonitor"),
       "HPA and ServiceMonitor are off by default")
 
 # Every option on: PostgreSQL URL and admin tokens in the chart's Secret, HPA, ServiceMonitor.
-url = "postgres://flowgate:s3cret@pg:5432/ledger"
+url = PG["store"]["url"]
 full = objects({
-    "store": {"url": url},
+    "store": {"kind": "postgres", "url": url},
     "admin": {"tokens": ["t1", "t2"]},
     "serviceMonitor": {"enabled": True},
     "autoscaling": {"enabled": True},
@@ -100,9 +127,40 @@ check("replicas" not in by_kind(full, "Deployment")[0]["spec"], "the HPA owns th
 monitor = by_kind(full, "ServiceMonitor")[0]
 check(monitor["spec"]["endpoints"][0]["path"] == "/metrics", "the ServiceMonitor scrapes /metrics")
 check(url not in yaml.safe_dump(by_kind(full, "ConfigMap")), "the store URL is not in the ConfigMap")
+pg_pod = by_kind(full, "Deployment")[0]["spec"]["template"]["spec"]
+init = pg_pod.get("initContainers", [])
+check(len(init) == 1 and init[0]["args"][0] == "migrate", "PostgreSQL: migrations in an init container")
+check(init and init[0]["envFrom"][0]["secretRef"]["name"] == secret["metadata"]["name"],
+      "the migration reads the URL from the Secret")
+check(by_kind(full, "Deployment")[0]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0,
+      "PostgreSQL: rolling updates keep every pod until its successor is ready")
+check(not by_kind(full, "PersistentVolumeClaim"), "PostgreSQL: no ledger claim")
+pdb = by_kind(full, "PodDisruptionBudget")
+check(len(pdb) == 1 and pdb[0]["spec"]["minAvailable"] == 1, "PostgreSQL: a PodDisruptionBudget")
+
+# Scheduled SQLite backups.
+backup = objects({"backup": {"enabled": True, "claim": "ledger-backups"}})
+validate(backup, "backup")
+job = by_kind(backup, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+check("flowgate backup" in job["containers"][0]["args"][0], "the CronJob runs flowgate backup")
+claims_used = {v["persistentVolumeClaim"]["claimName"] for v in job["volumes"] if "persistentVolumeClaim" in v}
+check(claims_used == {"fg-flowgate-ledger", "ledger-backups"}, f"it mounts the ledger and the backup claims: {claims_used}")
+check(job["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"]
+      == "kubernetes.io/hostname", "it runs on the flowgate pod's node (ReadWriteOnce)")
+
+# Values that would lose or split the ledger do not render.
+fails({"replicaCount": 2}, "replicaCount > 1 with store.kind=sqlite", "two replicas on SQLite")
+fails({"autoscaling": {"enabled": True}}, "autoscaling.enabled with store.kind=sqlite", "an autoscaler on SQLite")
+fails({"store": {"kind": "postgres"}}, "store.kind=postgres needs its URL", "PostgreSQL without a URL")
+fails({"store": {"kind": "none"}}, "store.kind must be", "no store at all")
+fails({"store": {"sqlite": {"persistence": {"enabled": False}}}}, "lost with the pod", "SQLite without persistence")
+fails({**PG, "backup": {"enabled": True, "claim": "x"}}, "backup.enabled is for SQLite", "the SQLite backup on PostgreSQL")
+demo = objects({"store": {"sqlite": {"persistence": {"enabled": False, "acceptLedgerLoss": True}}}})
+check("emptyDir" in [v for v in by_kind(demo, "Deployment")[0]["spec"]["template"]["spec"]["volumes"]
+                     if v["name"] == "data"][0], "a demo may accept an emptyDir ledger, explicitly")
 
 # An existing Secret instead of the chart's.
-existing = objects({"existingSecret": "flowgate-prod"})
+existing = objects({"store": {"kind": "postgres"}, "existingSecret": "flowgate-prod"})
 validate(existing, "existingSecret")
 container = by_kind(existing, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
 check(container["envFrom"][0]["secretRef"]["name"] == "flowgate-prod", "an existing Secret is used")
