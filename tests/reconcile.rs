@@ -124,7 +124,21 @@ async fn reconcile_is_clean_after_traffic_and_names_tampering(store: StoreKind) 
     .await;
     let (code, report) = reconcile(&h, dir.path());
     assert_eq!(code, 1);
-    let kinds: Vec<String> = checks(&report).into_iter().map(|(c, _)| c).collect();
-    assert!(kinds.contains(&"debits".to_owned()), "{report}");
-    assert!(kinds.contains(&"grant_balance".to_owned()), "{report}");
+    let found = checks(&report);
+    let kinds: Vec<&str> = found.iter().map(|(c, _)| c.as_str()).collect();
+    assert!(kinds.contains(&"debits"), "{report}");
+    assert!(kinds.contains(&"grant_balance"), "{report}");
+    // Each difference names the account and the record at fault.
+    for d in report["differences"].as_array().expect("differences") {
+        assert_eq!(d["account"], "alice", "{report}");
+    }
+    let record = |check: &str| {
+        found
+            .iter()
+            .find(|(c, _)| c == check)
+            .map(|(_, r)| r.clone())
+            .expect("found")
+    };
+    assert!(record("grant_balance").contains("purchase-1"), "{report}");
+    assert!(record("debits").contains("monetization_event"), "{report}");
 }

@@ -220,7 +220,10 @@ async fn openapi_document_is_valid_and_complete() {
             .send()
             .await
             .unwrap();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {concrete}: {status}, not JSON: {text:?}"));
         assert_ne!(
             body["error"]["code"], "route_not_found",
             "{method} {concrete} is not served"

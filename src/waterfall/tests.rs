@@ -556,6 +556,51 @@ fn check_admitted(plan: &Plan, before: &AccountState, d: &Decision, now: Millis)
     }
 }
 
+/// How many units of `feature` the plan's layers could cover at `now`, counted from the state
+/// directly (not through `decide`): each usage-limit layer its tightest window's room, a free
+/// tier what is left of its period, each grant layer its usable grants' credits at the price.
+fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> Units {
+    let price = plan.price(feature).unwrap_or(0);
+    let mut room: Units = 0;
+    for (i, l) in plan.layers.iter().enumerate() {
+        if !l.features.contains(feature) {
+            continue;
+        }
+        let units = match &l.kind {
+            LayerKind::UsageLimit { .. } => s
+                .windows(plan, i, now)
+                .map(|w| w.window.limit.saturating_sub(w.used))
+                .min()
+                .unwrap_or(0),
+            LayerKind::FreeTier { units, period } => {
+                units.saturating_sub(s.free_tier_used(i, *period, now))
+            }
+            LayerKind::Credits | LayerKind::Promotions => {
+                let kind = if matches!(l.kind, LayerKind::Credits) {
+                    GrantKind::Credits
+                } else {
+                    GrantKind::Promotion
+                };
+                let usable = s.grants.iter().filter(|g| {
+                    g.kind == kind
+                        && g.features.contains(feature)
+                        && g.expires_at.is_none_or(|at| now < at)
+                        && g.balance > 0
+                });
+                let credits: Credits = usable.map(|g| g.balance).sum();
+                if price == 0 {
+                    if credits > 0 { Units::MAX / 4 } else { 0 }
+                } else {
+                    credits / price
+                }
+            }
+            _ => 0,
+        };
+        room = room.saturating_add(units);
+    }
+    room
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -573,6 +618,9 @@ proptest! {
             if !d.admitted() {
                 prop_assert!(d.draws.is_empty());
                 prop_assert_eq!(observable(plan, &s, now), before);
+                // A denial is justified: the layers together really could not cover it.
+                let room = capacity(plan, &s, feature, now);
+                prop_assert!(units > room, "denied {} units with room for {}: {:?}", units, room, d.denial);
                 continue;
             }
             check_admitted(plan, &s, &d, now);
