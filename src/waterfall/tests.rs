@@ -588,11 +588,10 @@ fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> U
                         && g.balance > 0
                 });
                 let credits: Credits = usable.map(|g| g.balance).sum();
-                if price == 0 {
-                    if credits > 0 { Units::MAX / 4 } else { 0 }
-                } else {
-                    credits / price
-                }
+                // Free units (price 0) are unbounded while a usable grant exists.
+                credits
+                    .checked_div(price)
+                    .unwrap_or(if credits > 0 { Units::MAX / 4 } else { 0 })
             }
             _ => 0,
         };
