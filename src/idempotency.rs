@@ -29,15 +29,17 @@ pub const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 /// What one key costs the registry beside its stored response, for the byte bound.
 const KEY_OVERHEAD_BYTES: u32 = 512;
 
-/// What identifies the request a key was first used for: SHA-256 of method, path and body.
+/// What identifies the request a key was first used for: SHA-256 of method, path, body and
+/// the cost the route read from it (a cost can come from a header the body does not show).
 pub type Fingerprint = [u8; 32];
 
-/// The fingerprint of a request.
-pub fn fingerprint(method: &http::Method, uri: &http::Uri, body: &[u8]) -> Fingerprint {
+/// The fingerprint of a request of `units`.
+pub fn fingerprint(method: &http::Method, uri: &http::Uri, units: u64, body: &[u8]) -> Fingerprint {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(method.as_str().as_bytes());
     h.update([0]);
+    h.update(units.to_le_bytes());
     h.update(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
     h.update([0]);
     h.update(body);

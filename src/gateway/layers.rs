@@ -433,7 +433,7 @@ async fn cost(
         .to_bytes();
     let units = cost::units(&route.cost, &parts.headers, &bytes)?;
     let print = if keyed {
-        idempotency::fingerprint(&parts.method, &parts.uri, &bytes)
+        idempotency::fingerprint(&parts.method, &parts.uri, units, &bytes)
     } else {
         Fingerprint::default()
     };
