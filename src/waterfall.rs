@@ -127,6 +127,12 @@ pub enum LayerKind {
         /// Whether usage is billed afterwards instead of drawn from a pool.
         postpaid: bool,
     },
+    /// At most `limit` requests of its features in flight at once for the account (a video
+    /// model renders two at a time). Pays for nothing: a gate in front of the others.
+    Concurrency {
+        /// Requests allowed in flight at once.
+        limit: u32,
+    },
 }
 
 impl LayerKind {
@@ -149,6 +155,7 @@ impl LayerKind {
             LayerKind::Promotions => "promotions",
             LayerKind::Enterprise { postpaid: false } => "enterprise_pool",
             LayerKind::Enterprise { postpaid: true } => "enterprise_postpaid",
+            LayerKind::Concurrency { .. } => "concurrency",
         }
     }
 }
@@ -293,6 +300,8 @@ pub enum LayerState {
         /// Units used in that period.
         used: Units,
     },
+    /// Requests in flight, for a concurrency layer.
+    InFlight(u32),
     /// Grant-backed and postpaid layers keep their state in the grants.
     Stateless,
 }
@@ -379,6 +388,7 @@ impl AccountState {
                     period_start: period.bounds(now).0,
                     used: 0,
                 },
+                LayerKind::Concurrency { .. } => LayerState::InFlight(0),
                 _ => LayerState::Stateless,
             })
             .collect();
@@ -477,6 +487,14 @@ impl AccountState {
         }
     }
 
+    /// Requests in flight in the concurrency layer `layer` (0 for any other layer).
+    pub fn in_flight(&self, layer: usize) -> u32 {
+        match self.layers.get(layer) {
+            Some(LayerState::InFlight(n)) => *n,
+            _ => 0,
+        }
+    }
+
     /// The status of each window of usage-limit layer `layer` at `now`.
     pub fn windows<'a>(
         &'a self,
@@ -499,6 +517,31 @@ impl AccountState {
                 reset_at,
             }
         })
+    }
+}
+
+/// Takes a slot in every concurrency layer of the plan that gates `feature`; call once per
+/// admitted request, and [`finish_request`] once when it ends, however it ends.
+pub fn start_request(plan: &Plan, state: &mut AccountState, feature: FeatureId) {
+    step_in_flight(plan, state, feature, true);
+}
+
+/// Gives back the slots [`start_request`] took.
+pub fn finish_request(plan: &Plan, state: &mut AccountState, feature: FeatureId) {
+    step_in_flight(plan, state, feature, false);
+}
+
+fn step_in_flight(plan: &Plan, state: &mut AccountState, feature: FeatureId, up: bool) {
+    for (layer, slot) in plan.layers.iter().zip(state.layers.iter_mut()) {
+        if let (LayerKind::Concurrency { .. }, LayerState::InFlight(n)) = (&layer.kind, slot)
+            && layer.features.contains(feature)
+        {
+            *n = if up {
+                n.saturating_add(1)
+            } else {
+                n.saturating_sub(1)
+            };
+        }
     }
 }
 
@@ -591,6 +634,13 @@ pub enum Denial {
     },
     /// The plan does not include the feature.
     NotEntitled,
+    /// As many requests of the feature as the plan allows are running; one ending will help.
+    ConcurrencyLimit {
+        /// Requests allowed at once.
+        limit: u32,
+        /// Requests running now.
+        running: u32,
+    },
 }
 
 /// The answer to "how much of this request is allowed, and from which pool".
@@ -646,6 +696,18 @@ pub fn decide(
         return decision;
     };
     decision.credits_per_unit = price;
+    // Concurrency gates first: a request that could not start now is not priced at all.
+    for (index, layer) in plan.layers.iter().enumerate() {
+        if let LayerKind::Concurrency { limit } = layer.kind
+            && layer.features.contains(feature)
+        {
+            let running = state.in_flight(index);
+            if running >= limit {
+                decision.denial = Some(Denial::ConcurrencyLimit { limit, running });
+                return decision;
+            }
+        }
+    }
     if units == 0 {
         return decision; // nothing to cover: admitted, drawing from no pool
     }

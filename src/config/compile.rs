@@ -316,7 +316,13 @@ fn plans(
                 "credits" => LayerKind::Credits,
                 "promotions" => LayerKind::Promotions,
                 "enterprise" => LayerKind::Enterprise { postpaid: l.postpaid },
-                other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise)")),
+                "concurrency" => {
+                    let Some(limit) = l.limit.filter(|n| *n > 0) else {
+                        return cx.err(key("limit"), Some(l.kind.span()), "a concurrency layer needs limit >= 1 (requests at once)");
+                    };
+                    LayerKind::Concurrency { limit }
+                }
+                other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise, concurrency)")),
             };
             let name = l.name.clone().unwrap_or_else(|| kind.tag().to_string());
             layers.push(Layer {

@@ -391,6 +391,8 @@ struct RawLayer {
     period: Option<Spanned<String>>,
     #[serde(default)]
     postpaid: bool,
+    /// A concurrency layer's requests at once.
+    limit: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

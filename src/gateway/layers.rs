@@ -474,6 +474,7 @@ fn decide(app: &App, route: &Route, account: &Account, units: u64, now: Millis) 
         let denial = match decision.denial {
             None => {
                 waterfall::reserve(plan, state, &decision, now);
+                waterfall::start_request(plan, state, feature);
                 None
             }
             Some(denial) => Some(Denied {
@@ -733,5 +734,6 @@ fn denial_code(denial: &waterfall::Denial) -> &'static str {
         waterfall::Denial::UsageLimitReached { .. } => "usage_limit_reached",
         waterfall::Denial::InsufficientCredits { .. } => "insufficient_credits",
         waterfall::Denial::NotEntitled => "not_entitled",
+        waterfall::Denial::ConcurrencyLimit { .. } => "concurrency_limit_reached",
     }
 }

@@ -377,6 +377,26 @@ impl IntoResponse for DenialReport {
                 format!("the account's plan does not include {}", self.feature),
                 common,
             )),
+            Denial::ConcurrencyLimit { limit, running } => {
+                let mut extra = common;
+                extra["limit"] = json!(limit);
+                extra["running"] = json!(running);
+                let message = format!(
+                    "{running} requests of {} are running, the plan's limit at once is {limit}: retry when one has finished",
+                    self.feature
+                );
+                // Nobody knows when a running request ends; a second is a polite first wait.
+                retry_after(
+                    body(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "concurrency_limit_reached",
+                        message,
+                        extra,
+                    ),
+                    1,
+                )
+            }
         }
     }
 }

@@ -697,3 +697,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_concurrency_layer_gates_its_features_until_a_request_finishes() {
+    let mut plan = plan();
+    let mut gate = layer("renders", LayerKind::Concurrency { limit: 2 });
+    gate.features = FeatureSet::EMPTY.with(VIDEO);
+    plan.layers.insert(0, gate);
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 1_000)], t0());
+    for _ in 0..2 {
+        let d = decide(&plan, &s, VIDEO, 1, t0());
+        assert!(d.admitted());
+        reserve(&plan, &mut s, &d, t0());
+        start_request(&plan, &mut s, VIDEO);
+    }
+    let d = decide(&plan, &s, VIDEO, 1, t0());
+    assert_eq!(
+        d.denial,
+        Some(Denial::ConcurrencyLimit {
+            limit: 2,
+            running: 2
+        })
+    );
+    assert!(d.draws.is_empty());
+    // Other features pass the gate.
+    assert!(decide(&plan, &s, TASK, 1, t0()).admitted());
+    finish_request(&plan, &mut s, VIDEO);
+    assert!(decide(&plan, &s, VIDEO, 1, t0()).admitted());
+    // Finishing more than started never underflows.
+    for _ in 0..3 {
+        finish_request(&plan, &mut s, VIDEO);
+    }
+    assert_eq!(s.in_flight(0), 0);
+}
