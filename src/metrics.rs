@@ -23,6 +23,8 @@ pub struct Metrics {
     pub upstream_seconds: HistogramVec,
     /// Requests by how they ended (as recorded in the ledger).
     pub requests: IntCounterVec,
+    /// Attempts per upstream address, by result (`answered`, `refused`, `failed`, `timeout`).
+    pub upstream_attempts: IntCounterVec,
     /// Units charged (committed), by feature and pool kind.
     pub units_consumed: IntCounterVec,
     /// Credits charged (committed), by pool kind (`credits`, `promotion`, `enterprise`, `postpaid`).
@@ -104,6 +106,11 @@ impl Metrics {
                     &["upstream"],
                 )
                 .unwrap_or_else(|_| unreachable!()),
+            ),
+            upstream_attempts: counter_vec(
+                "flowgate_upstream_attempts_total",
+                "Attempts per upstream address, by result.",
+                &["upstream", "address", "result"],
             ),
             requests: counter_vec(
                 "flowgate_requests_total",

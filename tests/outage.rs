@@ -178,9 +178,10 @@ async fn an_outage_under_load_loses_nothing_acknowledged(store: StoreKind) {
             })
         })
         .collect();
-    // /readyz, every 100 ms, until told to stop.
+    // /readyz, every 100 ms, until told to stop (after the load).
+    let stop_probe = Arc::new(AtomicBool::new(false));
     let probe = {
-        let (h, stop) = (h.clone(), stop.clone());
+        let (h, stop) = (h.clone(), stop_probe.clone());
         tokio::spawn(async move {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -203,17 +204,19 @@ async fn an_outage_under_load_loses_nothing_acknowledged(store: StoreKind) {
     let restored_at = Instant::now();
     outage.restore().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for c in clients {
+        answered.extend(c.await.unwrap());
+    }
+    // The load has stopped: everything queued is committed once the writer's backoff ends.
     let deadline = Instant::now() + Duration::from_secs(20);
     while h.gateway().app().ledger.depth() > 0 {
         assert!(Instant::now() < deadline, "the queue never drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await; // readyz sees the recovery
-    stop.store(true, Ordering::Relaxed);
-    let mut answered = Vec::new();
-    for c in clients {
-        answered.extend(c.await.unwrap());
-    }
+    stop_probe.store(true, Ordering::Relaxed);
     let seen = probe.await.unwrap();
 
     // /readyz told the truth: it failed during the outage, and once it had failed it did

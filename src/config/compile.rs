@@ -72,30 +72,41 @@ fn upstreams(
 ) -> Result<Vec<Upstream>, ConfigError> {
     let mut upstreams = Vec::new();
     for (name, up) in raw_upstreams {
-        let uri: http::Uri = match up.url.get_ref().parse() {
-            Ok(u) => u,
-            Err(e) => {
-                return cx.err(
-                    format!("upstreams.{name}.url"),
-                    Some(up.url.span()),
-                    format!("not a URL: {e}"),
-                );
-            }
-        };
-        let (Some("http"), Some(authority), true) = (
-            uri.scheme_str(),
-            uri.authority(),
-            uri.path() == "/" || uri.path().is_empty(),
-        ) else {
+        let urls: Vec<&Spanned<String>> = up.url.iter().chain(&up.urls).collect();
+        if urls.is_empty() || (up.url.is_some() && !up.urls.is_empty()) {
             return cx.err(
-                format!("upstreams.{name}.url"),
-                Some(up.url.span()),
-                "must be http://host:port with no path",
+                format!("upstreams.{name}"),
+                None,
+                "give its address as url = \"http://host:port\" or several as urls = [...], not both",
             );
-        };
+        }
+        let mut addresses = Vec::new();
+        for (i, url) in urls.into_iter().enumerate() {
+            let key = if up.url.is_some() {
+                format!("upstreams.{name}.url")
+            } else {
+                format!("upstreams.{name}.urls[{i}]")
+            };
+            let uri: http::Uri = match url.get_ref().parse() {
+                Ok(u) => u,
+                Err(e) => return cx.err(key, Some(url.span()), format!("not a URL: {e}")),
+            };
+            let (Some("http"), Some(authority), true) = (
+                uri.scheme_str(),
+                uri.authority(),
+                uri.path() == "/" || uri.path().is_empty(),
+            ) else {
+                return cx.err(
+                    key,
+                    Some(url.span()),
+                    "must be http://host:port with no path",
+                );
+            };
+            addresses.push(authority.clone());
+        }
         upstreams.push(Upstream {
             name: name.clone(),
-            base: authority.clone(),
+            addresses,
         });
     }
     Ok(upstreams)

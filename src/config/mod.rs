@@ -329,7 +329,11 @@ mod defaults {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    url: Spanned<String>,
+    /// One address, `http://host:port`.
+    url: Option<Spanned<String>>,
+    /// Several addresses of the same service, balanced (instead of `url`).
+    #[serde(default)]
+    urls: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -458,8 +462,8 @@ pub struct Settings {
 pub struct Upstream {
     /// Its name in the config.
     pub name: String,
-    /// `http://host:port`, without a path.
-    pub base: http::uri::Authority,
+    /// Its addresses (`host:port`), balanced round-robin over the ones accepting connections.
+    pub addresses: Vec<http::uri::Authority>,
 }
 
 /// A proxied route.

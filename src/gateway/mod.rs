@@ -9,6 +9,7 @@
 mod body;
 pub mod forward;
 pub mod layers;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -261,6 +262,7 @@ struct FrontDoor {
 pub fn stack(
     app: Arc<App>,
     route: Arc<crate::config::Route>,
+    pools: Arc<pool::Pools>,
 ) -> impl tower::Service<
     axum::extract::Request,
     Response = Response,
@@ -274,7 +276,7 @@ pub fn stack(
         .layer(layers::AccessLog::layer(app.clone(), route.feature))
         .layer(layers::Identify::layer(app.clone()))
         .layer(layers::Meter::layer(app.clone(), route.clone()))
-        .service(forward::Forward::new(app, route))
+        .service(forward::Forward::new(app, route, pools))
 }
 
 /// The whole request path: operational endpoints, the configured proxied routes, a JSON 404,
@@ -285,6 +287,7 @@ pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::api::router(&app).0);
+    let pools = Arc::new(pool::Pools::new(&app.settings.upstreams));
     for (i, route) in app.settings.routes.iter().enumerate() {
         let route = Arc::new(route.clone());
         let bad_path = |message: String| ConfigError {
@@ -294,7 +297,7 @@ pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
         };
         let filter =
             MethodFilter::try_from(route.method.clone()).map_err(|e| bad_path(e.to_string()))?;
-        let service = stack(app.clone(), route.clone());
+        let service = stack(app.clone(), route.clone(), pools.clone());
         // axum panics on a path it cannot route (bad syntax, a conflict): report it as config.
         router = std::panic::catch_unwind(AssertUnwindSafe(move || {
             router.route(&route.path, on_service(filter, service))
