@@ -106,20 +106,7 @@ fn entry_of(
 }
 
 async fn a_batch_charges_each_key_once_and_writes_each_entry_once(kind: StoreKind) {
-    let dir = tempfile::tempdir().unwrap();
-    let pg = match kind {
-        StoreKind::Sqlite => None,
-        StoreKind::Postgres => Some(PgDatabase::create().await),
-    };
-    let url = match &pg {
-        Some(db) => db.url.clone(),
-        None => format!("sqlite://{}", dir.path().join("l.db").display()),
-    };
-    let settings = Settings::parse(CONFIG).unwrap();
-    let store = Store::open(&url).await.unwrap();
-    store.migrate().await.unwrap();
-    store.seed(&settings.accounts, 1_000).await.unwrap();
-    let accounts = Accounts::load(&store, &settings, 1_000).await.unwrap();
+    let (store, settings, accounts, _pg, _dir) = open(kind).await;
 
     let first = entry(&accounts, &settings, 2, "k1");
     let same_key = entry(&accounts, &settings, 3, "k1");
