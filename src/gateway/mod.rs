@@ -9,6 +9,7 @@
 mod body;
 pub mod forward;
 pub mod layers;
+mod meter;
 pub mod pool;
 
 use std::net::SocketAddr;
