@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::api::with_admin;
 use common::{Harness, StoreKind};
 use flowgate::config::Settings;
@@ -34,7 +32,7 @@ enum Op {
         key: Option<u8>,
         fail: bool,
     },
-    /// Time passes (grants expire).
+    /// Time passes on the gateway's manual clock (grants expire).
     Sleep { ms: u64 },
     /// The gateway restarts on the same store.
     Restart,
@@ -68,7 +66,7 @@ async fn apply(h: &mut Harness, op: &Op, n: usize) {
             let mut body = serde_json::json!({ "kind": "credits", "amount": amount });
             if let Some(ms) = expires_in_ms {
                 let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
-                    flowgate::clock::now_ms() + *ms as i64,
+                    h.clock.now_ms() + *ms as i64,
                 )
                 .unwrap();
                 body["expires_at"] = at.to_rfc3339().into();
@@ -111,7 +109,7 @@ async fn apply(h: &mut Harness, op: &Op, n: usize) {
                 "unexpected status {status}"
             );
         }
-        Op::Sleep { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
+        Op::Sleep { ms } => h.clock.advance_ms(*ms as i64),
         Op::Restart => h.restart().await,
     }
 }
@@ -149,7 +147,7 @@ async fn check_invariants(h: &Harness, settings: &Settings, history: &[Op]) {
     );
 
     // The idle view holds the store's balances (skipping the instant a grant expires).
-    let now = flowgate::clock::now_ms();
+    let now = h.clock.now_ms();
     let grants = store.grants("alice").await.expect("grants");
     if grants
         .iter()
@@ -170,7 +168,8 @@ async fn check_invariants(h: &Harness, settings: &Settings, history: &[Op]) {
 }
 
 async fn run_sequence(kind: StoreKind, ops: Vec<Op>) {
-    let mut h = Harness::start_with(kind, config).await;
+    let clock = flowgate::clock::Clock::manual(flowgate::clock::now_ms());
+    let mut h = Harness::start_with_clock(kind, clock, config).await;
     let settings = Settings::parse(&h.config).expect("config");
     for (n, op) in ops.iter().enumerate() {
         apply(&mut h, op, n).await;
