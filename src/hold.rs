@@ -138,10 +138,18 @@ impl Hold {
     fn finish(&mut self, outcome: Outcome) -> Option<Commit> {
         let mut entry = self.entry.take()?;
         entry.outcome = outcome;
-        // However it ends, the request no longer runs: its concurrency slots are free.
+        // However it ends, the request no longer runs: its concurrency slots are free. (A plan
+        // without a concurrency layer takes no extra lock for it.)
         let feature = entry.decision.feature;
-        self.account
-            .with_state(|plan, state| waterfall::finish_request(plan, state, feature));
+        let gated = entry
+            .plan
+            .layers
+            .iter()
+            .any(|l| matches!(l.kind, waterfall::LayerKind::Concurrency { .. }));
+        if gated {
+            self.account
+                .with_state(|plan, state| waterfall::finish_request(plan, state, feature));
+        }
         tracing::debug!(decision_id = %entry.decision_id, outcome = outcome.as_str(), "hold ended");
         entry.completed_at = self.clock.now_ms();
         if entry.charged() {

@@ -77,13 +77,13 @@ where
         let (app, route, inner) = (self.app.clone(), self.route.clone(), self.inner.clone());
         Box::pin(async move {
             let mut log = LogFields::default();
-            let response = match meter(&app, &route, inner, req, &mut log).await {
-                Ok(response) => response,
-                Err(e) => return Ok(refused(e, log)),
-            };
-            let mut response = response;
-            response.extensions_mut().insert(log);
-            Ok(response)
+            match meter(&app, &route, inner, req, &mut log).await {
+                Ok(mut response) => {
+                    response.extensions_mut().insert(log);
+                    Ok(response)
+                }
+                Err(e) => Ok(refused(e, log)),
+            }
         })
     }
 }
