@@ -5,9 +5,16 @@
 //! upstream call: that is what lets one account's concurrent requests see each other's holds
 //! immediately, so that nobody is admitted on numbers another request has already spent.
 //!
-//! The view is rebuilt from the store on start-up ([`Accounts::load`]): balances from grants,
+//! The view is built from the store on start-up ([`Accounts::load`]): balances from grants,
 //! window and free-tier usage from recent monetization events. There is no eviction: an evicted
 //! account would lose its in-flight holds, so the cache must hold every active account.
+//!
+//! After that the store stays the truth and the view follows it, whoever wrote: an account
+//! change (the admin API's, here or on another replica) is applied by re-reading the account
+//! ([`Accounts::refresh`]); another replica's ledger commits arrive as numbers
+//! ([`Accounts::apply`]); after a lost listener everything is re-read ([`Accounts::resync`]).
+//! Whatever reads the store and then applies what it read holds [`Accounts::sync_lock`], the
+//! ledger writer included, so that nothing applies a read older than one already applied.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +23,8 @@ use parking_lot::Mutex;
 
 use crate::config::Settings;
 use crate::ids::AccountId;
-use crate::store::{GrantBalance, Store, StoreError, StoredGrant};
-use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan, Pool};
+use crate::store::{ApiKeyRow, GrantBalance, LedgerChange, Store, StoreError, StoredGrant};
+use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan};
 
 /// One account in the cached view.
 #[derive(Debug)]
@@ -63,6 +70,8 @@ pub struct Accounts {
     /// per-entry bookkeeping (~300 bytes) would be most of a million-account view's memory.
     /// Readers hold the lock only for the lookup; writers are the admin API's key creation.
     by_key_hash: Arc<parking_lot::RwLock<HashMap<KeyDigest, AccountId>>>,
+    /// Held by whatever reads the store and then applies what it read (see the module).
+    sync: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Default for Accounts {
@@ -77,7 +86,15 @@ impl Accounts {
         Accounts {
             by_id: moka::sync::Cache::builder().build(),
             by_key_hash: Arc::default(),
+            sync: Arc::default(),
         }
+    }
+
+    /// Serialises store reads applied to the view: the ledger writer holds it from a commit to
+    /// the view's update, [`Accounts::refresh`] and [`Accounts::resync`] from their read to
+    /// their update. Never held by the hot path.
+    pub async fn sync_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.sync.lock().await
     }
 
     /// Adds or replaces an account.
@@ -85,17 +102,10 @@ impl Accounts {
         self.by_id.insert(account.id.clone(), Arc::new(account));
     }
 
-    /// Maps an API-key hash (SHA-256, hex, as stored) to an account. A hash that is not 64 hex
-    /// digits cannot match any key: it is logged and skipped.
+    /// Maps an API-key hash (SHA-256, hex, as stored) to an account.
     pub fn insert_key(&self, key_hash: &str, account: AccountId) {
-        let mut digest = [0u8; 32];
-        match hex::decode_to_slice(key_hash, &mut digest) {
-            Ok(()) => {
-                self.by_key_hash.write().insert(digest, account);
-            }
-            Err(e) => {
-                tracing::error!(account = %account, error = %e, "stored API-key hash is not SHA-256 hex; key ignored")
-            }
+        if let Some(digest) = digest_of(key_hash, &account) {
+            self.by_key_hash.write().insert(digest, account);
         }
     }
 
@@ -156,37 +166,15 @@ impl Accounts {
         unknown
     }
 
-    /// Adds the grants of `id` that the store has and the view lacks (granted elsewhere).
-    pub async fn add_new_grants(
-        &self,
-        store: &Store,
-        settings: &Settings,
-        id: &str,
-    ) -> Result<(), StoreError> {
-        let Some(account) = self.get(id) else {
-            return Ok(());
-        };
-        let stored = store.grants(id).await?;
-        account.with_state(|_, state| {
-            for g in &stored {
-                if !state.grants().iter().any(|known| known.id == g.id) {
-                    state.add_grant(grant_of(settings, g));
-                }
-            }
-        });
-        Ok(())
-    }
-
     /// Applies a refund the store has made: windows and free tier get the charge's units back,
     /// grants take the store's new balances.
-    pub fn refunded(&self, id: &str, draws: &[Draw], balances: &[GrantBalance], now: Millis) {
+    pub fn refunded(&self, id: &str, draws: &[Draw], balances: &[GrantBalance]) {
         if let Some(account) = self.get(id) {
-            let units: Vec<Draw> = draws
-                .iter()
-                .filter(|d| matches!(d.pool, Pool::Window { .. } | Pool::FreeTier { .. }))
-                .copied()
-                .collect();
-            account.with_state(|plan, state| waterfall::release(plan, state, &units, now));
+            account.with_state(|_, state| {
+                for draw in draws {
+                    state.unobserve(draw);
+                }
+            });
         }
         let _ = self.sync_balances(balances);
     }
@@ -199,12 +187,7 @@ impl Accounts {
         now: Millis,
     ) -> Result<Accounts, StoreError> {
         let accounts = Accounts::new();
-        let since = settings
-            .plans
-            .values()
-            .map(|p| history_start(p, now))
-            .min()
-            .unwrap_or(now);
+        let since = history_since(settings, now);
         let mut loaded = Vec::new();
         for stored in store.load_accounts().await? {
             let Some(plan) = settings.plans.get(&stored.plan) else {
@@ -228,7 +211,7 @@ impl Accounts {
             if let Some(a) = accounts.get(&account) {
                 a.with_state(|plan, state| {
                     for draw in &draws {
-                        state.replay(plan, draw, now);
+                        state.observe(plan, draw, now);
                     }
                 });
             }
@@ -265,7 +248,7 @@ impl Accounts {
         if plan.name != old.plan.name {
             state.layers = AccountState::new(&plan, Vec::new(), now).layers;
             for draw in history {
-                state.replay(&plan, draw, now);
+                state.observe(&plan, draw, now);
             }
         }
         self.by_id.insert(
@@ -280,6 +263,183 @@ impl Accounts {
         drop(state);
         true
     }
+}
+
+/// An API-key hash's 32 bytes. A hash that is not 64 hex digits cannot match any key: it is
+/// logged and skipped.
+fn digest_of(key_hash: &str, account: &str) -> Option<KeyDigest> {
+    let mut digest = [0u8; 32];
+    match hex::decode_to_slice(key_hash, &mut digest) {
+        Ok(()) => Some(digest),
+        Err(e) => {
+            tracing::error!(%account, error = %e, "stored API-key hash is not SHA-256 hex; key ignored");
+            None
+        }
+    }
+}
+
+impl Accounts {
+    /// Makes the view's copy of account `id` what the store has now: its plan and suspension,
+    /// its live API keys (revoked ones stop identifying it), its grants and their balances. The
+    /// one way an account change reaches the view, on the replica that made it and on every
+    /// other (see the module).
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        settings: &Settings,
+        id: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let _sync = self.sync_lock().await;
+        let Some(row) = store.account(id).await? else {
+            return Ok(());
+        };
+        let keys = store.api_keys(id).await?;
+        let grants = store.grants(id).await?;
+        self.apply_keys(id, &keys);
+        let Some(plan) = settings.plans.get(&row.plan) else {
+            tracing::warn!(account = %id, plan = %row.plan, "account's plan is not in the config; its requests are refused");
+            return Ok(());
+        };
+        let current = self.get(id);
+        let history = match &current {
+            Some(a) if a.plan.name == plan.name => Vec::new(),
+            _ => {
+                store
+                    .account_draws_since(id, history_start(plan, now))
+                    .await?
+            }
+        };
+        match current {
+            Some(a) => {
+                if a.plan.name != plan.name || a.suspended != row.suspended {
+                    self.change(id, plan.clone(), row.suspended, &history, now);
+                }
+                a.with_state(|_, state| merge_grants(settings, state, &grants));
+            }
+            None => {
+                let grants = grants.iter().map(|g| grant_of(settings, g)).collect();
+                let mut state = AccountState::new(plan, grants, now);
+                for draw in &history {
+                    state.observe(plan, draw, now);
+                }
+                self.insert(Account::new(id.into(), plan.clone(), row.suspended, state));
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps the live keys of `id` to it and forgets its revoked ones.
+    fn apply_keys(&self, id: &str, keys: &[ApiKeyRow]) {
+        let mut map = self.by_key_hash.write();
+        for key in keys {
+            let Some(digest) = digest_of(&key.key_hash, id) else {
+                continue;
+            };
+            if key.revoked_at.is_none() {
+                map.insert(digest, id.into());
+            } else if map.get(&digest).is_some_and(|owner| &**owner == id) {
+                map.remove(&digest);
+            }
+        }
+    }
+
+    /// Applies another replica's ledger commit: its window and free-tier usage counts here too,
+    /// a refund's usage no longer does, and grants take their committed balances. Returns the
+    /// accounts with grants the view lacks (to [`Accounts::refresh`]).
+    pub fn apply(&self, change: &LedgerChange, now: Millis) -> Vec<String> {
+        for (id, draw) in &change.used {
+            if let Some(a) = self.get(id) {
+                a.with_state(|plan, state| state.observe(plan, draw, now));
+            }
+        }
+        for (id, draw) in &change.refunded {
+            if let Some(a) = self.get(id) {
+                a.with_state(|_, state| state.unobserve(draw));
+            }
+        }
+        self.sync_balances(&change.balances)
+    }
+
+    /// Re-reads everything from the store, as after a lost listener: accounts, keys, grants and
+    /// balances, and each account's windows and free tier as committed by every replica plus
+    /// what this gateway still holds unsettled.
+    pub async fn resync(
+        &self,
+        store: &Store,
+        settings: &Settings,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let _sync = self.sync_lock().await;
+        let stored = store.load_accounts().await?;
+        let mut draws: HashMap<String, Vec<Draw>> = HashMap::new();
+        for (account, d) in store.load_draws_since(history_since(settings, now)).await? {
+            draws.entry(account).or_default().extend(d);
+        }
+        let mut keys = HashMap::with_capacity(stored.iter().map(|a| a.key_hashes.len()).sum());
+        for a in &stored {
+            for hash in &a.key_hashes {
+                if let Some(digest) = digest_of(hash, &a.id) {
+                    keys.insert(digest, AccountId::from(a.id.as_str()));
+                }
+            }
+        }
+        *self.by_key_hash.write() = keys;
+        for a in &stored {
+            let Some(plan) = settings.plans.get(&a.plan) else {
+                continue;
+            };
+            let committed = draws.get(&a.id).map_or(&[][..], Vec::as_slice);
+            match self.get(&a.id) {
+                Some(current) => {
+                    if current.plan.name != plan.name || current.suspended != a.suspended {
+                        self.change(&a.id, plan.clone(), a.suspended, &[], now);
+                    }
+                    if let Some(current) = self.get(&a.id) {
+                        current.with_state(|plan, state| {
+                            merge_grants(settings, state, &a.grants);
+                            state.resync_usage(plan, committed, now);
+                        });
+                    }
+                }
+                None => {
+                    let grants = a.grants.iter().map(|g| grant_of(settings, g)).collect();
+                    let mut state = AccountState::new(plan, grants, now);
+                    state.resync_usage(plan, committed, now);
+                    self.insert(Account::new(
+                        a.id.as_str().into(),
+                        plan.clone(),
+                        a.suspended,
+                        state,
+                    ));
+                }
+            }
+        }
+        tracing::info!(
+            accounts = stored.len(),
+            "account view re-read from the store"
+        );
+        Ok(())
+    }
+}
+
+/// Adds the stored grants the state lacks and takes every stored balance as committed.
+fn merge_grants(settings: &Settings, state: &mut AccountState, stored: &[StoredGrant]) {
+    for g in stored {
+        if !state.sync_grant(g.id, g.balance) {
+            state.add_grant(grant_of(settings, g));
+        }
+    }
+}
+
+/// The earliest instant whose usage counts for any configured plan at `now`.
+fn history_since(settings: &Settings, now: Millis) -> Millis {
+    settings
+        .plans
+        .values()
+        .map(|p| history_start(p, now))
+        .min()
+        .unwrap_or(now)
 }
 
 /// The engine's grant for a stored one.

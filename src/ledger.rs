@@ -194,16 +194,20 @@ impl LedgerWriter {
     /// Commits one batch, retrying with backoff until the store takes it.
     async fn commit(&self, batch: &[LedgerEntry]) {
         let mut backoff = Duration::from_millis(50);
-        let report = loop {
+        // Held from the commit to the view's update, so that a resync never reads the store
+        // between the two (it would miss usage that is neither committed nor unsettled).
+        let (report, _sync) = loop {
+            let sync = self.accounts.sync_lock().await;
             let started = crate::clock::Stopwatch::start();
             match self.store.commit(batch, self.clock.now_ms()).await {
                 Ok(report) => {
                     self.metrics
                         .ledger_commit_seconds
                         .observe(started.seconds());
-                    break report;
+                    break (report, sync);
                 }
                 Err(e) => {
+                    drop(sync);
                     self.metrics.store_errors.inc();
                     if !self.shared.store_failing.swap(true, Ordering::Relaxed) {
                         tracing::error!(error = %e, pending = self.shared.depth.load(Ordering::Relaxed), "ledger commit failed; keeping the batch and retrying");

@@ -289,16 +289,28 @@ pub struct AccountState {
 }
 
 /// The state a layer keeps for one account.
+///
+/// Usage is split like a grant's balance: what counts (`used`) is what the store has committed,
+/// from every replica, plus what this gateway holds and has not committed yet (`unsettled`,
+/// included in `used`). That split is what lets a replica rebuild its counts from the store
+/// ([`AccountState::resync_usage`]) without forgetting its own requests in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerState {
     /// Units used per minute, oldest first, for a usage-limit layer.
-    UsageLimit(UsageLog),
+    UsageLimit {
+        /// Everything that counts: committed and unsettled.
+        used: UsageLog,
+        /// This gateway's holds and queued charges not yet committed.
+        unsettled: UsageLog,
+    },
     /// Units used in the free tier's current period.
     FreeTier {
         /// Start of the period the count belongs to.
         period_start: Millis,
-        /// Units used in that period.
+        /// Units used in that period: committed and unsettled.
         used: Units,
+        /// Of `used`, what this gateway has not committed yet.
+        unsettled: Units,
     },
     /// Requests in flight, for a concurrency layer.
     InFlight(u32),
@@ -383,10 +395,14 @@ impl AccountState {
             .layers
             .iter()
             .map(|l| match &l.kind {
-                LayerKind::UsageLimit { .. } => LayerState::UsageLimit(UsageLog::default()),
+                LayerKind::UsageLimit { .. } => LayerState::UsageLimit {
+                    used: UsageLog::default(),
+                    unsettled: UsageLog::default(),
+                },
                 LayerKind::FreeTier { period, .. } => LayerState::FreeTier {
                     period_start: period.bounds(now).0,
                     used: 0,
+                    unsettled: 0,
                 },
                 LayerKind::Concurrency { .. } => LayerState::InFlight(0),
                 _ => LayerState::Stateless,
@@ -415,13 +431,27 @@ impl AccountState {
         &self.grants
     }
 
-    /// Marks `draws` as debited by the store: they are no longer unsettled.
+    /// Marks `draws` as committed by the store: they are no longer unsettled (they still count).
     pub fn settled(&mut self, draws: &[Draw]) {
         for draw in draws {
-            if let Pool::Grant { grant_id } = draw.pool
-                && let Some(grant) = self.grants.iter_mut().find(|g| g.id == grant_id)
-            {
-                grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+            match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
+                (Pool::Grant { grant_id }, _) => {
+                    if let Some(grant) = self.grants.iter_mut().find(|g| g.id == *grant_id) {
+                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                    }
+                }
+                (Pool::Window { minute }, Some(LayerState::UsageLimit { unsettled, .. })) => {
+                    unsettled.remove(*minute, draw.units);
+                }
+                (
+                    Pool::FreeTier { period_start: p },
+                    Some(LayerState::FreeTier {
+                        period_start,
+                        unsettled,
+                        ..
+                    }),
+                ) if *p == *period_start => *unsettled = unsettled.saturating_sub(draw.units),
+                _ => {}
             }
         }
     }
@@ -439,18 +469,83 @@ impl AccountState {
         }
     }
 
-    /// Replays past usage (from the ledger, on start-up) into the layers' state.
-    pub fn replay(&mut self, plan: &Plan, draw: &Draw, now: Millis) {
+    /// Counts usage the store has committed (read on start-up or a resync, or announced by
+    /// another replica) in the windows and free tier. Grant draws are ignored: balances travel
+    /// as balances ([`AccountState::sync_grant`]).
+    pub fn observe(&mut self, plan: &Plan, draw: &Draw, now: Millis) {
         match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
-            (Pool::Window { minute }, Some(LayerState::UsageLimit(log))) => {
-                log.add(*minute, draw.units);
-                log.prune(plan.longest_window_minutes(), now);
+            (Pool::Window { minute }, Some(LayerState::UsageLimit { used, .. })) => {
+                used.add(*minute, draw.units);
+                used.prune(plan.longest_window_minutes(), now);
             }
             (
                 Pool::FreeTier { period_start: p },
-                Some(LayerState::FreeTier { period_start, used }),
-            ) if *p == *period_start => *used += draw.units,
+                Some(LayerState::FreeTier {
+                    period_start,
+                    used,
+                    unsettled,
+                }),
+            ) => {
+                // Another replica may have started the next period before this one did.
+                if *p > *period_start {
+                    *period_start = *p;
+                    *used = 0;
+                    *unsettled = 0;
+                }
+                if *p == *period_start {
+                    *used += draw.units;
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// Takes back committed usage from the windows and free tier (a refunded charge).
+    pub fn unobserve(&mut self, draw: &Draw) {
+        match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
+            (Pool::Window { minute }, Some(LayerState::UsageLimit { used, .. })) => {
+                used.remove(*minute, draw.units);
+            }
+            (
+                Pool::FreeTier { period_start: p },
+                Some(LayerState::FreeTier {
+                    period_start, used, ..
+                }),
+            ) if *p == *period_start => *used = used.saturating_sub(draw.units),
+            _ => {}
+        }
+    }
+
+    /// Rebuilds the windows' and free tier's counts from the store's truth: `committed` (every
+    /// replica's charges since [`Plan::longest_window_minutes`] and the free tier's period
+    /// start) plus what this gateway still holds unsettled. Used after a replica may have missed
+    /// announcements (a lost listener).
+    pub fn resync_usage(&mut self, plan: &Plan, committed: &[Draw], now: Millis) {
+        for (layer, state) in plan.layers.iter().zip(self.layers.iter_mut()) {
+            match (&layer.kind, state) {
+                (LayerKind::UsageLimit { .. }, LayerState::UsageLimit { used, unsettled }) => {
+                    used.clone_from(unsettled);
+                }
+                (
+                    LayerKind::FreeTier { period, .. },
+                    LayerState::FreeTier {
+                        period_start,
+                        used,
+                        unsettled,
+                    },
+                ) => {
+                    let current = period.bounds(now).0;
+                    if *period_start != current {
+                        *period_start = current;
+                        *unsettled = 0;
+                    }
+                    *used = *unsettled;
+                }
+                _ => {}
+            }
+        }
+        for draw in committed {
+            self.observe(plan, draw, now);
         }
     }
 
@@ -471,18 +566,16 @@ impl AccountState {
 
     fn free_tier_used(&self, layer: usize, period: Period, now: Millis) -> Units {
         match self.layers.get(layer) {
-            Some(LayerState::FreeTier { period_start, used })
-                if *period_start == period.bounds(now).0 =>
-            {
-                *used
-            }
+            Some(LayerState::FreeTier {
+                period_start, used, ..
+            }) if *period_start == period.bounds(now).0 => *used,
             _ => 0,
         }
     }
 
     fn usage_log(&self, layer: usize) -> Option<&UsageLog> {
         match self.layers.get(layer) {
-            Some(LayerState::UsageLimit(log)) => Some(log),
+            Some(LayerState::UsageLimit { used, .. }) => Some(used),
             _ => None,
         }
     }
@@ -1054,24 +1147,42 @@ fn apply_draw(
     hint: &mut usize,
 ) {
     match (&draw.pool, state.layers.get_mut(draw.layer as usize)) {
-        (Pool::Window { minute }, Some(LayerState::UsageLimit(log))) => match dir {
+        (Pool::Window { minute }, Some(LayerState::UsageLimit { used, unsettled })) => match dir {
             Direction::Take => {
-                log.add(*minute, draw.units);
-                log.prune(plan.longest_window_minutes(), now);
+                let keep = plan.longest_window_minutes();
+                used.add(*minute, draw.units);
+                used.prune(keep, now);
+                unsettled.add(*minute, draw.units);
+                unsettled.prune(keep, now);
             }
-            Direction::Give => log.remove(*minute, draw.units),
+            Direction::Give => {
+                used.remove(*minute, draw.units);
+                unsettled.remove(*minute, draw.units);
+            }
         },
-        (Pool::FreeTier { period_start: p }, Some(LayerState::FreeTier { period_start, used })) => {
+        (
+            Pool::FreeTier { period_start: p },
+            Some(LayerState::FreeTier {
+                period_start,
+                used,
+                unsettled,
+            }),
+        ) => {
             match dir {
                 Direction::Take => {
                     if *period_start != *p {
                         *period_start = *p;
                         *used = 0;
+                        *unsettled = 0;
                     }
                     *used += draw.units;
+                    *unsettled += draw.units;
                 }
                 // A hold released after its period ended has nothing left to give back.
-                Direction::Give if *period_start == *p => *used = used.saturating_sub(draw.units),
+                Direction::Give if *period_start == *p => {
+                    *used = used.saturating_sub(draw.units);
+                    *unsettled = unsettled.saturating_sub(draw.units);
+                }
                 Direction::Give => {}
             }
         }

@@ -715,7 +715,7 @@ async fn a_refund_goes_back_to_exactly_the_pools_that_paid(store: StoreKind) {
     h.gateway()
         .app()
         .accounts
-        .refunded(account, draws, balances, now);
+        .refunded(account, draws, balances);
     assert_eq!(
         store.refund(&decision, now).await.unwrap(),
         Refund::AlreadyRefunded

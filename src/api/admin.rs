@@ -1,26 +1,29 @@
 //! The admin API: accounts and their plans, API keys, grants, balances and the ledger.
 //!
 //! Every handler here runs behind the admin token check ([`super::router`]). Each write is one
-//! store transaction, then a change of the in-memory view: the next proxied request sees it.
+//! store transaction, then the view re-reads the account from the store (`Accounts::refresh`),
+//! as every other replica does when the store announces the change: the next proxied request
+//! sees it.
 //! Input is validated before anything is written; an error names the field at fault.
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, State};
-use axum::{Extension, Json};
 use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::model::{AccountBody, ApiKeyBody, GrantBody, LedgerPageBody, UsageBody};
+use super::model::{
+    AccountBody, ApiKeyBody, ApiKeyInfo, ApiKeyListBody, GrantBody, LedgerPageBody, UsageBody,
+};
 use super::openapi::ErrorBody;
-use super::{ApiError, ApiJson, ApiState, Query};
-use crate::accounts::{self, Account};
+use super::{ApiError, ApiJson, Query};
 use crate::app::App;
-use crate::config::{GrantSeed, hash_api_key, parse_instant};
+use crate::config::{GrantSeed, KeySeed, parse_instant};
 use crate::ids::IdempotencyKey;
-use crate::store::{Granted, Page, Refund, StoredGrant};
-use crate::waterfall::{AccountState, GrantKind, Millis};
+use crate::store::{Granted, Page, Refund, Revoked, StoredGrant};
+use crate::waterfall::{GrantKind, Millis};
 
 /// Most credits one grant may give (with a handful of grants per account, sums stay far
 /// below `u64::MAX`).
@@ -90,13 +93,11 @@ pub struct NewGrant {
 )]
 pub async fn create_account(
     State(app): State<Arc<App>>,
-    Extension(api): Extension<Arc<ApiState>>,
     ApiJson(new): ApiJson<NewAccount>,
 ) -> Result<(StatusCode, Json<AccountBody>), ApiError> {
     check_account_id(&new.id)?;
-    let plan = plan(&app, &new.plan)?;
+    plan(&app, &new.plan)?;
     let now = app.clock.now_ms();
-    let _order = api.account_writes.lock().await;
     if !app
         .store
         .create_account(&new.id, &new.plan, new.suspended, now)
@@ -104,13 +105,7 @@ pub async fn create_account(
     {
         return Err(ApiError::AccountExists);
     }
-    let state = AccountState::new(&plan, Vec::new(), now);
-    app.accounts.insert(Account::new(
-        new.id.as_str().into(),
-        plan,
-        new.suspended,
-        state,
-    ));
+    refresh(&app, &new.id).await?;
     tracing::info!(account = %new.id, plan = %new.plan, suspended = new.suspended, "admin: account created");
     Ok((
         StatusCode::CREATED,
@@ -157,7 +152,6 @@ pub async fn get_account(
 )]
 pub async fn update_account(
     State(app): State<Arc<App>>,
-    Extension(api): Extension<Arc<ApiState>>,
     Path(account_id): Path<String>,
     ApiJson(change): ApiJson<AccountChange>,
 ) -> Result<Json<AccountBody>, ApiError> {
@@ -180,7 +174,6 @@ pub async fn update_account(
             },
         });
     }
-    let _order = api.account_writes.lock().await;
     let row = app
         .store
         .update_account(&account_id, change.plan.as_deref(), change.suspended)
@@ -188,46 +181,14 @@ pub async fn update_account(
         .ok_or(ApiError::AccountNotFound {
             field: "account_id",
         })?;
-    match app.settings.plans.get(&row.plan) {
-        Some(plan) => {
-            let now = app.clock.now_ms();
-            let changed_plan = app
-                .accounts
-                .get(&account_id)
-                .is_none_or(|a| a.plan.name != plan.name);
-            let history = if changed_plan {
-                app.store
-                    .account_draws_since(&account_id, accounts::history_start(plan, now))
-                    .await?
-            } else {
-                Vec::new()
-            };
-            if !app
-                .accounts
-                .change(&account_id, plan.clone(), row.suspended, &history, now)
-            {
-                // Not in the view (its old plan had left the config): load it as a start would.
-                load_into_view(
-                    &app,
-                    &account_id,
-                    plan.clone(),
-                    row.suspended,
-                    &history,
-                    now,
-                )
-                .await?;
-            }
-        }
-        None => {
-            tracing::warn!(account = %account_id, plan = %row.plan, "admin: account's plan is not in the config; its requests are refused")
-        }
-    }
+    refresh(&app, &account_id).await?;
     tracing::info!(account = %account_id, plan = %row.plan, suspended = row.suspended, "admin: account changed");
     Ok(Json(account_body(&app, &account_id).await?))
 }
 
 /// Creates an API key for an account. The key is in this answer only: the gateway stores its
-/// SHA-256. It works on the proxy at once.
+/// SHA-256 and its prefix. It works on this replica's proxy at once, on the others within the
+/// change bound.
 #[utoipa::path(
     post,
     path = "/admin/v1/accounts/{account_id}/api-keys",
@@ -249,21 +210,96 @@ pub async fn create_api_key(
         reason: format!("the system's random number generator failed: {e}"),
     })?;
     let key = format!("{API_KEY_PREFIX}{}", hex::encode(secret));
-    let hash = hash_api_key(&key);
-    if !app.store.add_api_key(&account_id, &hash).await? {
-        return Err(ApiError::AccountNotFound {
+    let stored = KeySeed::of(&key);
+    app.store
+        .add_api_key(&account_id, &stored, app.clock.now_ms())
+        .await?
+        .ok_or(ApiError::AccountNotFound {
             field: "account_id",
-        });
-    }
-    app.accounts.insert_key(&hash, account_id.as_str().into());
-    tracing::info!(account = %account_id, "admin: API key created");
+        })?;
+    refresh(&app, &account_id).await?;
+    tracing::info!(account = %account_id, prefix = %stored.prefix, "admin: API key created");
     Ok((
         StatusCode::CREATED,
         Json(ApiKeyBody {
             account: account_id,
             api_key: key,
+            prefix: stored.prefix,
         }),
     ))
+}
+
+/// Lists an account's API keys by their prefixes (never the keys), revoked ones included.
+#[utoipa::path(
+    get,
+    path = "/admin/v1/accounts/{account_id}/api-keys",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(("account_id" = String, Path, description = "The account")),
+    responses(
+        (status = 200, description = "Its keys, oldest first", body = ApiKeyListBody),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such account", body = ErrorBody),
+    )
+)]
+pub async fn list_api_keys(
+    State(app): State<Arc<App>>,
+    Path(account_id): Path<String>,
+) -> Result<Json<ApiKeyListBody>, ApiError> {
+    if app.store.account(&account_id).await?.is_none() {
+        return Err(ApiError::AccountNotFound {
+            field: "account_id",
+        });
+    }
+    let keys = app.store.api_keys(&account_id).await?;
+    Ok(Json(ApiKeyListBody {
+        account: account_id,
+        api_keys: keys.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Revokes an API key, named by its prefix: from then on it identifies nobody, on every
+/// replica (within the change bound, see the README). Revoking a revoked key changes nothing.
+#[utoipa::path(
+    delete,
+    path = "/admin/v1/accounts/{account_id}/api-keys/{prefix}",
+    tag = "admin",
+    security(("admin_token" = [])),
+    params(
+        ("account_id" = String, Path, description = "The account"),
+        ("prefix" = String, Path, description = "The key's prefix, as listed"),
+    ),
+    responses(
+        (status = 200, description = "The key, revoked (now or before)", body = ApiKeyInfo),
+        (status = 401, description = "No or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such account, or no key with this prefix", body = ErrorBody),
+        (status = 409, description = "Several live keys share the prefix: nothing was revoked", body = ErrorBody),
+    )
+)]
+pub async fn revoke_api_key(
+    State(app): State<Arc<App>>,
+    Path((account_id, prefix)): Path<(String, String)>,
+) -> Result<Json<ApiKeyInfo>, ApiError> {
+    if app.store.account(&account_id).await?.is_none() {
+        return Err(ApiError::AccountNotFound {
+            field: "account_id",
+        });
+    }
+    let key = match app
+        .store
+        .revoke_api_key(&account_id, &prefix, app.clock.now_ms())
+        .await?
+    {
+        Revoked::Now(key) => {
+            refresh(&app, &account_id).await?;
+            tracing::info!(account = %account_id, %prefix, "admin: API key revoked");
+            key
+        }
+        Revoked::Before(key) => key,
+        Revoked::NotFound => return Err(ApiError::ApiKeyNotFound),
+        Revoked::Ambiguous(keys) => return Err(ApiError::ApiKeyPrefixAmbiguous { keys }),
+    };
+    Ok(Json(key.into()))
 }
 
 /// Grants credits, a promotion or an enterprise pool, once per `Idempotency-Key`: a repeat
@@ -323,10 +359,7 @@ pub async fn grant(
             })?;
     match granted {
         Granted::Created(g) => {
-            if let Some(account) = app.accounts.get(&account_id) {
-                let grant = accounts::grant_of(&app.settings, &g);
-                account.with_state(|_, state| state.add_grant(grant));
-            }
+            refresh(&app, &account_id).await?;
             tracing::info!(account = %account_id, grant_id = g.id, kind = g.kind.as_str(), amount = g.amount, "admin: granted");
             Ok((StatusCode::CREATED, Json(g.into())))
         }
@@ -378,8 +411,7 @@ pub async fn refund(
             balances,
             credits,
         } => {
-            app.accounts
-                .refunded(&account, &draws, &balances, app.clock.now_ms());
+            app.accounts.refunded(&account, &draws, &balances);
             tracing::info!(%account, %decision_id, credits, "admin: refunded");
             Ok(Json(RefundBody {
                 decision_id,
@@ -481,39 +513,12 @@ async fn account_body(app: &App, id: &str) -> Result<AccountBody, ApiError> {
     Ok(AccountBody::new(row, grants, &app.settings))
 }
 
-/// Puts an account the view lacks into it, from the store, as `Accounts::load` would.
-async fn load_into_view(
-    app: &App,
-    id: &str,
-    plan: Arc<crate::waterfall::Plan>,
-    suspended: bool,
-    history: &[crate::waterfall::Draw],
-    now: Millis,
-) -> Result<(), ApiError> {
-    let Some(stored) = app
-        .store
-        .load_accounts()
-        .await?
-        .into_iter()
-        .find(|a| a.id == id)
-    else {
-        return Ok(());
-    };
-    let grants = stored
-        .grants
-        .iter()
-        .map(|g| accounts::grant_of(&app.settings, g))
-        .collect();
-    let mut state = AccountState::new(&plan, grants, now);
-    for draw in history {
-        state.replay(&plan, draw, now);
-    }
-    for hash in &stored.key_hashes {
-        app.accounts.insert_key(hash, id.into());
-    }
-    app.accounts
-        .insert(Account::new(id.into(), plan, suspended, state));
-    Ok(())
+/// Makes the view's copy of the account what the store has now (`Accounts::refresh`).
+async fn refresh(app: &App, id: &str) -> Result<(), ApiError> {
+    Ok(app
+        .accounts
+        .refresh(&app.store, &app.settings, id, app.clock.now_ms())
+        .await?)
 }
 
 /// An account id: 1 to 128 letters, digits, `_`, `-`, `.`, `:` or `@` (it travels in headers).

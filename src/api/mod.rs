@@ -47,22 +47,14 @@ pub const PAGE_LIMIT_MAX: u32 = 500;
 /// Events per page when the caller does not say.
 pub const PAGE_LIMIT_DEFAULT: u32 = 50;
 
-/// State the API handlers share beyond [`App`].
-#[derive(Default)]
-pub struct ApiState {
-    /// Serialises changes of accounts (create, plan, suspension), so that the view applies
-    /// them in the order the store did.
-    pub account_writes: tokio::sync::Mutex<()>,
-}
-
 /// The API routes (admin, user, decisions, `/openapi.json`), to merge into the gateway's
 /// router, and the OpenAPI document they serve.
 pub fn router(app: &Arc<App>) -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
-    let state = Arc::new(ApiState::default());
     let admin = OpenApiRouter::new()
         .routes(routes!(admin::create_account))
         .routes(routes!(admin::get_account, admin::update_account))
-        .routes(routes!(admin::create_api_key))
+        .routes(routes!(admin::create_api_key, admin::list_api_keys))
+        .routes(routes!(admin::revoke_api_key))
         .routes(routes!(admin::grant))
         .routes(routes!(admin::balances))
         .routes(routes!(admin::ledger))
@@ -84,20 +76,18 @@ pub fn router(app: &Arc<App>) -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
             "{}".into()
         }
     };
-    let routes = routes
-        .route(
-            "/openapi.json",
-            get(move || {
-                let json = json.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "application/json")],
-                        json.to_string(),
-                    )
-                }
-            }),
-        )
-        .layer(axum::Extension(state));
+    let routes = routes.route(
+        "/openapi.json",
+        get(move || {
+            let json = json.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    json.to_string(),
+                )
+            }
+        }),
+    );
     (routes, doc)
 }
 

@@ -89,6 +89,38 @@ pub struct ApiKeyBody {
     pub account: String,
     /// The key: send it as `Authorization: Bearer <key>`.
     pub api_key: String,
+    /// Its first characters: what it is listed and revoked by.
+    pub prefix: String,
+}
+
+/// An API key as listed: never the key itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyInfo {
+    /// The key's first characters (11 of a generated key, at most a quarter of another).
+    pub prefix: String,
+    /// When it was created (absent for keys stored before keys had dates).
+    pub created_at: Option<String>,
+    /// When it was revoked; absent while it works.
+    pub revoked_at: Option<String>,
+}
+
+impl From<crate::store::ApiKeyRow> for ApiKeyInfo {
+    fn from(k: crate::store::ApiKeyRow) -> Self {
+        ApiKeyInfo {
+            prefix: k.prefix,
+            created_at: (k.created_at > 0).then(|| rfc3339(k.created_at)),
+            revoked_at: k.revoked_at.map(rfc3339),
+        }
+    }
+}
+
+/// An account's API keys, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyListBody {
+    /// The account.
+    pub account: String,
+    /// Its keys, revoked ones included.
+    pub api_keys: Vec<ApiKeyInfo>,
 }
 
 /// An account's limits and balances right now, as the next request will be decided: every
@@ -248,11 +280,9 @@ impl UsageBody {
                         LayerKind::FreeTier { units, period } => {
                             let (start, end) = period.bounds(now);
                             let used = match state.layers.get(i) {
-                                Some(LayerState::FreeTier { period_start, used })
-                                    if *period_start == start =>
-                                {
-                                    *used
-                                }
+                                Some(LayerState::FreeTier {
+                                    period_start, used, ..
+                                }) if *period_start == start => *used,
                                 _ => 0,
                             };
                             body.free_tier = Some(FreeTierBody {

@@ -443,7 +443,7 @@ fn accounts(
             id: id.clone(),
             plan: a.plan.get_ref().clone(),
             suspended: a.suspended,
-            key_hashes: a.api_keys.iter().map(|k| hash_api_key(k)).collect(),
+            keys: a.api_keys.iter().map(|k| KeySeed::of(k)).collect(),
             grants,
         });
     }

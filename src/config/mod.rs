@@ -492,8 +492,8 @@ pub struct AccountSeed {
     pub plan: String,
     /// Whether its requests are refused.
     pub suspended: bool,
-    /// SHA-256 hashes (hex) of its API keys; the keys themselves are not kept.
-    pub key_hashes: Vec<String>,
+    /// Its API keys, as stored (the keys themselves are not kept).
+    pub keys: Vec<KeySeed>,
     /// Grants to give it once.
     pub grants: Vec<GrantSeed>,
 }
@@ -513,6 +513,38 @@ pub struct GrantSeed {
     pub priority: i32,
     /// Feature names it may pay for (`None`: all).
     pub features: Option<Vec<String>>,
+}
+
+/// An API key as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySeed {
+    /// SHA-256 of the key, hex: what a request's key is looked up by.
+    pub hash: String,
+    /// The key's first characters ([`key_prefix`]): what an operator lists and revokes it by.
+    pub prefix: String,
+}
+
+impl KeySeed {
+    /// The stored form of `key`.
+    pub fn of(key: &str) -> KeySeed {
+        KeySeed {
+            hash: hash_api_key(key),
+            prefix: key_prefix(key),
+        }
+    }
+}
+
+/// Longest key prefix shown: `fg_` and 8 of a generated key's 64 random hex digits.
+const KEY_PREFIX_CHARS_MAX: usize = 11;
+
+/// The non-secret start of an API key, shown in listings so that an operator can tell keys
+/// apart and revoke a leaked one: 11 characters of a generated key (32 of its 256 random bits),
+/// and never more than a quarter of a shorter, hand-made key.
+pub fn key_prefix(key: &str) -> String {
+    let chars = key.chars().count();
+    key.chars()
+        .take(KEY_PREFIX_CHARS_MAX.min(chars / 4))
+        .collect()
 }
 
 /// Hashes an API key for storage and lookup; keys are never stored or logged in clear.

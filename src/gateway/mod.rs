@@ -38,7 +38,7 @@ use crate::ledger::{self, WriterSettings};
 use crate::metrics::Metrics;
 use crate::quota;
 use crate::rescue::GatewayError;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,18 +88,15 @@ impl Gateway {
             },
             clock.clone(),
         );
-        // Other replicas' balance changes (PostgreSQL): the view follows them as they commit.
-        let watcher = store.watch_balances().map(|mut changes| {
-            let (accounts, store, settings) = (accounts.clone(), store.clone(), settings.clone());
-            tokio::spawn(async move {
-                while let Some(balances) = changes.recv().await {
-                    for account in accounts.sync_balances(&balances) {
-                        if let Err(e) = accounts.add_new_grants(&store, &settings, &account).await {
-                            tracing::warn!(%account, error = %e, "could not load new grants");
-                        }
-                    }
-                }
-            })
+        // Other replicas' changes (PostgreSQL): the view follows them as they commit.
+        let watcher = store.watch().map(|changes| {
+            tokio::spawn(follow(
+                changes,
+                accounts.clone(),
+                store.clone(),
+                settings.clone(),
+                clock.clone(),
+            ))
         });
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.run(async {
@@ -183,6 +180,50 @@ impl Gateway {
 /// with hyper — HTTP/1.1 with a header read timeout that also closes idle keep-alive
 /// connections, or HTTP/2 with a stream limit — and on `stopped` stops accepting, lets open
 /// connections finish for up to `grace`, then abandons them.
+/// Applies other replicas' changes to the view as the store reports them. An account that
+/// cannot be re-read (the store went away again) is caught up by re-reading everything, retried
+/// until it succeeds.
+async fn follow(
+    mut changes: tokio::sync::mpsc::Receiver<Change>,
+    accounts: Accounts,
+    store: Store,
+    settings: Settings,
+    clock: Clock,
+) {
+    while let Some(change) = changes.recv().await {
+        let refreshed = match change {
+            Change::Resync => Err(None),
+            Change::Account(id) => accounts
+                .refresh(&store, &settings, &id, clock.now_ms())
+                .await
+                .map_err(Some),
+            Change::Ledger(change) => {
+                let mut result = Ok(());
+                for id in accounts.apply(&change, clock.now_ms()) {
+                    result = result.and(
+                        accounts
+                            .refresh(&store, &settings, &id, clock.now_ms())
+                            .await
+                            .map_err(Some),
+                    );
+                }
+                result
+            }
+        };
+        if let Err(failed) = refreshed {
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "could not re-read a changed account; re-reading all");
+            }
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = accounts.resync(&store, &settings, clock.now_ms()).await {
+                tracing::warn!(error = %e, "could not re-read the account view; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,

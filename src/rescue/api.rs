@@ -50,6 +50,15 @@ pub enum ApiError {
     /// An account with this id exists already.
     #[error("account exists")]
     AccountExists,
+    /// The account has no API key with this prefix.
+    #[error("API key not found")]
+    ApiKeyNotFound,
+    /// Several live API keys of the account start with this prefix.
+    #[error("API key prefix is ambiguous")]
+    ApiKeyPrefixAmbiguous {
+        /// How many live keys share it.
+        keys: usize,
+    },
     /// The account is declared in the config file, which re-asserts its plan and suspension
     /// at every start: an API change would be silently undone.
     #[error("account managed by the config file")]
@@ -139,6 +148,20 @@ impl IntoResponse for ApiError {
                 "decision_not_found",
                 "no decision with this id is recorded for you (a decision is recorded within milliseconds of its response)".into(),
                 json!({ "field": "decision_id" }),
+            )),
+            E::ApiKeyNotFound => no_retry(body(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "api_key_not_found",
+                "the account has no API key with this prefix (GET its api-keys to list them)".into(),
+                json!({ "field": "prefix" }),
+            )),
+            E::ApiKeyPrefixAmbiguous { keys } => no_retry(body(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "api_key_prefix_ambiguous",
+                format!("{keys} live API keys of the account start with this prefix: nothing was revoked"),
+                json!({ "field": "prefix", "keys": keys }),
             )),
             E::AccountExists => no_retry(body(
                 StatusCode::CONFLICT,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{Store, StoreError, StoredGrant};
-use crate::config::GrantSeed;
+use crate::config::{GrantSeed, KeySeed};
 use crate::waterfall::{Draw, Millis};
 
 /// An account as the admin API shows it.
@@ -21,6 +21,32 @@ pub struct AccountRow {
     pub created_at: Millis,
     /// How many API keys it has.
     pub api_keys: i64,
+}
+
+/// An API key as listed: never the key, only its prefix and dates.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    /// SHA-256 of the key (hex): what the view looks keys up by. Not shown by the API.
+    pub key_hash: String,
+    /// The key's first characters (`crate::config::key_prefix`).
+    pub prefix: String,
+    /// When it was created (0: before keys had dates).
+    pub created_at: Millis,
+    /// When it was revoked.
+    pub revoked_at: Option<Millis>,
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// Revoked now.
+    Now(ApiKeyRow),
+    /// It had been revoked before; nothing changed.
+    Before(ApiKeyRow),
+    /// The account has no key with this prefix (or no such account).
+    NotFound,
+    /// This many live keys share the prefix: nothing was revoked.
+    Ambiguous(usize),
 }
 
 /// What a grant request did.
@@ -165,9 +191,30 @@ impl Store {
         dialect!(self, s => s.update_account(id, plan, suspended).await)
     }
 
-    /// Stores an API key's hash for an account; `false` if there is no such account.
-    pub async fn add_api_key(&self, account: &str, key_hash: &str) -> Result<bool, StoreError> {
-        dialect!(self, s => s.add_api_key(account, key_hash).await)
+    /// Stores an API key (its hash and prefix) for an account; `None` if there is no such
+    /// account.
+    pub async fn add_api_key(
+        &self,
+        account: &str,
+        key: &KeySeed,
+        now: Millis,
+    ) -> Result<Option<ApiKeyRow>, StoreError> {
+        dialect!(self, s => s.add_api_key(account, key, now).await)
+    }
+
+    /// Every API key of an account, revoked ones included, oldest first.
+    pub async fn api_keys(&self, account: &str) -> Result<Vec<ApiKeyRow>, StoreError> {
+        dialect!(self, s => s.api_keys(account).await)
+    }
+
+    /// Revokes an account's API key by its prefix (see [`Revoked`]).
+    pub async fn revoke_api_key(
+        &self,
+        account: &str,
+        prefix: &str,
+        now: Millis,
+    ) -> Result<Revoked, StoreError> {
+        dialect!(self, s => s.revoke_api_key(account, prefix, now).await)
     }
 
     /// Gives a grant once per (account, external id): the grant and its `grant` balance update

@@ -32,8 +32,8 @@ use crate::usage::LedgerEntry;
 use crate::waterfall::{Draw, GrantKind, Millis};
 
 pub use api::{
-    AccountRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
-    UsageEventRecord,
+    AccountRow, ApiKeyRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
+    Revoked, UsageEventRecord,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -125,6 +125,28 @@ pub struct GrantBalance {
     pub grant_id: i64,
     /// Its balance.
     pub balance: u64,
+}
+
+/// What a ledger transaction did to the numbers other replicas decide on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerChange {
+    /// Each changed grant's balance after the transaction.
+    pub balances: Vec<GrantBalance>,
+    /// Window and free-tier usage charged, by account.
+    pub used: Vec<(String, Draw)>,
+    /// Window and free-tier usage a refund gave back, by account.
+    pub refunded: Vec<(String, Draw)>,
+}
+
+/// A change another writer (replica) committed, as [`Store::watch`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Changes may have been missed (the watch has just (re)connected): re-read the store.
+    Resync,
+    /// A ledger transaction's numbers.
+    Ledger(LedgerChange),
+    /// This account's row, API keys or grants changed: re-read it.
+    Account(String),
 }
 
 /// An account as the store has it.
@@ -332,9 +354,9 @@ impl Store {
         dialect!(self, s => s.refund(decision_id, now).await)
     }
 
-    /// Other writers' balance changes as they commit, where the store can tell (PostgreSQL:
+    /// Other writers' changes as they commit, where the store can tell (PostgreSQL:
     /// LISTEN/NOTIFY); `None` for a store with one writer (SQLite).
-    pub fn watch_balances(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<GrantBalance>>> {
+    pub fn watch(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
         match self {
             Store::Sqlite(_) => None,
             Store::Postgres(s) => Some(s.watch()),

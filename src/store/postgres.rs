@@ -41,7 +41,8 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::debit::{self, LockedGrant};
 use super::shared::{to_bigint, to_unsigned};
 use super::{
-    CommitReport, Committed, GrantBalance, LedgerSnapshot, Refund, StoreError, StoredGrant,
+    CommitReport, Committed, GrantBalance, LedgerChange, LedgerSnapshot, Refund, StoreError,
+    StoredGrant,
 };
 use crate::usage::LedgerEntry;
 use crate::waterfall::{GrantKind, Millis, Pool};
@@ -55,60 +56,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 mod api;
+mod notify;
 
-/// The channel on which every transaction that changes balances announces them (at its commit,
-/// in commit order), so that every replica's view learns what the others spent or granted.
-const BALANCES_CHANNEL: &str = "flowgate_balances";
-/// Largest notification payload sent (PostgreSQL's limit is 8000 bytes).
-const NOTIFY_BYTES_MAX: usize = 7000;
-
-/// Announces `balances` on [`BALANCES_CHANNEL`] as part of `tx` (delivered only if it commits),
-/// signed by `replica` so that a replica skips its own: its writer has applied them already, in
-/// step with what it holds unsettled.
-async fn notify_balances(
-    tx: &mut Transaction<'_, Postgres>,
-    replica: &str,
-    balances: &[GrantBalance],
-) -> Result<(), StoreError> {
-    let start = format!("{replica}[");
-    let mut payload = start.clone();
-    for (i, b) in balances.iter().enumerate() {
-        let item = serde_json::to_string(&(&b.account, b.grant_id, b.balance))
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        if payload.len() > start.len() {
-            payload.push(',');
-        }
-        payload.push_str(&item);
-        if payload.len() >= NOTIFY_BYTES_MAX || i + 1 == balances.len() {
-            payload.push(']');
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(BALANCES_CHANNEL)
-                .bind(&payload)
-                .execute(&mut **tx)
-                .await?;
-            payload = start.clone();
-        }
-    }
-    Ok(())
-}
-
-/// Parses a [`BALANCES_CHANNEL`] payload: the sending replica's id, then a JSON array.
-fn parse_balances(payload: &str) -> Option<(&str, Vec<GrantBalance>)> {
-    let at = payload.find('[')?;
-    let (replica, items) = payload.split_at(at);
-    let items: Vec<(String, i64, u64)> = serde_json::from_str(items).ok()?;
-    Some((
-        replica,
-        items
-            .into_iter()
-            .map(|(account, grant_id, balance)| GrantBalance {
-                account,
-                grant_id,
-                balance,
-            })
-            .collect(),
-    ))
-}
+use notify::{announce_ledger, counts_usage};
 
 /// A ledger in a PostgreSQL database.
 #[derive(Clone, Debug)]
@@ -280,74 +230,30 @@ impl PostgresStore {
         if !charges.is_empty() {
             charge(&mut tx, &charges, &mut report, now).await?;
         }
-        notify_balances(&mut tx, &self.replica, &report.balances).await?;
+        let change = LedgerChange {
+            balances: report.balances.clone(),
+            used: charges
+                .iter()
+                .flat_map(|r| {
+                    let account = r.entry.account.as_str();
+                    r.entry
+                        .decision
+                        .draws
+                        .iter()
+                        .filter(|d| counts_usage(d))
+                        .map(move |d| (account.to_owned(), *d))
+                })
+                .collect(),
+            refunded: Vec::new(),
+        };
+        announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
         Ok(report)
     }
 
-    /// Follows every replica's balance changes: a task listens on [`BALANCES_CHANNEL`] and
-    /// sends what it hears. After a lost connection (notifications sent meanwhile are gone) it
-    /// sends every grant's balance once, so that nothing is missed for long.
-    pub(super) fn watch(&self) -> tokio::sync::mpsc::Receiver<Vec<GrantBalance>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let pool = self.pool.clone();
-        let replica = self.replica.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let listener = async {
-                    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                    l.listen(BALANCES_CHANNEL).await?;
-                    Ok::<_, sqlx::Error>(l)
-                };
-                let mut listener = match listener.await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "balance listener cannot connect; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                };
-                backoff = Duration::from_millis(100);
-                // Whatever changed before (or while) listening started.
-                let all: Result<Vec<(String, i64, i64)>, _> =
-                    sqlx::query_as("SELECT account_id, id, balance FROM grants")
-                        .fetch_all(&pool)
-                        .await;
-                if let Ok(all) = all {
-                    let balances = all
-                        .into_iter()
-                        .map(|(account, grant_id, balance)| GrantBalance {
-                            account,
-                            grant_id,
-                            balance: balance.max(0) as u64,
-                        })
-                        .collect();
-                    if tx.send(balances).await.is_err() {
-                        return;
-                    }
-                }
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => match parse_balances(n.payload()) {
-                            Some((from, _)) if from == &*replica => {}
-                            Some((_, b)) => {
-                                if tx.send(b).await.is_err() {
-                                    return; // the gateway stopped
-                                }
-                            }
-                            None => tracing::warn!("unreadable balance notification"),
-                        },
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("balance listener lost its connection; reconnecting");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-        rx
+    /// Follows the other replicas' changes (see [`notify`]).
+    pub(super) fn watch(&self) -> tokio::sync::mpsc::Receiver<super::Change> {
+        notify::watch(self.pool.clone(), self.replica.clone())
     }
 
     pub(super) async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
@@ -378,7 +284,11 @@ impl PostgresStore {
                 balance: 0,
             })
             .collect();
-        notify_balances(&mut tx, &self.replica, &expired).await?;
+        let change = LedgerChange {
+            balances: expired.clone(),
+            ..LedgerChange::default()
+        };
+        announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
         Ok(expired)
     }
@@ -446,11 +356,21 @@ impl PostgresStore {
                 balance: to_unsigned(after, "grants.balance")?,
             });
         }
-        notify_balances(&mut tx, &self.replica, &balances).await?;
+        let draws: Vec<crate::waterfall::Draw> = serde_json::from_str(&draws)
+            .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
+        let change = LedgerChange {
+            balances: balances.clone(),
+            used: Vec::new(),
+            refunded: draws
+                .iter()
+                .filter(|d| counts_usage(d))
+                .map(|d| (account.clone(), *d))
+                .collect(),
+        };
+        announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
         Ok(Refund::Refunded {
-            draws: serde_json::from_str(&draws)
-                .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?,
+            draws,
             account,
             balances,
             credits,

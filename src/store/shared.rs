@@ -8,14 +8,15 @@
 //! - `begin_write(&self)`: SQLite takes the write lock at once (`BEGIN IMMEDIATE`), so that a
 //!   second writer waits instead of failing on upgrade; PostgreSQL begins normally;
 //! - `IDS_IN` and `ids_arg`: an id list (`json_each` of a JSON array, or `= ANY` of an array);
-//! - `announce_grant(&self, tx, balance)`: PostgreSQL tells the other replicas; SQLite has none;
+//! - `announce_grant(&self, tx, balance)` and `announce_account(&self, tx, id)`: PostgreSQL
+//!   tells the other replicas; SQLite has none;
 //! - `grant_from_row` and `GRANT_COLUMNS`, over the dialect's row type.
 
 /// Expands the API statements as methods of `$store` (see the module documentation).
 macro_rules! api_statements {
     ($store:ty) => {
         const ACCOUNT: &str = "SELECT id, plan, suspended, created_at,
-                (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id) AS api_keys
+                (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id AND k.revoked_at IS NULL) AS api_keys
              FROM accounts a WHERE id = $1";
 
         impl $store {
@@ -37,6 +38,9 @@ macro_rules! api_statements {
                 .bind(now)
                 .fetch_optional(&mut *tx)
                 .await?;
+                if created.is_some() {
+                    self.announce_account(&mut tx, id).await?;
+                }
                 tx.commit().await?;
                 Ok(created.is_some())
             }
@@ -61,19 +65,23 @@ macro_rules! api_statements {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    for hash in &seed.key_hashes {
+                    // A configured key revoked through the API stays revoked.
+                    for key in &seed.keys {
                         sqlx::query(
-                            "INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)
-                             ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id",
+                            "INSERT INTO api_keys (key_hash, account_id, prefix, created_at) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (key_hash) DO UPDATE SET account_id = excluded.account_id, prefix = excluded.prefix",
                         )
-                        .bind(hash)
+                        .bind(&key.hash)
                         .bind(&seed.id)
+                        .bind(&key.prefix)
+                        .bind(now)
                         .execute(&mut *tx)
                         .await?;
                     }
                     for g in &seed.grants {
                         insert_grant(&mut tx, &seed.id, g, now).await?;
                     }
+                    self.announce_account(&mut tx, &seed.id).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -109,6 +117,7 @@ macro_rules! api_statements {
                 let row = if updated == 0 {
                     None
                 } else {
+                    self.announce_account(&mut tx, id).await?;
                     sqlx::query_as(ACCOUNT)
                         .bind(id)
                         .fetch_optional(&mut *tx)
@@ -121,8 +130,9 @@ macro_rules! api_statements {
             pub(in crate::store) async fn add_api_key(
                 &self,
                 account: &str,
-                key_hash: &str,
-            ) -> Result<bool, StoreError> {
+                key: &KeySeed,
+                now: Millis,
+            ) -> Result<Option<ApiKeyRow>, StoreError> {
                 let mut tx = self.begin_write().await?;
                 let exists: Option<String> =
                     sqlx::query_scalar("SELECT id FROM accounts WHERE id = $1")
@@ -130,15 +140,76 @@ macro_rules! api_statements {
                         .fetch_optional(&mut *tx)
                         .await?;
                 if exists.is_none() {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                sqlx::query("INSERT INTO api_keys (key_hash, account_id) VALUES ($1, $2)")
-                    .bind(key_hash)
-                    .bind(account)
-                    .execute(&mut *tx)
-                    .await?;
+                let row: ApiKeyRow = sqlx::query_as(
+                    "INSERT INTO api_keys (key_hash, account_id, prefix, created_at) VALUES ($1, $2, $3, $4)
+                     RETURNING key_hash, prefix, created_at, revoked_at",
+                )
+                .bind(&key.hash)
+                .bind(account)
+                .bind(&key.prefix)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                self.announce_account(&mut tx, account).await?;
                 tx.commit().await?;
-                Ok(true)
+                Ok(Some(row))
+            }
+
+            /// Every API key of `account`, revoked ones included, oldest first.
+            pub(in crate::store) async fn api_keys(
+                &self,
+                account: &str,
+            ) -> Result<Vec<ApiKeyRow>, StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT key_hash, prefix, created_at, revoked_at FROM api_keys
+                     WHERE account_id = $1 ORDER BY created_at, prefix",
+                )
+                .bind(account)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            /// Revokes the key of `account` whose prefix is `prefix`, unless several live keys
+            /// share it. A key revoked before is answered as it is, and nothing changes.
+            pub(in crate::store) async fn revoke_api_key(
+                &self,
+                account: &str,
+                prefix: &str,
+                now: Millis,
+            ) -> Result<Revoked, StoreError> {
+                let mut tx = self.begin_write().await?;
+                let keys: Vec<ApiKeyRow> = sqlx::query_as(
+                    "SELECT key_hash, prefix, created_at, revoked_at FROM api_keys
+                     WHERE account_id = $1 AND prefix = $2 ORDER BY created_at",
+                )
+                .bind(account)
+                .bind(prefix)
+                .fetch_all(&mut *tx)
+                .await?;
+                let live: Vec<&ApiKeyRow> = keys.iter().filter(|k| k.revoked_at.is_none()).collect();
+                let revoked = match live.as_slice() {
+                    [] => match keys.into_iter().next() {
+                        Some(before) => Revoked::Before(before),
+                        None => Revoked::NotFound,
+                    },
+                    [key] => {
+                        let row: ApiKeyRow = sqlx::query_as(
+                            "UPDATE api_keys SET revoked_at = $1 WHERE key_hash = $2
+                             RETURNING key_hash, prefix, created_at, revoked_at",
+                        )
+                        .bind(now)
+                        .bind(&key.key_hash)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        self.announce_account(&mut tx, account).await?;
+                        Revoked::Now(row)
+                    }
+                    several => Revoked::Ambiguous(several.len()),
+                };
+                tx.commit().await?;
+                Ok(revoked)
             }
 
             /// Gives `g` to `account` once per external id, with its balance update. A second
@@ -293,7 +364,7 @@ macro_rules! api_statements {
                     })
                     .collect();
             let keys: Vec<(String, String)> =
-                sqlx::query_as("SELECT account_id, key_hash FROM api_keys")
+                sqlx::query_as("SELECT account_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
                     .fetch_all(&self.pool)
                     .await?;
             let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))

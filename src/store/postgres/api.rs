@@ -4,13 +4,15 @@
 use sqlx::Row;
 use sqlx::postgres::Postgres as DB;
 
+use super::super::LedgerChange;
 use super::super::api::{
-    AccountRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
-    UsageEventRecord, columns, join, parse_draws,
+    AccountRow, ApiKeyRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
+    Revoked, UsageEventRecord, columns, join, parse_draws,
 };
 use super::super::{GrantBalance, StoreError, StoredGrant};
-use super::{GRANT_COLUMNS, PostgresStore, grant_from_row, notify_balances};
-use crate::config::{AccountSeed, GrantSeed};
+use super::notify::{announce_account, announce_ledger};
+use super::{GRANT_COLUMNS, PostgresStore, grant_from_row};
+use crate::config::{AccountSeed, GrantSeed, KeySeed};
 use crate::waterfall::{Draw, Millis};
 
 /// An id list: a `bigint[]` parameter.
@@ -33,7 +35,21 @@ impl PostgresStore {
         tx: &mut sqlx::Transaction<'_, DB>,
         balance: GrantBalance,
     ) -> Result<(), StoreError> {
-        notify_balances(tx, &self.replica, &[balance]).await
+        let change = LedgerChange {
+            balances: vec![balance],
+            ..LedgerChange::default()
+        };
+        announce_ledger(tx, &self.replica, &change).await
+    }
+
+    /// Every replica re-reads the account once this commits.
+    #[allow(clippy::unused_self)] // the same signature as SQLite's
+    async fn announce_account(
+        &self,
+        tx: &mut sqlx::Transaction<'_, DB>,
+        account: &str,
+    ) -> Result<(), StoreError> {
+        announce_account(tx, account).await
     }
 }
 

@@ -5,12 +5,12 @@ use sqlx::Row;
 use sqlx::sqlite::Sqlite as DB;
 
 use super::super::api::{
-    AccountRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
-    UsageEventRecord, columns, join, parse_draws,
+    AccountRow, ApiKeyRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
+    Revoked, UsageEventRecord, columns, join, parse_draws,
 };
 use super::super::{GrantBalance, StoreError, StoredGrant};
 use super::{GRANT_COLUMNS, SqliteStore, grant_from_row};
-use crate::config::{AccountSeed, GrantSeed};
+use crate::config::{AccountSeed, GrantSeed, KeySeed};
 use crate::waterfall::{Draw, Millis};
 
 /// An id list: the ids as a JSON array, read back by `json_each`.
@@ -33,6 +33,15 @@ impl SqliteStore {
         &self,
         _tx: &mut sqlx::Transaction<'_, DB>,
         _balance: GrantBalance,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// One process per SQLite file: its API applies its own changes.
+    async fn announce_account(
+        &self,
+        _tx: &mut sqlx::Transaction<'_, DB>,
+        _account: &str,
     ) -> Result<(), StoreError> {
         Ok(())
     }

@@ -1,0 +1,208 @@
+//! How replicas tell each other what changed: `NOTIFY`, sent inside the transaction that made
+//! the change, so that it is delivered only if that transaction commits, and in commit order.
+//!
+//! Two channels:
+//! - [`LEDGER_CHANNEL`]: what a ledger transaction did to numbers — each grant's balance after
+//!   it, the window and free-tier usage it charged, the usage a refund gave back. Signed by the
+//!   sending replica, which skips its own (its writer applied them in step with its holds).
+//! - [`ACCOUNTS_CHANNEL`]: an account id whose row, API keys or grants changed. Every replica,
+//!   the writer's included, re-reads the account from the store (see `crate::accounts`).
+//!
+//! A listener that loses its connection misses what was sent meanwhile: [`watch`] then reports
+//! [`Change::Resync`] and the view re-reads the store.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::super::{Change, GrantBalance, LedgerChange, StoreError};
+use crate::waterfall::Draw;
+
+/// Numbers changed by a ledger transaction.
+pub(super) const LEDGER_CHANNEL: &str = "flowgate_ledger";
+/// An account (row, keys, grants) changed.
+pub(super) const ACCOUNTS_CHANNEL: &str = "flowgate_accounts";
+/// Largest payload sent (PostgreSQL's limit is 8000 bytes): a larger notice is split.
+const NOTIFY_BYTES_MAX: usize = 7000;
+
+/// One [`LEDGER_CHANNEL`] payload. Short field names: a batch's notice is split by size.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Notice {
+    /// The sending replica.
+    r: String,
+    /// `(account, grant id, balance after)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    b: Vec<(String, i64, u64)>,
+    /// Window and free-tier usage charged: `(account, draw)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    u: Vec<(String, Draw)>,
+    /// Window and free-tier usage given back by a refund.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    x: Vec<(String, Draw)>,
+}
+
+/// Whether a draw counts against a window or free tier (what other replicas must count too).
+pub(super) fn counts_usage(draw: &Draw) -> bool {
+    matches!(
+        draw.pool,
+        crate::waterfall::Pool::Window { .. } | crate::waterfall::Pool::FreeTier { .. }
+    )
+}
+
+/// Sends `change` on [`LEDGER_CHANNEL`] as part of `tx`, in as many notifications as its size
+/// needs. Nothing is sent for an empty change.
+pub(super) async fn announce_ledger(
+    tx: &mut Transaction<'_, Postgres>,
+    replica: &str,
+    change: &LedgerChange,
+) -> Result<(), StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("notice: {e}"));
+    let mut notice = Notice {
+        r: replica.to_owned(),
+        ..Notice::default()
+    };
+    // Each item's JSON length, plus the envelope, bounds the payload's length.
+    let envelope = serde_json::to_string(&notice).map_err(corrupt)?.len() + 24;
+    let mut size = envelope;
+    let items = change
+        .balances
+        .iter()
+        .map(|b| Item::Balance((b.account.clone(), b.grant_id, b.balance)))
+        .chain(change.used.iter().map(|u| Item::Used(u.clone())))
+        .chain(change.refunded.iter().map(|u| Item::Refunded(u.clone())));
+    for item in items {
+        let len = item.json_len().map_err(corrupt)? + 1;
+        if size + len > NOTIFY_BYTES_MAX && size > envelope {
+            send(tx, LEDGER_CHANNEL, &notice).await?;
+            notice.b.clear();
+            notice.u.clear();
+            notice.x.clear();
+            size = envelope;
+        }
+        size += len;
+        match item {
+            Item::Balance(b) => notice.b.push(b),
+            Item::Used(u) => notice.u.push(u),
+            Item::Refunded(u) => notice.x.push(u),
+        }
+    }
+    if size > envelope {
+        send(tx, LEDGER_CHANNEL, &notice).await?;
+    }
+    Ok(())
+}
+
+enum Item {
+    Balance((String, i64, u64)),
+    Used((String, Draw)),
+    Refunded((String, Draw)),
+}
+
+impl Item {
+    fn json_len(&self) -> Result<usize, serde_json::Error> {
+        Ok(match self {
+            Item::Balance(b) => serde_json::to_string(b)?.len(),
+            Item::Used(u) | Item::Refunded(u) => serde_json::to_string(u)?.len(),
+        })
+    }
+}
+
+async fn send(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    notice: &Notice,
+) -> Result<(), StoreError> {
+    let payload =
+        serde_json::to_string(notice).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Sends `account` on [`ACCOUNTS_CHANNEL`] as part of `tx`.
+pub(super) async fn announce_account(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(ACCOUNTS_CHANNEL)
+        .bind(account)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Follows every replica's changes: a task listens on both channels and sends what it hears,
+/// skipping `replica`'s own ledger notices. On every (re)connection it first sends
+/// [`Change::Resync`]: whatever was sent while nobody listened is read from the store instead.
+pub(super) fn watch(
+    pool: PgPool,
+    replica: std::sync::Arc<str>,
+) -> tokio::sync::mpsc::Receiver<Change> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let listener = async {
+                let mut l = PgListener::connect_with(&pool).await?;
+                l.listen_all([LEDGER_CHANNEL, ACCOUNTS_CHANNEL]).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = match listener.await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "change listener cannot connect; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            // Listening already: a change committed from here on is heard, one committed
+            // before is in what the resync reads.
+            if tx.send(Change::Resync).await.is_err() {
+                return;
+            }
+            loop {
+                let change = match listener.try_recv().await {
+                    Ok(Some(n)) if n.channel() == ACCOUNTS_CHANNEL => {
+                        Change::Account(n.payload().to_owned())
+                    }
+                    Ok(Some(n)) => match serde_json::from_str::<Notice>(n.payload()) {
+                        Ok(notice) if notice.r == *replica => continue,
+                        Ok(notice) => Change::Ledger(LedgerChange {
+                            balances: notice
+                                .b
+                                .into_iter()
+                                .map(|(account, grant_id, balance)| GrantBalance {
+                                    account,
+                                    grant_id,
+                                    balance,
+                                })
+                                .collect(),
+                            used: notice.u,
+                            refunded: notice.x,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable ledger notification");
+                            continue;
+                        }
+                    },
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("change listener lost its connection; reconnecting");
+                        break;
+                    }
+                };
+                if tx.send(change).await.is_err() {
+                    return; // the gateway stopped
+                }
+            }
+        }
+    });
+    rx
+}
