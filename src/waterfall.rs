@@ -343,14 +343,16 @@ impl UsageLog {
         if needed > window.limit {
             return None;
         }
+        // Usage can exceed the limit: replicas that admitted within each other's notification
+        // lag both count what the other committed.
         let mut used = self.used(window.minutes, now);
-        if window.limit - used >= needed {
+        if window.limit.saturating_sub(used) >= needed {
             return Some(now);
         }
         let first = now.div_euclid(MINUTE_MS) - i64::from(window.minutes) + 1;
         for &(minute, units) in self.buckets.iter().filter(|(m, _)| *m >= first) {
-            used -= units;
-            if window.limit - used >= needed {
+            used = used.saturating_sub(units);
+            if window.limit.saturating_sub(used) >= needed {
                 return Some((minute + i64::from(window.minutes)) * MINUTE_MS);
             }
         }

@@ -406,6 +406,78 @@ fn sync_takes_the_committed_balance_minus_what_is_unsettled() {
     assert!(!s.sync_grant(9, 1), "an unknown grant is reported");
 }
 
+#[test]
+fn usage_is_committed_or_unsettled_and_a_resync_keeps_what_is_held() {
+    let plan = plan();
+    let mut a = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    let mut b = a.clone();
+    let held = admit(&plan, &mut a, TASK, 1, t0()); // in flight on A
+    let done = admit(&plan, &mut a, TASK, 1, t0()); // committed by A
+    a.settled(&done.draws);
+    for d in &done.draws {
+        b.observe(&plan, d, t0()); // announced to B
+    }
+    let used = |s: &AccountState| observable(&plan, s, t0()).0;
+    assert_eq!(used(&a), vec![2, 2, 0]);
+    assert_eq!(
+        used(&b),
+        vec![1, 1, 0],
+        "B counts what A committed, not what A holds"
+    );
+    // A resync from the store (which has `done` only) keeps A's hold.
+    let before = a.clone();
+    a.resync_usage(&plan, &done.draws, t0());
+    assert_eq!(a.layers, before.layers);
+    // The hold is released: gone from A; a refund of `done` is gone from both.
+    release(&plan, &mut a, &held.draws, t0());
+    for d in &done.draws {
+        a.unobserve(d);
+        b.unobserve(d);
+    }
+    assert_eq!(used(&a), vec![0, 0, 0]);
+    assert_eq!(used(&b), vec![0, 0, 0]);
+}
+
+#[test]
+fn a_window_counted_past_its_limit_denies_and_reports_zero_left() {
+    let plan = Plan {
+        layers: plan().layers[..1].to_vec(),
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![], t0());
+    // Two replicas each admitted 3 of the 5h window's 3 within each other's lag.
+    let d = admit(&plan, &mut s, TASK, 3, t0());
+    for draw in &d.draws {
+        s.observe(&plan, draw, t0());
+    }
+    let w: Vec<_> = s.windows(&plan, 0, t0()).collect();
+    assert_eq!((w[0].used, w[0].remaining), (6, 0));
+    assert_eq!(w[0].reset_at, t0() + 300 * MIN);
+    assert!(!decide(&plan, &s, TASK, 1, t0()).admitted());
+}
+
+#[test]
+fn another_replica_can_start_the_next_free_tier_period() {
+    let plan = Plan {
+        layers: vec![layer(
+            "free",
+            LayerKind::FreeTier {
+                units: 2,
+                period: Period::Day,
+            },
+        )],
+        ..plan()
+    };
+    let mut a = AccountState::new(&plan, vec![], t0());
+    let mut b = a.clone();
+    let tomorrow = t0() + 24 * HOUR;
+    let d = admit(&plan, &mut a, TASK, 2, tomorrow);
+    for draw in &d.draws {
+        b.observe(&plan, draw, tomorrow);
+    }
+    assert!(!decide(&plan, &b, TASK, 1, tomorrow).admitted());
+}
+
 // ---- properties ----
 
 #[derive(Debug, Clone)]
@@ -650,6 +722,49 @@ proptest! {
             let g_now = s.grants.iter().find(|x| x.id == g.id).expect("grant");
             prop_assert_eq!(g_now.balance + g_now.unsettled, g.balance);
         }
+    }
+
+    /// Two replicas: A decides, B hears A's commits. Whatever A holds, commits or releases,
+    /// B counts exactly what A committed, and A rebuilt from the store's commits plus its own
+    /// unsettled holds is A unchanged.
+    #[test]
+    fn a_replica_counts_what_another_committed(m in model(), steps in steps()) {
+        let plan = &m.plan;
+        let mut a = AccountState::new(plan, m.grants.clone(), t0());
+        let mut b = a.clone();
+        let mut now = t0();
+        let mut committed: Vec<Draw> = Vec::new();
+        let mut held: Vec<Decision> = Vec::new();
+        for (i, (wait, video, units, release_after)) in steps.into_iter().enumerate() {
+            now += wait as Millis * MIN;
+            let feature = if video { VIDEO } else { TASK };
+            let d = decide(plan, &a, feature, units, now);
+            if !d.admitted() {
+                continue;
+            }
+            reserve(plan, &mut a, &d, now);
+            match (release_after, i % 3) {
+                (true, _) => release(plan, &mut a, &d.draws, now),
+                (false, 0) => held.push(d),
+                (false, _) => {
+                    a.settled(&d.draws);
+                    for draw in &d.draws {
+                        b.observe(plan, draw, now);
+                    }
+                    committed.extend(d.draws.iter().copied());
+                }
+            }
+        }
+        let mut rebuilt = a.clone();
+        rebuilt.resync_usage(plan, &committed, now);
+        prop_assert_eq!(observable(plan, &rebuilt, now).0, observable(plan, &a, now).0);
+        for d in held {
+            a.settled(&d.draws);
+            for draw in &d.draws {
+                b.observe(plan, draw, now);
+            }
+        }
+        prop_assert_eq!(observable(plan, &b, now).0, observable(plan, &a, now).0);
     }
 
     #[test]
