@@ -66,14 +66,14 @@ kind = "credits"
 
 struct Bench {
     store: Store,
-    settings: Settings,
+    settings: std::sync::Arc<Settings>,
     accounts: Accounts,
     feature: FeatureId,
 }
 
 impl Bench {
     async fn open(url: &str) -> Bench {
-        let settings = Settings::parse(&config(url)).expect("bench config");
+        let settings = std::sync::Arc::new(Settings::parse(&config(url)).expect("bench config"));
         let store = Store::open(url).await.expect("open store");
         store.migrate().await.expect("migrate");
         let now = flowgate::clock::now_ms();

@@ -72,6 +72,10 @@ pub struct Accounts {
     by_key_hash: Arc<parking_lot::RwLock<HashMap<KeyDigest, AccountId>>>,
     /// Held by whatever reads the store and then applies what it read (see the module).
     sync: Arc<tokio::sync::Mutex<()>>,
+    /// The configuration whose plans the view's accounts are on (`None`: a view built by hand,
+    /// which never re-reads the store). Replaced only under `sync`, so that no re-read applies
+    /// an account on a plan of a configuration that was replaced meanwhile.
+    settings: Arc<parking_lot::RwLock<Option<Arc<Settings>>>>,
 }
 
 impl Default for Accounts {
@@ -87,7 +91,12 @@ impl Accounts {
             by_id: moka::sync::Cache::builder().build(),
             by_key_hash: Arc::default(),
             sync: Arc::default(),
+            settings: Arc::default(),
         }
+    }
+
+    fn settings(&self) -> Option<Arc<Settings>> {
+        self.settings.read().clone()
     }
 
     /// Serialises store reads applied to the view: the ledger writer holds it from a commit to
@@ -183,10 +192,11 @@ impl Accounts {
     /// still inside its windows and free-tier period at `now`.
     pub async fn load(
         store: &Store,
-        settings: &Settings,
+        settings: &Arc<Settings>,
         now: Millis,
     ) -> Result<Accounts, StoreError> {
         let accounts = Accounts::new();
+        *accounts.settings.write() = Some(settings.clone());
         let since = history_since(settings, now);
         let mut loaded = Vec::new();
         for stored in store.load_accounts().await? {
@@ -228,11 +238,11 @@ impl Accounts {
     /// Changes an account's plan or suspension in the view; `false` if the view lacks it.
     ///
     /// The account is replaced by a successor sharing its state (see [`Account`]): grants, and
-    /// the holds of requests in flight, carry over. On a change of plan the usage-limit and
-    /// free-tier state is rebuilt for the new plan from `history` (the account's recorded draws
-    /// since [`history_start`] of the new plan), as a restart would rebuild it. The swap happens
-    /// under the account's lock; a request that identified the account just before it decides
-    /// once more under the old plan.
+    /// the holds of requests in flight, carry over. When the new plan keeps its state
+    /// differently ([`Plan::same_state_layout`]), the usage-limit and free-tier state is rebuilt
+    /// for it from `history` (the account's committed draws since [`history_start`] of the new
+    /// plan), as a restart would rebuild it. The swap happens under the account's lock; a
+    /// request that identified the account just before it decides once more under the old plan.
     pub fn change(
         &self,
         id: &str,
@@ -245,7 +255,7 @@ impl Accounts {
             return false;
         };
         let mut state = old.state.lock();
-        if plan.name != old.plan.name {
+        if !old.plan.same_state_layout(&plan) {
             state.layers = AccountState::new(&plan, Vec::new(), now).layers;
             for draw in history {
                 state.observe(&plan, draw, now);
@@ -283,14 +293,12 @@ impl Accounts {
     /// its live API keys (revoked ones stop identifying it), its grants and their balances. The
     /// one way an account change reaches the view, on the replica that made it and on every
     /// other (see the module).
-    pub async fn refresh(
-        &self,
-        store: &Store,
-        settings: &Settings,
-        id: &str,
-        now: Millis,
-    ) -> Result<(), StoreError> {
+    pub async fn refresh(&self, store: &Store, id: &str, now: Millis) -> Result<(), StoreError> {
         let _sync = self.sync_lock().await;
+        let Some(settings) = self.settings() else {
+            return Ok(());
+        };
+        let settings = &*settings;
         let Some(row) = store.account(id).await? else {
             return Ok(());
         };
@@ -303,7 +311,7 @@ impl Accounts {
         };
         let current = self.get(id);
         let history = match &current {
-            Some(a) if a.plan.name == plan.name => Vec::new(),
+            Some(a) if a.plan.same_state_layout(plan) => Vec::new(),
             _ => {
                 store
                     .account_draws_since(id, history_start(plan, now))
@@ -312,7 +320,7 @@ impl Accounts {
         };
         match current {
             Some(a) => {
-                if a.plan.name != plan.name || a.suspended != row.suspended {
+                if !Arc::ptr_eq(&a.plan, plan) || a.suspended != row.suspended {
                     self.change(id, plan.clone(), row.suspended, &history, now);
                 }
                 a.with_state(|_, state| merge_grants(settings, state, &grants));
@@ -361,23 +369,40 @@ impl Accounts {
         self.sync_balances(&change.balances)
     }
 
-    /// Re-reads everything from the store, as after a lost listener: accounts, keys, grants and
-    /// balances, and each account's windows and free tier as committed by every replica plus
-    /// what this gateway still holds unsettled.
-    pub async fn resync(
+    /// Re-reads everything from the store, as after a lost listener: accounts, keys, grants with
+    /// their balances, and each account's windows and free tier as committed by every replica
+    /// plus what this gateway still holds unsettled.
+    pub async fn resync(&self, store: &Store, now: Millis) -> Result<(), StoreError> {
+        let _sync = self.sync_lock().await;
+        let Some(settings) = self.settings() else {
+            return Ok(());
+        };
+        let stored = Stored::read(store, &settings, now).await?;
+        self.apply_stored(&stored, &settings, now);
+        Ok(())
+    }
+
+    /// Moves the view to a new configuration (a reload): as [`Accounts::resync`], with every
+    /// account put on its plan's new version and every grant's features numbered anew. On an
+    /// error nothing has changed.
+    pub async fn reconfigure(
         &self,
         store: &Store,
-        settings: &Settings,
+        settings: Arc<Settings>,
         now: Millis,
     ) -> Result<(), StoreError> {
         let _sync = self.sync_lock().await;
-        let stored = store.load_accounts().await?;
-        let mut draws: HashMap<String, Vec<Draw>> = HashMap::new();
-        for (account, d) in store.load_draws_since(history_since(settings, now)).await? {
-            draws.entry(account).or_default().extend(d);
-        }
-        let mut keys = HashMap::with_capacity(stored.iter().map(|a| a.key_hashes.len()).sum());
-        for a in &stored {
+        let stored = Stored::read(store, &settings, now).await?;
+        *self.settings.write() = Some(settings.clone());
+        self.apply_stored(&stored, &settings, now);
+        Ok(())
+    }
+
+    /// Makes the view what `stored` says, keeping this gateway's unsettled holds.
+    fn apply_stored(&self, stored: &Stored, settings: &Settings, now: Millis) {
+        let mut keys =
+            HashMap::with_capacity(stored.accounts.iter().map(|a| a.key_hashes.len()).sum());
+        for a in &stored.accounts {
             for hash in &a.key_hashes {
                 if let Some(digest) = digest_of(hash, &a.id) {
                     keys.insert(digest, AccountId::from(a.id.as_str()));
@@ -385,15 +410,15 @@ impl Accounts {
             }
         }
         *self.by_key_hash.write() = keys;
-        for a in &stored {
+        for a in &stored.accounts {
             let Some(plan) = settings.plans.get(&a.plan) else {
                 continue;
             };
-            let committed = draws.get(&a.id).map_or(&[][..], Vec::as_slice);
+            let committed = stored.draws.get(&a.id).map_or(&[][..], Vec::as_slice);
             match self.get(&a.id) {
                 Some(current) => {
-                    if current.plan.name != plan.name || current.suspended != a.suspended {
-                        self.change(&a.id, plan.clone(), a.suspended, &[], now);
+                    if !Arc::ptr_eq(&current.plan, plan) || current.suspended != a.suspended {
+                        self.change(&a.id, plan.clone(), a.suspended, committed, now);
                     }
                     if let Some(current) = self.get(&a.id) {
                         current.with_state(|plan, state| {
@@ -416,17 +441,37 @@ impl Accounts {
             }
         }
         tracing::info!(
-            accounts = stored.len(),
+            accounts = stored.accounts.len(),
             "account view re-read from the store"
         );
-        Ok(())
     }
 }
 
-/// Adds the stored grants the state lacks and takes every stored balance as committed.
+/// Everything the view is built from, as read from the store.
+struct Stored {
+    accounts: Vec<crate::store::StoredAccount>,
+    /// Committed draws still inside some plan's windows or free-tier period, by account.
+    draws: HashMap<String, Vec<Draw>>,
+}
+
+impl Stored {
+    async fn read(store: &Store, settings: &Settings, now: Millis) -> Result<Stored, StoreError> {
+        let accounts = store.load_accounts().await?;
+        let mut draws: HashMap<String, Vec<Draw>> = HashMap::new();
+        for (account, d) in store.load_draws_since(history_since(settings, now)).await? {
+            draws.entry(account).or_default().extend(d);
+        }
+        Ok(Stored { accounts, draws })
+    }
+}
+
+/// Adds the stored grants the state lacks, takes every stored balance as committed, and each
+/// grant's features as the config (maybe reloaded) numbers them.
 fn merge_grants(settings: &Settings, state: &mut AccountState, stored: &[StoredGrant]) {
     for g in stored {
-        if !state.sync_grant(g.id, g.balance) {
+        if state.sync_grant(g.id, g.balance) {
+            state.set_grant_features(g.id, settings.feature_set(g.features.as_deref()));
+        } else {
             state.add_grant(grant_of(settings, g));
         }
     }

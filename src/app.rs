@@ -38,3 +38,23 @@ pub struct App {
     /// The `x-ratelimit-*` header names of every configured window.
     pub rate_limit_headers: quota::HeaderNames,
 }
+
+impl App {
+    /// The same gateway under new settings: what is derived from them is rebuilt, what holds
+    /// state (the account view, the store, the ledger queue, the idempotency registry, the
+    /// upstream connection pool, the metrics) is shared.
+    pub fn reconfigured(&self, settings: Settings) -> App {
+        App {
+            upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
+            rate_limit_headers: quota::HeaderNames::new(settings.plans.values().map(|p| &**p)),
+            settings: Arc::new(settings),
+            accounts: self.accounts.clone(),
+            store: self.store.clone(),
+            ledger: self.ledger.clone(),
+            idempotency: self.idempotency.clone(),
+            client: self.client.clone(),
+            clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The `flowgate` command: `serve`, `migrate`, `reconcile`, `backup`, `restore`, `demo`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -77,7 +77,7 @@ async fn main() -> ExitCode {
         Command::Serve { config } => match Settings::load(&config) {
             Ok(settings) => {
                 let _logs = init_logs(&settings.log);
-                serve(settings).await
+                serve(settings, &config).await
             }
             Err(e) => Err(e.into()),
         },
@@ -144,10 +144,34 @@ fn init_logs(log: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves until SIGINT or SIGTERM; on SIGHUP reads `config` again and reloads it (a file that
+/// does not load is refused with the error start-up would give; the running one stays).
+async fn serve(settings: Settings, config: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(settings.server.listen).await?;
     let gateway = Gateway::start(settings, listener, Clock::System).await?;
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    #[cfg(unix)]
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        #[cfg(unix)]
+        let hangup = hangups.recv();
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hangup => {
+                tracing::info!(config = %config.display(), "SIGHUP: reloading the configuration");
+                let reloaded = match Settings::load(config) {
+                    Ok(settings) => gateway.reload(settings).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(error) = reloaded {
+                    tracing::error!(%error, "configuration not reloaded; the running one stays in force");
+                }
+            }
+        }
+    }
     tracing::info!("shutdown signal received");
     gateway.shutdown().await;
     Ok(())

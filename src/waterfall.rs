@@ -73,6 +73,29 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether an account's state kept for `self` means the same under `other`: the same kinds
+    /// of stateful layers at the same places (free tiers with the same period), and windows no
+    /// longer than those kept for. Then a change of plan (or a reloaded config) keeps the state
+    /// and with it the holds in flight; otherwise the state is rebuilt from the ledger.
+    pub fn same_state_layout(&self, other: &Plan) -> bool {
+        /// What a layer keeps per account (`None`: nothing; grant layers keep it in grants).
+        fn kept(kind: &LayerKind) -> Option<(u8, Option<Period>)> {
+            match kind {
+                LayerKind::UsageLimit { .. } => Some((0, None)),
+                LayerKind::FreeTier { period, .. } => Some((1, Some(*period))),
+                LayerKind::Concurrency { .. } => Some((2, None)),
+                _ => None,
+            }
+        }
+        self.layers.len() == other.layers.len()
+            && other.longest_window_minutes() <= self.longest_window_minutes()
+            && self
+                .layers
+                .iter()
+                .zip(&other.layers)
+                .all(|(a, b)| kept(&a.kind) == kept(&b.kind))
+    }
+
     /// Credits per unit of `feature`, or `None` when the plan does not include it.
     pub fn price(&self, feature: FeatureId) -> Option<Credits> {
         self.prices.get(feature.0 as usize).copied().flatten()
@@ -468,6 +491,13 @@ impl AccountState {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Sets which features a grant may pay for (the config's feature table was reloaded).
+    pub fn set_grant_features(&mut self, grant_id: i64, features: FeatureSet) {
+        if let Some(grant) = self.grants.iter_mut().find(|g| g.id == grant_id) {
+            grant.features = features;
         }
     }
 

@@ -19,6 +19,7 @@ store_tests!(
     grant_then_proxied_request_spends_it,
     invalid_requests_name_the_field_and_write_nothing,
     new_account_and_key_work_on_the_proxy_at_once,
+    keys_are_listed_by_prefix_and_revoked_for_good,
     plan_change_and_suspension_reach_the_proxy,
     balances_and_windows_match_the_proxys_numbers,
     ledger_pages_return_each_event_once,
@@ -543,6 +544,106 @@ async fn new_account_and_key_work_on_the_proxy_at_once(store: StoreKind) {
     let r = h.task(&second, 1).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-remaining-5h"), "1");
+}
+
+async fn keys_are_listed_by_prefix_and_revoked_for_good(store: StoreKind) {
+    let mut h = start(store).await;
+    h.admin(Method::POST, "/admin/v1/accounts")
+        .json(&json!({"id": "erin", "plan": "pro"}))
+        .send()
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let body = json(
+            h.admin(Method::POST, "/admin/v1/accounts/erin/api-keys")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let key = body["api_key"].as_str().unwrap().to_owned();
+        let prefix = body["prefix"].as_str().unwrap().to_owned();
+        assert_eq!(prefix, key[..11], "fg_ and 8 of the key's hex digits");
+        keys.push((key, prefix));
+    }
+    let listed = json(
+        h.admin(Method::GET, "/admin/v1/accounts/erin/api-keys")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let text = listed.to_string();
+    assert!(
+        !text.contains(&keys[0].0) && !text.contains(&keys[1].0),
+        "{text}"
+    );
+    let prefixes: Vec<&str> = listed["api_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["prefix"].as_str().unwrap())
+        .collect();
+    assert_eq!(prefixes.len(), 2);
+    assert!(prefixes.contains(&keys[0].1.as_str()) && prefixes.contains(&keys[1].1.as_str()));
+
+    let (leaked, leaked_prefix) = &keys[0];
+    assert_eq!(h.task(leaked, 1).await.status(), 200);
+    let r = h
+        .admin(
+            Method::DELETE,
+            &format!("/admin/v1/accounts/erin/api-keys/{leaked_prefix}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let revoked = json(r).await;
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+    assert_eq!(h.task(leaked, 1).await.status(), 401);
+    assert_eq!(
+        h.task(&keys[1].0, 1).await.status(),
+        200,
+        "the other key works"
+    );
+    // Revoking again changes nothing; an unknown prefix is a 404 naming the field.
+    let again = json(
+        h.admin(
+            Method::DELETE,
+            &format!("/admin/v1/accounts/erin/api-keys/{leaked_prefix}"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(again["revoked_at"], revoked["revoked_at"]);
+    let r = h
+        .admin(
+            Method::DELETE,
+            "/admin/v1/accounts/erin/api-keys/fg_nothere",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(json(r).await["error"]["field"], "prefix");
+    assert_eq!(
+        json(
+            h.admin(Method::GET, "/admin/v1/accounts/erin")
+                .send()
+                .await
+                .unwrap()
+        )
+        .await["api_keys"],
+        1,
+        "live keys"
+    );
+    // Revoked for good: not after a restart either.
+    h.restart().await;
+    assert_eq!(h.task(leaked, 1).await.status(), 401);
+    assert_eq!(h.task(&keys[1].0, 1).await.status(), 200);
 }
 
 async fn plan_change_and_suspension_reach_the_proxy(store: StoreKind) {

@@ -184,7 +184,9 @@ async fn open(
     let store = Store::open(&url).await.unwrap();
     store.migrate().await.unwrap();
     store.seed(&settings.accounts, 1_000).await.unwrap();
-    let accounts = Accounts::load(&store, &settings, 1_000).await.unwrap();
+    let accounts = Accounts::load(&store, &std::sync::Arc::new(settings.clone()), 1_000)
+        .await
+        .unwrap();
     (store, settings, accounts, pg, dir)
 }
 

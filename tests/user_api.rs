@@ -169,6 +169,11 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("get", "/admin/v1/accounts/{account_id}"),
     ("patch", "/admin/v1/accounts/{account_id}"),
     ("post", "/admin/v1/accounts/{account_id}/api-keys"),
+    ("get", "/admin/v1/accounts/{account_id}/api-keys"),
+    (
+        "delete",
+        "/admin/v1/accounts/{account_id}/api-keys/{prefix}",
+    ),
     ("post", "/admin/v1/accounts/{account_id}/grants"),
     ("post", "/admin/v1/decisions/{decision_id}/refund"),
     ("get", "/admin/v1/accounts/{account_id}/balances"),
@@ -212,6 +217,7 @@ async fn openapi_document_is_valid_and_complete() {
     for (method, path) in &documented {
         let concrete = path
             .replace("{account_id}", "alice")
+            .replace("{prefix}", "no-such-prefix")
             .replace("{decision_id}", &uuid::Uuid::now_v7().to_string());
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let r = h

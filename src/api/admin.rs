@@ -517,7 +517,7 @@ async fn account_body(app: &App, id: &str) -> Result<AccountBody, ApiError> {
 async fn refresh(app: &App, id: &str) -> Result<(), ApiError> {
     Ok(app
         .accounts
-        .refresh(&app.store, &app.settings, id, app.clock.now_ms())
+        .refresh(&app.store, id, app.clock.now_ms())
         .await?)
 }
 

@@ -78,7 +78,7 @@ struct RawConfig {
 }
 
 /// `[log]`: what the process writes to stderr.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// `text` (for people) or `json` (one object per line, for collectors).
@@ -157,7 +157,7 @@ pub fn sha256(text: &str) -> [u8; 32] {
 }
 
 /// `[server]`: the listener and how requests are answered.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address to listen on.
@@ -211,7 +211,7 @@ pub enum CreditsDenial {
 }
 
 /// `[store]`: where the ledger lives and how it is written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSettings {
     /// `sqlite://path/to/file.db` (created if missing) or `postgres://user@host/db` (several
@@ -608,6 +608,45 @@ impl Settings {
             }
         })?;
         compile::compile(raw, &Ctx { text })
+    }
+
+    /// What differs from `new` among the settings bound at start-up (the listening socket and
+    /// front door, the upstream connection pool, the idempotency registry, the store, the
+    /// logs): a reload keeps them as they are.
+    pub fn fixed_until_restart(&self, new: &Settings) -> Vec<&'static str> {
+        let (a, b) = (&self.server, &new.server);
+        [
+            ("server.listen", a.listen != b.listen),
+            (
+                "server.client_header_timeout_ms",
+                a.client_header_timeout_ms != b.client_header_timeout_ms,
+            ),
+            (
+                "server.connections_max",
+                a.connections_max != b.connections_max,
+            ),
+            (
+                "server.http2_max_concurrent_streams",
+                a.http2_max_concurrent_streams != b.http2_max_concurrent_streams,
+            ),
+            (
+                "server.shutdown_grace_ms",
+                a.shutdown_grace_ms != b.shutdown_grace_ms,
+            ),
+            (
+                "server.upstream_idle_timeout_ms",
+                a.upstream_idle_timeout_ms != b.upstream_idle_timeout_ms,
+            ),
+            (
+                "server.idempotency_ttl_s",
+                a.idempotency_ttl_s != b.idempotency_ttl_s,
+            ),
+            ("store", self.store != new.store),
+            ("log", self.log != new.log),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
     }
 
     /// The id of a feature name, if the config declares it.

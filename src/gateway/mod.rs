@@ -54,7 +54,10 @@ pub enum StartError {
 /// A running gateway.
 pub struct Gateway {
     addr: SocketAddr,
-    app: Arc<App>,
+    /// The state new requests are served with; replaced by [`Gateway::reload`].
+    apps: watch::Sender<Arc<App>>,
+    /// The router new requests are served by, built from the current `App`.
+    routers: watch::Sender<Router>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     writer_stop: oneshot::Sender<()>,
@@ -69,6 +72,7 @@ impl Gateway {
         listener: tokio::net::TcpListener,
         clock: Clock,
     ) -> Result<Gateway, StartError> {
+        let settings = Arc::new(settings);
         let store = Store::open(&settings.store.url).await?;
         if settings.store.migrate_on_start {
             store.migrate().await?;
@@ -88,16 +92,6 @@ impl Gateway {
             },
             clock.clone(),
         );
-        // Other replicas' changes (PostgreSQL): the view follows them as they commit.
-        let watcher = store.watch().map(|changes| {
-            tokio::spawn(follow(
-                changes,
-                accounts.clone(),
-                store.clone(),
-                settings.clone(),
-                clock.clone(),
-            ))
-        });
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.run(async {
             let _ = writer_stopped.await;
@@ -119,7 +113,7 @@ impl Gateway {
                 crate::idempotency::REGISTRY_BYTES_MAX,
             ),
             rate_limit_headers: quota::HeaderNames::new(settings.plans.values().map(|p| &**p)),
-            settings: Arc::new(settings),
+            settings,
             accounts,
             store,
             ledger: queue,
@@ -128,6 +122,13 @@ impl Gateway {
             metrics,
         });
         let router = router(app.clone())?;
+        let (apps, _) = watch::channel(app.clone());
+        let (routers, _) = watch::channel(router);
+        // Other replicas' changes (PostgreSQL): the view follows them as they commit.
+        let watcher = app
+            .store
+            .watch()
+            .map(|changes| tokio::spawn(follow(changes, apps.subscribe())));
         let addr = listener
             .local_addr()
             .map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
@@ -139,11 +140,12 @@ impl Gateway {
             connections_max: server.connections_max,
             http2_streams: server.http2_max_concurrent_streams,
         };
-        let server = tokio::spawn(serve(listener, router, stopped, grace, limits));
+        let server = tokio::spawn(serve(listener, routers.subscribe(), stopped, grace, limits));
         tracing::info!(%addr, "flowgate listening");
         Ok(Gateway {
             addr,
-            app,
+            apps,
+            routers,
             stop,
             server,
             writer_stop,
@@ -157,9 +159,35 @@ impl Gateway {
         self.addr
     }
 
-    /// The shared state (for inspection by tests and the demo).
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// The shared state new requests are served with (for inspection by tests and the demo).
+    pub fn app(&self) -> Arc<App> {
+        self.apps.borrow().clone()
+    }
+
+    /// Applies a new configuration without a restart (`flowgate serve` does on SIGHUP): new
+    /// requests are routed, decided and priced by it; requests in flight finish under the plan
+    /// they were decided with (their ledger entries carry it). Accounts it declares are seeded,
+    /// every account is moved to its plan's new version (keeping its windows and holds when the
+    /// plan keeps its state the same way, else rebuilt from the ledger), grants' features are
+    /// re-read. On an error nothing served changes: the previous configuration stays in force.
+    /// What is bound at start-up — `[server] listen`, the front door's limits, `[store]`,
+    /// `[log]` — keeps its old value until a restart; it is logged.
+    pub async fn reload(&self, settings: Settings) -> Result<(), StartError> {
+        let old = self.app();
+        let app = Arc::new(old.reconfigured(settings));
+        let router = router(app.clone())?;
+        let now = old.clock.now_ms();
+        old.store.seed(&app.settings.accounts, now).await?;
+        old.accounts
+            .reconfigure(&old.store, app.settings.clone(), now)
+            .await?;
+        for field in old.settings.fixed_until_restart(&app.settings) {
+            tracing::warn!(%field, "changed in the configuration; applies at the next restart");
+        }
+        drop(self.routers.send_replace(router));
+        self.apps.send_replace(app);
+        tracing::info!("configuration reloaded");
+        Ok(())
     }
 
     /// Stops accepting, lets in-flight requests finish (up to `shutdown_grace_ms`), then
@@ -176,25 +204,17 @@ impl Gateway {
     }
 }
 
-/// The front door: accepts connections (at most `connections_max` open at once), serves each
-/// with hyper — HTTP/1.1 with a header read timeout that also closes idle keep-alive
-/// connections, or HTTP/2 with a stream limit — and on `stopped` stops accepting, lets open
-/// connections finish for up to `grace`, then abandons them.
 /// Applies other replicas' changes to the view as the store reports them. An account that
 /// cannot be re-read (the store went away again) is caught up by re-reading everything, retried
 /// until it succeeds.
-async fn follow(
-    mut changes: tokio::sync::mpsc::Receiver<Change>,
-    accounts: Accounts,
-    store: Store,
-    settings: Settings,
-    clock: Clock,
-) {
+async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::Receiver<Arc<App>>) {
     while let Some(change) = changes.recv().await {
+        let app = apps.borrow().clone();
+        let (accounts, store, clock) = (&app.accounts, &app.store, &app.clock);
         let refreshed = match change {
             Change::Resync => Err(None),
             Change::Account(id) => accounts
-                .refresh(&store, &settings, &id, clock.now_ms())
+                .refresh(store, &id, clock.now_ms())
                 .await
                 .map_err(Some),
             Change::Ledger(change) => {
@@ -202,7 +222,7 @@ async fn follow(
                 for id in accounts.apply(&change, clock.now_ms()) {
                     result = result.and(
                         accounts
-                            .refresh(&store, &settings, &id, clock.now_ms())
+                            .refresh(store, &id, clock.now_ms())
                             .await
                             .map_err(Some),
                     );
@@ -215,7 +235,7 @@ async fn follow(
                 tracing::warn!(error = %e, "could not re-read a changed account; re-reading all");
             }
             let mut backoff = Duration::from_millis(100);
-            while let Err(e) = accounts.resync(&store, &settings, clock.now_ms()).await {
+            while let Err(e) = accounts.resync(store, clock.now_ms()).await {
                 tracing::warn!(error = %e, "could not re-read the account view; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -224,9 +244,14 @@ async fn follow(
     }
 }
 
+/// The front door: accepts connections (at most `connections_max` open at once), serves each
+/// with hyper — HTTP/1.1 with a header read timeout that also closes idle keep-alive
+/// connections, or HTTP/2 with a stream limit — and on `stopped` stops accepting, lets open
+/// connections finish for up to `grace`, then abandons them. Each request is served by the
+/// router current when it arrives (see [`Gateway::reload`]).
 async fn serve(
     listener: tokio::net::TcpListener,
-    router: Router,
+    routers: watch::Receiver<Router>,
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
     limits: FrontDoor,
@@ -272,7 +297,13 @@ async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let routers = routers.clone();
+        let service = hyper_util::service::TowerToHyperService::new(tower::service_fn(
+            move |request: http::Request<hyper::body::Incoming>| {
+                let router = routers.borrow().clone();
+                tower::ServiceExt::oneshot(router, request)
+            },
+        ));
         let conn = http
             .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service)
             .into_owned();
