@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 store_tests!(
+    a_forwarding_route_runs_and_charges_every_repeat,
     split_from_usage_limit_into_credits,
     usage_limit_denial_says_when_and_why,
     credit_denial_is_402_and_not_retryable,
@@ -378,6 +379,40 @@ async fn idempotency_key_replayed_charges_once(store: StoreKind) {
     let events = h.store().await.usage_events("alice", 10).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.charged).count(), 1);
     assert!(events.iter().any(|e| e.outcome == "duplicate"));
+}
+
+/// A route configured with `idempotency = "forward"` runs and charges every request; the key
+/// only travels to the upstream.
+async fn a_forwarding_route_runs_and_charges_every_repeat(store: StoreKind) {
+    let h = Harness::start_with(store, |c| {
+        c.replacen(
+            "cost = { header = \"x-units\" }",
+            "cost = { header = \"x-units\" }\nidempotency = \"forward\"",
+            1,
+        )
+    })
+    .await;
+    let calls = h_calls(&h);
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let r = h
+            .post("/v1/tasks", "sk-alice")
+            .header("x-units", 4)
+            .header("idempotency-key", "run-it-again")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(!has_header(&r, "idempotent-replayed"));
+        bodies.push(r.text().await.unwrap());
+    }
+    assert_eq!(h_calls(&h), calls + 2, "the upstream ran both");
+    assert_ne!(bodies[0], bodies[1]);
+    h.settle_ledger().await;
+    // Both charged: 3 units from the window and 1 × 5 credits, then 4 × 5 credits.
+    assert_eq!(h.stored_balance("alice").await, 75);
+    let events = h.store().await.usage_events("alice", 10).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.charged).count(), 2);
 }
 
 async fn idempotency_key_sent_twice_at_once_charges_once(store: StoreKind) {

@@ -226,6 +226,7 @@ fn routes(
             upstream,
             cost,
             settle,
+            idempotency: r.idempotency,
         });
     }
     Ok((features, routes))

@@ -345,6 +345,22 @@ struct RawRoute {
     upstream: Spanned<String>,
     cost: Spanned<CostRule>,
     settle: Option<Spanned<SettleRule>>,
+    #[serde(default)]
+    idempotency: IdempotencyMode,
+}
+
+/// What a route does with a client's `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotencyMode {
+    /// Stripe's model: the key's request runs and is charged once; a repeat gets the first
+    /// answer back (or 409 when it was too large to keep) and the upstream does no work again.
+    #[default]
+    Replay,
+    /// For a product that wants every request run: the key is only forwarded to the upstream
+    /// (which may deduplicate by it), and every request is metered and charged as if it had
+    /// none.
+    Forward,
 }
 
 /// Where a route's true cost is read from the upstream's response, when its request cost is an
@@ -481,6 +497,8 @@ pub struct Route {
     pub cost: CostRule,
     /// Where its true cost is read from the response, if anywhere.
     pub settle: Option<SettleRule>,
+    /// What it does with a client's `Idempotency-Key`.
+    pub idempotency: IdempotencyMode,
 }
 
 /// An account declared in the config.

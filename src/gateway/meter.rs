@@ -23,7 +23,7 @@ use super::layers::{
 use crate::accounts::Account;
 use crate::app::App;
 use crate::clock::Stopwatch;
-use crate::config::{Durability, Route};
+use crate::config::{Durability, IdempotencyMode, Route};
 use crate::cost;
 use crate::hold::Hold;
 use crate::idempotency::{self, Claim, Fingerprint, StoredResponse};
@@ -112,9 +112,10 @@ where
         .ok_or(GatewayError::Internal)?;
     log.account = Some(account.id.clone());
 
+    // A route that re-executes leaves the key to the upstream (it is forwarded as sent).
     let key = match req.headers().get(&IDEMPOTENCY_KEY) {
-        None => None,
-        Some(v) => Some(idempotency_key(v)?),
+        Some(v) if route.idempotency == IdempotencyMode::Replay => Some(idempotency_key(v)?),
+        _ => None,
     };
     let (units, fingerprint, mut req) = cost(app, route, req, key.is_some()).await?;
     log.units = units;
