@@ -12,7 +12,8 @@
 # req/s counts successful (2xx) responses only; "errors" counts the others (flowgate answers 503
 # once its ledger queue is full) and socket errors. STORE_URL=postgres://... puts flowgate's
 # ledger in PostgreSQL; CASES="sse" runs a subset; PERF=/tmp/fg records a perf profile of
-# flowgate per case (/tmp/fg.max, ...; read with `perf report -i`).
+# flowgate per case (/tmp/fg.max, ...; read with `perf report -i`); DURABILITY=strict holds
+# each charged response's end until its usage event is committed.
 # wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
 set -euo pipefail
 
@@ -78,6 +79,7 @@ format = "json"
 level = "info"
 [store]
 url = "${STORE_URL:-sqlite://$dir/flowgate.db}"
+durability = "${DURABILITY:-batched}"
 [identity]
 mode = "api_key"
 [upstreams.api]

@@ -154,8 +154,13 @@ impl LedgerWriter {
             if received == 0 {
                 return; // closed and drained
             }
-            // Give a small batch a moment to fill: fewer, larger transactions.
-            if batch.len() < self.settings.batch_size_max && !self.settings.flush_interval.is_zero()
+            // Give a small batch a moment to fill: fewer, larger transactions. Not when a
+            // response waits on its entry (strict durability): it would wait that moment too,
+            // and entries arriving during this commit form the next batch anyway.
+            let awaited = batch.iter().any(|e| e.committed.is_some());
+            if batch.len() < self.settings.batch_size_max
+                && !self.settings.flush_interval.is_zero()
+                && !awaited
             {
                 let deadline = tokio::time::Instant::now() + self.settings.flush_interval;
                 while batch.len() < self.settings.batch_size_max {
