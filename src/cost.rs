@@ -43,6 +43,21 @@ pub fn needs_body(rule: &CostRule) -> bool {
 }
 
 /// Reads the cost of a request: from the rule alone, a header, or the JSON `body`.
+/// The request's units by `rule`, or `default` when the request does not state them (the
+/// header or field is absent; a present but invalid value is still an error).
+pub fn units_or(
+    rule: &CostRule,
+    default: Option<Units>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Units, CostError> {
+    match (units(rule, headers, body), default) {
+        (Err(CostError::MissingHeader(_) | CostError::MissingField(_)), Some(d)) => Ok(d),
+        (result, _) => result,
+    }
+}
+
+/// The request's units by `rule`.
 pub fn units(rule: &CostRule, headers: &HeaderMap, body: &[u8]) -> Result<Units, CostError> {
     let units = match rule {
         CostRule::Fixed(n) => *n,
@@ -80,6 +95,28 @@ pub fn units(rule: &CostRule, headers: &HeaderMap, body: &[u8]) -> Result<Units,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_default_stands_in_only_for_an_absent_value() {
+        let rule = CostRule::Json("/max_tokens".into());
+        let h = HeaderMap::new();
+        assert_eq!(units_or(&rule, Some(256), &h, br#"{"model":"m"}"#), Ok(256));
+        assert_eq!(
+            units_or(&rule, Some(256), &h, br#"{"max_tokens":9}"#),
+            Ok(9)
+        );
+        assert_eq!(
+            units_or(&rule, Some(256), &h, br#"{"max_tokens":"many"}"#),
+            Err(CostError::NotUnits("/max_tokens".into()))
+        );
+        assert!(units_or(&rule, Some(256), &h, b"not json").is_err());
+        assert_eq!(
+            units_or(&rule, None, &h, br#"{"model":"m"}"#),
+            Err(CostError::MissingField("/max_tokens".into()))
+        );
+        let header = CostRule::Header("x-units".into());
+        assert_eq!(units_or(&header, Some(4), &h, b""), Ok(4));
+    }
 
     #[test]
     fn reads_each_rule() {

@@ -57,6 +57,26 @@ enum State {
     },
 }
 
+impl State {
+    fn sse(pointer: &str) -> State {
+        State::Sse {
+            pointer: pointer.to_owned(),
+            line: BytesMut::new(),
+            skipping: false,
+            last: None,
+        }
+    }
+}
+
+/// Whether the response is a server-sent event stream.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
 impl SettleReader {
     /// A reader for `rule`, given the response's headers.
     pub fn new(rule: &SettleRule, headers: &HeaderMap) -> SettleReader {
@@ -75,11 +95,12 @@ impl SettleReader {
                 body: BytesMut::new(),
                 too_large: false,
             },
-            SettleRule::Sse(pointer) => State::Sse {
+            SettleRule::Sse(pointer) => State::sse(pointer),
+            SettleRule::Body(pointer) if is_event_stream(headers) => State::sse(pointer),
+            SettleRule::Body(pointer) => State::Json {
                 pointer: pointer.clone(),
-                line: BytesMut::new(),
-                skipping: false,
-                last: None,
+                body: BytesMut::new(),
+                too_large: false,
             },
         };
         SettleReader { state }
@@ -206,6 +227,29 @@ mod tests {
             read(&SettleRule::Header("x-usage".into()), &none, &[]),
             Err(SettleError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn a_body_rule_reads_a_stream_or_a_json_body_by_content_type() {
+        let rule = SettleRule::Body("/usage/total_tokens".into());
+        let mut sse = HeaderMap::new();
+        sse.insert(
+            "content-type",
+            "text/event-stream; charset=utf-8".parse().unwrap(),
+        );
+        let stream: &[&[u8]] = &[
+            b"data: {\"choices\":[]}\n\n",
+            b"data: {\"usage\":{\"total_tokens\":31}}\n\ndata: [DONE]\n\n",
+        ];
+        assert_eq!(read(&rule, &sse, stream), Ok(31));
+        let mut json = HeaderMap::new();
+        json.insert("content-type", "application/json".parse().unwrap());
+        assert_eq!(
+            read(&rule, &json, &[b"{\"usage\":{\"total_tokens\":12}}"]),
+            Ok(12)
+        );
+        // The same stream read as JSON finds nothing: the content type decides.
+        assert!(read(&rule, &json, stream).is_err());
     }
 
     #[test]

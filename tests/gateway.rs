@@ -13,6 +13,7 @@ use serde_json::Value;
 
 store_tests!(
     a_forwarding_route_runs_and_charges_every_repeat,
+    a_default_estimate_settles_from_json_or_a_stream,
     split_from_usage_limit_into_credits,
     usage_limit_denial_says_when_and_why,
     credit_denial_is_402_and_not_retryable,
@@ -413,6 +414,66 @@ async fn a_forwarding_route_runs_and_charges_every_repeat(store: StoreKind) {
     assert_eq!(h.stored_balance("alice").await, 75);
     let events = h.store().await.usage_events("alice", 10).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.charged).count(), 2);
+}
+
+/// A request that does not state its cost is held at the route's default; `settle = { body =
+/// … }` reads the true cost from a JSON body or from an event stream, whichever comes back.
+async fn a_default_estimate_settles_from_json_or_a_stream(store: StoreKind) {
+    let h = Harness::start_with(store, |c| {
+        c.replacen(
+            "cost = { header = \"x-units\" }",
+            "cost = { header = \"x-units\" }\ncost_default = 3\nsettle = { body = \"/usage/units\" }",
+            1,
+        )
+        .replacen(
+            "cost = { json = \"/seconds\" }",
+            "cost = { json = \"/seconds\" }\ncost_default = 4\nsettle = { body = \"/usage/seconds\" }",
+            1,
+        )
+    })
+    .await;
+    // A render with no length asked for: held at 4 seconds, settled at the 6 its stream reports.
+    let r = h
+        .post("/v1/videos", "sk-alice")
+        .header("x-mock-usage", 6)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("\"seconds\":6"));
+    h.settle_ledger().await;
+    assert_eq!(h.stored_balance("alice").await, 100 - 6 * 2);
+    // A task with no x-units: held at 3 (the whole 5h window), settled at the JSON body's 2.
+    let r = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-mock-usage", 2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-5h"),
+        "0",
+        "held at the default"
+    );
+    r.text().await.unwrap();
+    h.settle_ledger().await;
+    let r = h.task("sk-alice", 1).await;
+    assert_eq!(
+        header(&r, "x-flowgate-pools"),
+        "limits=1",
+        "one unit came back"
+    );
+    r.text().await.unwrap();
+    // A stated but wrong cost is still refused.
+    let r = h
+        .post("/v1/tasks", "sk-alice")
+        .header("x-units", "lots")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }
 
 async fn idempotency_key_sent_twice_at_once_charges_once(store: StoreKind) {

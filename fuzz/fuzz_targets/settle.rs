@@ -11,16 +11,23 @@ fuzz_target!(|data: &[u8]| {
     let Some((&cut, body)) = data.split_first() else {
         return;
     };
-    let headers = http::HeaderMap::new();
-    for rule in [
-        SettleRule::Sse("/usage/total_tokens".to_owned()),
-        SettleRule::Json("/usage/units".to_owned()),
+    let plain = http::HeaderMap::new();
+    let mut stream = http::HeaderMap::new();
+    stream.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    for (rule, headers) in [
+        (SettleRule::Sse("/usage/total_tokens".to_owned()), &plain),
+        (SettleRule::Json("/usage/units".to_owned()), &plain),
+        (SettleRule::Body("/usage/total_tokens".to_owned()), &plain),
+        (SettleRule::Body("/usage/total_tokens".to_owned()), &stream),
     ] {
-        let mut whole = SettleReader::new(&rule, &headers);
+        let mut whole = SettleReader::new(&rule, headers);
         whole.observe(body);
         let whole = whole.finish();
         // The same bytes in chunks of `cut` bytes (an SSE event split across TCP reads).
-        let mut chunked = SettleReader::new(&rule, &headers);
+        let mut chunked = SettleReader::new(&rule, headers);
         for chunk in body.chunks(usize::from(cut).max(1)) {
             chunked.observe(chunk);
         }

@@ -199,6 +199,22 @@ fn routes(
             }
             _ => {}
         }
+        if let Some(default) = &r.cost_default {
+            if matches!(cost, CostRule::Fixed(_)) {
+                return cx.err(
+                    key("cost_default"),
+                    Some(default.span()),
+                    "a fixed cost is always stated: cost_default applies to a header or json cost",
+                );
+            }
+            if *default.get_ref() > crate::cost::UNITS_MAX {
+                return cx.err(
+                    key("cost_default"),
+                    Some(default.span()),
+                    format!("at most {} units", crate::cost::UNITS_MAX),
+                );
+            }
+        }
         let settle = r.settle.as_ref().map(|s| s.get_ref().clone());
         if let Some(rule) = &r.settle {
             match rule.get_ref() {
@@ -209,7 +225,9 @@ fn routes(
                         "not a valid header name",
                     );
                 }
-                SettleRule::Json(p) | SettleRule::Sse(p) if !p.starts_with('/') => {
+                SettleRule::Json(p) | SettleRule::Sse(p) | SettleRule::Body(p)
+                    if !p.starts_with('/') =>
+                {
                     return cx.err(
                         key("settle"),
                         Some(rule.span()),
@@ -225,6 +243,7 @@ fn routes(
             feature: FeatureId(feature as u16),
             upstream,
             cost,
+            cost_default: r.cost_default.as_ref().map(|d| *d.get_ref()),
             settle,
             idempotency: r.idempotency,
         });

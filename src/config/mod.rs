@@ -344,6 +344,7 @@ struct RawRoute {
     feature: Spanned<String>,
     upstream: Spanned<String>,
     cost: Spanned<CostRule>,
+    cost_default: Option<Spanned<u64>>,
     settle: Option<Spanned<SettleRule>>,
     #[serde(default)]
     idempotency: IdempotencyMode,
@@ -375,6 +376,10 @@ pub enum SettleRule {
     /// The integer at this JSON pointer of the last server-sent event's `data` that has it
     /// (e.g. `/usage/total_tokens` of an OpenAI-style stream's final chunk).
     Sse(String),
+    /// Whichever the response is: the last server-sent event carrying the pointer when it is
+    /// an event stream (`text/event-stream`), the JSON body otherwise. For a route that answers
+    /// both, as an OpenAI-style chat completion does with and without `"stream": true`.
+    Body(String),
 }
 
 /// How a route's cost in units is found.
@@ -495,6 +500,9 @@ pub struct Route {
     pub upstream: usize,
     /// How its cost is found (an estimate when `settle` is set).
     pub cost: CostRule,
+    /// The units held when the request does not state its cost (the header or JSON field is
+    /// absent); without one such a request is refused (400).
+    pub cost_default: Option<u64>,
     /// Where its true cost is read from the response, if anywhere.
     pub settle: Option<SettleRule>,
     /// What it does with a client's `Idempotency-Key`.

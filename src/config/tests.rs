@@ -99,3 +99,28 @@ fn section_checks_name_their_keys() {
     let text = EXAMPLE.replace("connections_max = 10000", "connections_max = 0");
     assert_eq!(error_of(&text).key, "server.connections_max");
 }
+
+#[test]
+fn a_cost_default_needs_a_stated_cost_and_stays_in_range() {
+    let fixed = EXAMPLE.replacen(
+        "cost = { fixed = 1 }",
+        "cost = { fixed = 1 }\ncost_default = 2",
+        1,
+    );
+    let e = error_of(&fixed);
+    assert_eq!(e.key, "routes[0].cost_default");
+    assert!(e.line.is_some());
+    let huge = EXAMPLE.replacen(
+        "cost = { json = \"/seconds\" }",
+        "cost = { json = \"/seconds\" }\ncost_default = 1000000001",
+        1,
+    );
+    assert!(error_of(&huge).key.ends_with(".cost_default"));
+    let fine = EXAMPLE.replacen(
+        "cost = { json = \"/seconds\" }",
+        "cost = { json = \"/seconds\" }\ncost_default = 8",
+        1,
+    );
+    let settings = Settings::parse(&fine).expect("valid");
+    assert!(settings.routes.iter().any(|r| r.cost_default == Some(8)));
+}

@@ -204,7 +204,7 @@ async fn cost(
     keyed: bool,
 ) -> Result<(u64, Fingerprint, Request<Body>), GatewayError> {
     if !cost::needs_body(&route.cost) && !keyed {
-        let units = cost::units(&route.cost, req.headers(), &[])?;
+        let units = cost::units_or(&route.cost, route.cost_default, req.headers(), &[])?;
         return Ok((units, Fingerprint::default(), req));
     }
     let (parts, body) = req.into_parts();
@@ -215,7 +215,7 @@ async fn cost(
         .map_err(|_| GatewayError::BodyTimeout)?
         .map_err(|_| GatewayError::BodyTooLarge { limit })?
         .to_bytes();
-    let units = cost::units(&route.cost, &parts.headers, &bytes)?;
+    let units = cost::units_or(&route.cost, route.cost_default, &parts.headers, &bytes)?;
     let print = if keyed {
         idempotency::fingerprint(&parts.method, &parts.uri, units, &bytes)
     } else {

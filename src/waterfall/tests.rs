@@ -97,6 +97,14 @@ fn pools(d: &Decision) -> Vec<(u8, Units, Credits)> {
 }
 
 #[test]
+fn a_feature_set_holds_a_feature_named_twice() {
+    let set = FeatureSet::EMPTY.with(TASK).with(TASK);
+    assert!(set.contains(TASK));
+    assert!(!set.contains(VIDEO));
+    assert!(FeatureSet::EMPTY.with(VIDEO).with(TASK).contains(VIDEO));
+}
+
+#[test]
 fn two_windows_each_with_its_reset_time() {
     let plan = plan();
     let mut s = AccountState::new(&plan, vec![], t0());
