@@ -97,6 +97,52 @@ fn pools(d: &Decision) -> Vec<(u8, Units, Credits)> {
 }
 
 #[test]
+fn a_plan_keeps_its_state_layout_only_with_the_same_stateful_layers() {
+    let pro = plan();
+    // Other limits, prices and grant layers: the same layout.
+    let mut cheaper = plan();
+    cheaper.prices = vec![Some(1), Some(1)];
+    cheaper.layers[0].kind = LayerKind::UsageLimit {
+        windows: vec![window("5h", 300, 30)],
+    };
+    cheaper.layers[3].kind = LayerKind::Credits;
+    assert!(pro.same_state_layout(&cheaper));
+    assert!(pro.same_state_layout(&pro));
+    // A longer window than was kept for: its older usage was pruned.
+    let mut longer = plan();
+    longer.layers[0].kind = LayerKind::UsageLimit {
+        windows: vec![window("month", 30 * 24 * 60, 100)],
+    };
+    assert!(!pro.same_state_layout(&longer));
+    assert!(longer.same_state_layout(&pro));
+    // Another free-tier period, layers swapped, one layer fewer, a concurrency gate instead.
+    let mut weekly = plan();
+    weekly.layers[1].kind = LayerKind::FreeTier {
+        units: 2,
+        period: Period::Week,
+    };
+    assert!(!pro.same_state_layout(&weekly));
+    let mut swapped = plan();
+    swapped.layers.swap(0, 1);
+    assert!(!pro.same_state_layout(&swapped));
+    let mut fewer = plan();
+    fewer.layers.pop();
+    assert!(!pro.same_state_layout(&fewer));
+    let mut gated = plan();
+    gated.layers[2].kind = LayerKind::Concurrency { limit: 2 };
+    assert!(!pro.same_state_layout(&gated));
+    let mut limits_as_gate = plan();
+    limits_as_gate.layers[0].kind = LayerKind::Concurrency { limit: 2 };
+    assert!(!pro.same_state_layout(&limits_as_gate));
+    let mut no_limits = plan();
+    no_limits.layers[0].kind = LayerKind::Credits;
+    assert!(!pro.same_state_layout(&no_limits));
+    let mut no_free_tier = plan();
+    no_free_tier.layers[1].kind = LayerKind::Promotions;
+    assert!(!pro.same_state_layout(&no_free_tier));
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
