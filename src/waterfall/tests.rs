@@ -143,6 +143,46 @@ fn a_plan_keeps_its_state_layout_only_with_the_same_stateful_layers() {
 }
 
 #[test]
+fn stored_names_round_trip_and_tags_are_the_documented_ones() {
+    for kind in [
+        GrantKind::Credits,
+        GrantKind::Promotion,
+        GrantKind::Enterprise,
+    ] {
+        assert_eq!(GrantKind::parse(kind.as_str()), Some(kind));
+    }
+    assert_eq!(GrantKind::Enterprise.as_str(), "enterprise");
+    assert_eq!(GrantKind::parse("Credits"), None);
+    let tags: Vec<&str> = [
+        LayerKind::UsageLimit { windows: vec![] },
+        LayerKind::FreeTier {
+            units: 1,
+            period: Period::Day,
+        },
+        LayerKind::Credits,
+        LayerKind::Promotions,
+        LayerKind::Enterprise { postpaid: false },
+        LayerKind::Enterprise { postpaid: true },
+        LayerKind::Concurrency { limit: 1 },
+    ]
+    .iter()
+    .map(LayerKind::tag)
+    .collect();
+    assert_eq!(
+        tags,
+        [
+            "usage_limit",
+            "free_tier",
+            "credits",
+            "promotions",
+            "enterprise_pool",
+            "enterprise_postpaid",
+            "concurrency"
+        ]
+    );
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
