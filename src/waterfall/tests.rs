@@ -183,6 +183,18 @@ fn stored_names_round_trip_and_tags_are_the_documented_ones() {
 }
 
 #[test]
+fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
+    let w = window("10m", 10, 3);
+    let now_minute = t0() / MIN;
+    let mut log = UsageLog::default();
+    log.add(now_minute - 10, 1); // one minute before the window: not counted
+    log.add(now_minute - 5, 3); // fills it
+    assert_eq!(log.used(10, t0()), 3);
+    // One unit is free when the minute-5 usage slides out, not the minute-10 one.
+    assert_eq!(log.free_at(&w, 1, t0()), Some(t0() + 5 * MIN));
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
