@@ -195,6 +195,51 @@ fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
 }
 
 #[test]
+fn a_log_forgets_exactly_the_minutes_no_window_can_count() {
+    let m = t0() / MIN;
+    let mut log = UsageLog::default();
+    log.add(m, 1);
+    log.add(m + 1, 2);
+    log.prune(10, (m + 10) * MIN);
+    assert_eq!(log.buckets, [(m + 1, 2)]);
+}
+
+#[test]
+fn settling_last_periods_free_tier_leaves_this_periods_holds() {
+    let plan = Plan {
+        layers: vec![layer(
+            "free",
+            LayerKind::FreeTier {
+                units: 2,
+                period: Period::Day,
+            },
+        )],
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![], t0());
+    let yesterday = admit(&plan, &mut s, TASK, 1, t0());
+    let today = t0() + 24 * HOUR;
+    admit(&plan, &mut s, TASK, 1, today); // still held
+    s.settled(&yesterday.draws);
+    // Rebuilt from a store with nothing committed today: today's hold is still counted.
+    s.resync_usage(&plan, &[], today);
+    assert_eq!(s.free_tier_used(0, Period::Day, today), 1);
+}
+
+#[test]
+fn a_reloaded_feature_table_renumbers_what_a_grant_pays_for() {
+    let plan = Plan {
+        layers: vec![layer("credits", LayerKind::Credits)],
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    assert!(decide(&plan, &s, TASK, 1, t0()).admitted());
+    s.set_grant_features(1, FeatureSet::EMPTY.with(VIDEO));
+    assert!(!decide(&plan, &s, TASK, 1, t0()).admitted());
+    assert!(decide(&plan, &s, VIDEO, 1, t0()).admitted());
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
