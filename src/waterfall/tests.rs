@@ -240,6 +240,35 @@ fn a_reloaded_feature_table_renumbers_what_a_grant_pays_for() {
 }
 
 #[test]
+fn a_replica_that_missed_announcements_catches_up_by_resync() {
+    let plan = plan();
+    let mut a = AccountState::new(&plan, vec![], t0());
+    let mut b = a.clone();
+    let d = admit(&plan, &mut a, TASK, 4, t0()); // 3 from the 5h window, 1 from the free tier
+    a.settled(&d.draws);
+    let used = |s: &AccountState| observable(&plan, s, t0()).0;
+    assert_eq!(used(&b), vec![0, 0, 0], "B heard nothing");
+    b.resync_usage(&plan, &d.draws, t0());
+    assert_eq!(used(&b), used(&a));
+    assert_eq!(used(&b), vec![3, 3, 1]);
+    // A refund of the free-tier unit counts it out; one of another day changes nothing.
+    let free: Vec<Draw> = d
+        .draws
+        .iter()
+        .filter(|x| matches!(x.pool, Pool::FreeTier { .. }))
+        .copied()
+        .collect();
+    let mut old = free.clone();
+    if let Pool::FreeTier { period_start } = &mut old[0].pool {
+        *period_start -= 24 * HOUR;
+    }
+    b.unobserve(&old[0]);
+    assert_eq!(used(&b), vec![3, 3, 1]);
+    b.unobserve(&free[0]);
+    assert_eq!(used(&b), vec![3, 3, 0]);
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
