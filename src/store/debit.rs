@@ -300,6 +300,23 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_that_gives_nothing_gets_no_balance_update() {
+        let mut grants = [
+            grant(1, GrantKind::Credits, 0),
+            grant(2, GrantKind::Credits, 10),
+        ];
+        let debits = plan(&entry(&[(0, 1, 5)], 0), &mut grants).unwrap();
+        assert_eq!(debits.as_slice(), [debit(2, 5, 0, 5)]);
+    }
+
+    #[test]
+    fn two_draws_on_one_grant_make_one_debit_of_their_sum() {
+        let mut grants = [grant(1, GrantKind::Credits, 20)];
+        let debits = plan(&entry(&[(0, 1, 6), (0, 1, 3)], 0), &mut grants).unwrap();
+        assert_eq!(debits.as_slice(), [debit(1, 9, 0, 11)]);
+    }
+
+    #[test]
     fn a_draw_on_an_unknown_grant_is_corrupt() {
         let mut grants = [grant(1, GrantKind::Credits, 10)];
         assert!(matches!(
