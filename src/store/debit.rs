@@ -300,6 +300,19 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_that_expires_later_still_takes_a_shortfall() {
+        let mut grants = [
+            grant(1, GrantKind::Credits, 2),
+            LockedGrant {
+                expires_at: Some(5_000), // after the decision
+                ..grant(2, GrantKind::Credits, 100)
+            },
+        ];
+        let debits = plan(&entry(&[(0, 1, 10)], 1_000), &mut grants).unwrap();
+        assert_eq!(debits.as_slice(), [debit(1, 2, 0, 0), debit(2, 8, 0, 92)]);
+    }
+
+    #[test]
     fn a_grant_that_gives_nothing_gets_no_balance_update() {
         let mut grants = [
             grant(1, GrantKind::Credits, 0),
