@@ -5,9 +5,7 @@ use http::HeaderMap;
 use crate::config::CostRule;
 use crate::waterfall::Units;
 
-/// The most units one request may ask for. Keeps `units × price` far from overflow (prices are
-/// capped at [`crate::config::PRICE_MAX`]) and catches typos like a cost in milliseconds.
-pub const UNITS_MAX: Units = 1_000_000_000;
+pub use crate::waterfall::UNITS_MAX;
 
 /// Why a request's cost could not be read; answered 400 naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

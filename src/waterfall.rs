@@ -29,6 +29,11 @@ pub type Millis = i64;
 
 const MINUTE_MS: Millis = 60_000;
 
+/// The most units one request may ask for (its cost rule, its config default, its settled
+/// usage). Keeps `units × price` far from overflow (prices are capped at `config::PRICE_MAX`)
+/// and catches typos like a cost in milliseconds.
+pub const UNITS_MAX: Units = 1_000_000_000;
+
 /// Index of a feature in the config's feature table. Interned so that the hot path compares
 /// integers, not strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -207,11 +207,11 @@ fn routes(
                     "a fixed cost is always stated: cost_default applies to a header or json cost",
                 );
             }
-            if *default.get_ref() > crate::cost::UNITS_MAX {
+            if *default.get_ref() > waterfall::UNITS_MAX {
                 return cx.err(
                     key("cost_default"),
                     Some(default.span()),
-                    format!("at most {} units", crate::cost::UNITS_MAX),
+                    format!("at most {} units", waterfall::UNITS_MAX),
                 );
             }
         }
