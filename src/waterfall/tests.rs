@@ -269,6 +269,29 @@ fn a_replica_that_missed_announcements_catches_up_by_resync() {
 }
 
 #[test]
+fn a_layer_used_up_says_when_it_has_room_again() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![], t0());
+    admit(&plan, &mut s, TASK, 1, t0());
+    let later = t0() + 10 * MIN;
+    // Two more fill the 5h window: the next unit is free when the first slides out.
+    let d = admit(&plan, &mut s, TASK, 2, later);
+    assert_eq!(d.layers[0].reset_at, Some(t0() + 300 * MIN));
+    // The free tier: one of two left, then both used: free again at the day's end.
+    let day_end = Period::Day.bounds(later).1;
+    let d = admit(&plan, &mut s, TASK, 1, later);
+    assert_eq!((d.layers[1].gave_units, d.layers[1].reset_at), (1, None));
+    let d = decide(&plan, &s, TASK, 1, later);
+    assert_eq!(d.layers[1].reset_at, Some(day_end));
+    // A window with room left says nothing.
+    let fresh = AccountState::new(&plan, vec![], t0());
+    assert_eq!(
+        decide(&plan, &fresh, TASK, 1, t0()).layers[0].reset_at,
+        None
+    );
+}
+
+#[test]
 fn a_feature_set_holds_a_feature_named_twice() {
     let set = FeatureSet::EMPTY.with(TASK).with(TASK);
     assert!(set.contains(TASK));
