@@ -459,6 +459,20 @@ fn an_enterprise_pool_pays_then_postpaid_is_unlimited() {
     assert!(d.admitted());
     assert_eq!(d.draws[0].pool, Pool::Postpaid);
     assert_eq!(d.credits(), 5_000_000);
+    assert_eq!(
+        (d.layers[0].gave_units, d.layers[0].gave_credits),
+        (1_000_000, 5_000_000),
+        "the decision's record says what postpaid gave"
+    );
+}
+
+#[test]
+fn an_exhausted_free_tier_adds_no_empty_draw() {
+    let plan = plan();
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    admit(&plan, &mut s, TASK, 5, t0()); // 3 from the window, 2 from the free tier
+    let d = admit(&plan, &mut s, TASK, 1, t0());
+    assert_eq!(pools(&d), [(2, 1, 5)], "credits only");
 }
 
 #[test]
