@@ -467,6 +467,40 @@ fn an_enterprise_pool_pays_then_postpaid_is_unlimited() {
 }
 
 #[test]
+fn layers_after_the_request_is_covered_add_no_empty_draws() {
+    let postpaid = Plan {
+        layers: vec![
+            layer("credits", LayerKind::Credits),
+            layer("contract", LayerKind::Enterprise { postpaid: true }),
+        ],
+        ..plan()
+    };
+    let s = AccountState::new(&postpaid, vec![grant(1, GrantKind::Credits, 100)], t0());
+    assert_eq!(pools(&decide(&postpaid, &s, TASK, 1, t0())), [(0, 1, 5)]);
+
+    // A free feature: the window first, then a grant layer covers the rest at no charge.
+    let free = Plan {
+        layers: vec![
+            layer(
+                "limits",
+                LayerKind::UsageLimit {
+                    windows: vec![window("5h", 300, 3)],
+                },
+            ),
+            layer("credits", LayerKind::Credits),
+        ],
+        prices: vec![Some(0), Some(0)],
+        ..plan()
+    };
+    let s = AccountState::new(&free, vec![grant(1, GrantKind::Credits, 100)], t0());
+    assert_eq!(pools(&decide(&free, &s, TASK, 1, t0())), [(0, 1, 0)]);
+    let d = decide(&free, &s, TASK, 4, t0());
+    assert_eq!(pools(&d), [(0, 3, 0), (1, 1, 0)]);
+    assert_eq!(d.draws[1].pool, Pool::NoCharge);
+    assert_eq!((d.layers[1].gave_units, d.layers[1].gave_credits), (1, 0));
+}
+
+#[test]
 fn an_exhausted_free_tier_adds_no_empty_draw() {
     let plan = plan();
     let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
