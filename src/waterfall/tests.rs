@@ -488,6 +488,7 @@ fn layers_after_the_request_is_covered_add_no_empty_draws() {
                 },
             ),
             layer("credits", LayerKind::Credits),
+            layer("promotions", LayerKind::Promotions),
         ],
         prices: vec![Some(0), Some(0)],
         ..plan()
@@ -498,6 +499,11 @@ fn layers_after_the_request_is_covered_add_no_empty_draws() {
     assert_eq!(pools(&d), [(0, 3, 0), (1, 1, 0)]);
     assert_eq!(d.draws[1].pool, Pool::NoCharge);
     assert_eq!((d.layers[1].gave_units, d.layers[1].gave_credits), (1, 0));
+    assert_eq!(
+        d.layers.len(),
+        2,
+        "the walk stops at the layer that covered it"
+    );
 }
 
 #[test]
