@@ -477,6 +477,10 @@ fn layers_after_the_request_is_covered_add_no_empty_draws() {
     };
     let s = AccountState::new(&postpaid, vec![grant(1, GrantKind::Credits, 100)], t0());
     assert_eq!(pools(&decide(&postpaid, &s, TASK, 1, t0())), [(0, 1, 5)]);
+    // A request of nothing (a stated cost of 0) draws from nobody, postpaid included.
+    let d = decide(&postpaid, &s, TASK, 0, t0());
+    assert!(d.admitted());
+    assert_eq!(pools(&d), []);
 
     // A free feature: the window first, then a grant layer covers the rest at no charge.
     let free = Plan {
