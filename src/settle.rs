@@ -58,6 +58,14 @@ enum State {
 }
 
 impl State {
+    fn json(pointer: &str) -> State {
+        State::Json {
+            pointer: pointer.to_owned(),
+            body: BytesMut::new(),
+            too_large: false,
+        }
+    }
+
     fn sse(pointer: &str) -> State {
         State::Sse {
             pointer: pointer.to_owned(),
@@ -90,18 +98,10 @@ impl SettleReader {
                     .filter(|u| *u <= UNITS_MAX)
                     .ok_or_else(|| SettleError::NotUnits(format!("header {name}"))),
             }),
-            SettleRule::Json(pointer) => State::Json {
-                pointer: pointer.clone(),
-                body: BytesMut::new(),
-                too_large: false,
-            },
+            SettleRule::Json(pointer) => State::json(pointer),
             SettleRule::Sse(pointer) => State::sse(pointer),
             SettleRule::Body(pointer) if is_event_stream(headers) => State::sse(pointer),
-            SettleRule::Body(pointer) => State::Json {
-                pointer: pointer.clone(),
-                body: BytesMut::new(),
-                too_large: false,
-            },
+            SettleRule::Body(pointer) => State::json(pointer),
         };
         SettleReader { state }
     }
