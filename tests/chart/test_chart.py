@@ -1,8 +1,11 @@
 """Lints and renders charts/flowgate offline (Helm's own code, via helm-python-sdk), validates
 every rendered object against the Kubernetes schemas (kubernetes-validate) and checks what the
-deployment must guarantee. Exits non-zero on any failure."""
+deployment must guarantee, and that the Grafana dashboard queries only metrics flowgate exports
+(src/metrics.rs). Exits non-zero on any failure."""
 
+import json
 import pathlib
+import re
 import sys
 import tomllib
 
@@ -10,7 +13,10 @@ import helm_python
 import kubernetes_validate
 import yaml
 
-CHART = pathlib.Path(__file__).resolve().parents[2] / "charts" / "flowgate"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "flowgate"
+DASHBOARD = CHART / "dashboards" / "flowgate.json"
+METRICS_RS = ROOT / "src" / "metrics.rs"
 KUBE_VERSION = "1.33.0"
 failures = []
 
@@ -64,7 +70,8 @@ def fails(values, needle, what):
 
 PG = {"store": {"kind": "postgres", "url": "postgres://flowgate:s3cret@pg:5432/ledger"}}
 
-for strict_values in [None, {**PG, "serviceMonitor": {"enabled": True}, "autoscaling": {"enabled": True}}]:
+for strict_values in [None, {**PG, "serviceMonitor": {"enabled": True}, "autoscaling": {"enabled": True},
+                             "dashboard": {"enabled": True}}]:
     report = helm_python.lint(str(CHART), strict_values, strict=True, kube_version="v" + KUBE_VERSION)
     bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
     check(not bad, f"helm lint --strict ({'defaults' if strict_values is None else 'all options'}): {bad}")
@@ -108,6 +115,8 @@ check(not by_kind(default, "PodDisruptionBudget"), "no PDB for a single SQLite p
 check(not by_kind(default, "CronJob"), "no backup CronJob unless asked")
 check(not by_kind(default, "HorizontalPodAutoscaler") and not by_kind(default, "ServiceMonitor"),
       "HPA and ServiceMonitor are off by default")
+check(not [c for c in by_kind(default, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")],
+      "no dashboard ConfigMap by default")
 
 # Every option on: PostgreSQL URL and admin tokens in the chart's Secret, HPA, ServiceMonitor.
 url = PG["store"]["url"]
@@ -116,6 +125,7 @@ full = objects({
     "admin": {"tokens": ["t1", "t2"]},
     "serviceMonitor": {"enabled": True},
     "autoscaling": {"enabled": True},
+    "dashboard": {"enabled": True},
 })
 validate(full, "all options")
 secret = by_kind(full, "Secret")[0]
@@ -165,6 +175,129 @@ validate(existing, "existingSecret")
 container = by_kind(existing, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
 check(container["envFrom"][0]["secretRef"]["name"] == "flowgate-prod", "an existing Secret is used")
 check(not by_kind(existing, "Secret"), "no chart Secret beside an existing one")
+
+# The Grafana dashboard. Every series it queries must be one flowgate exports: the names are read
+# from src/metrics.rs, with a histogram's series (_bucket, _sum, _count) in place of its name.
+rust = METRICS_RS.read_text()
+defined = {}  # name -> counter | gauge | histogram
+for constructor, name in re.findall(r'([A-Za-z_][A-Za-z0-9_:]*)\(\s*"(flowgate_[a-z0-9_]+)"', rust):
+    kind = next((k for k in ("histogram", "gauge", "counter") if k in constructor.lower()), constructor)
+    defined[name] = kind
+literals = set(re.findall(r'"(flowgate_[a-z0-9_]+)"', rust))
+check(literals and literals == set(defined) and set(defined.values()) <= {"counter", "gauge", "histogram"},
+      f"src/metrics.rs: {len(defined)} metrics, each of a known kind: {sorted(defined.items())}")
+series = {}  # a series name Prometheus will hold -> the metric it belongs to
+for name, kind in defined.items():
+    for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",)):
+        series[name + suffix] = name
+
+
+def unknown_series(expr):
+    """What `expr` queries that src/metrics.rs does not export, each with the reason."""
+    out = []
+    for ident in re.findall(r"flowgate_[a-z0-9_]+", expr):
+        if ident in series:
+            continue
+        if defined.get(ident) == "histogram":
+            out.append(f"{ident} (a histogram: query its _bucket, _sum or _count)")
+        else:
+            out.append(f"{ident} (not in src/metrics.rs)")
+    return out
+
+
+try:
+    dashboard = json.loads(DASHBOARD.read_text())
+    check(True, f"{DASHBOARD.relative_to(ROOT)} is valid JSON")
+except ValueError as e:
+    check(False, f"{DASHBOARD.relative_to(ROOT)} is not valid JSON: {e}")
+    dashboard = {}
+check(dashboard.get("schemaVersion", 0) >= 36, f"the dashboard's schemaVersion: {dashboard.get('schemaVersion')}")
+variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
+ds_var = variables.get("datasource", {})
+check(ds_var.get("type") == "datasource" and ds_var.get("query") == "prometheus",
+      "the dashboard has a Prometheus data source variable, `datasource`")
+DATASOURCE_REFS = {"${datasource}", "$datasource"}
+filters = [n for n, v in variables.items() if v.get("type") == "query"]
+check(filters, f"the dashboard has filter variables: {filters}")
+for name in filters:
+    v = variables[name]
+    check(v.get("datasource", {}).get("uid") in DATASOURCE_REFS, f"variable {name} queries the `datasource` variable")
+    query = v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query", "")
+    bad = unknown_series(query)
+    check(query and not bad, f"variable {name} queries metrics flowgate exports: {bad}")
+
+panels = []
+for p in dashboard.get("panels", []):
+    panels.append(p)
+    panels.extend(p.get("panels", []))  # a collapsed row holds its panels
+check(panels, f"the dashboard has panels ({len(panels)})")
+ids = [p.get("id") for p in panels]
+dupes = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+check(None not in ids and not dupes, f"every panel has an id, no two alike: duplicates {dupes}")
+used = set()
+for p in panels:
+    title = p.get("title", "")
+    what = f"dashboard panel {title or '(untitled)'!r} (id {p.get('id')})"
+    if not title:
+        check(False, f"{what} has no title")
+    if p.get("type") == "row":
+        check(title and not p.get("targets"), f"{what}: a row, titled, with no queries of its own")
+        continue
+    targets = p.get("targets", [])
+    problems = []
+    if (p.get("datasource") or {}).get("uid") not in DATASOURCE_REFS:
+        problems.append(f"datasource {p.get('datasource')} is not the `datasource` variable")
+    if not targets:
+        problems.append("no targets")
+    for t in targets:
+        expr = (t.get("expr") or "").strip()
+        if not expr:
+            problems.append(f"target {t.get('refId')} has no expr")
+            continue
+        if "datasource" in t and t["datasource"].get("uid") not in DATASOURCE_REFS:
+            problems.append(f"target {t.get('refId')} has its own datasource {t['datasource']}")
+        problems += [f"queries {u}" for u in unknown_series(expr)]
+        for var in re.findall(r"\$\{?(\w+)", expr):
+            if var not in variables and not var.startswith("__"):
+                problems.append(f"uses ${var}, not a dashboard variable")
+        # Every selector follows the dashboard's filters.
+        for metric, selector in re.findall(r"(flowgate_[a-z0-9_]+)(\{[^}]*\})?", expr):
+            used.add(series.get(metric, metric))
+            missing = [n for n in filters if f'{n}=~"${n}"' not in selector]
+            if missing:
+                problems.append(f"{metric} is not filtered by {missing}")
+    check(not problems, f"{what}: {'; '.join(problems) or 'titled, on the datasource variable, its queries known'}")
+unshown = sorted(set(defined) - used)
+print(f"info the dashboard shows {len(used)} of {len(defined)} metrics" + (f"; not shown: {unshown}" if unshown else ""))
+
+# The dashboard's ConfigMap, for the Grafana sidecar: only when asked.
+def dashboard_map(objs):
+    return [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+
+
+grafana = objects({"dashboard": {"enabled": True}})
+validate(grafana, "dashboard")
+maps = dashboard_map(grafana)
+check(len(maps) == 1, "dashboard.enabled: a dashboard ConfigMap")
+if maps:
+    cm = maps[0]
+    check(cm["metadata"]["labels"].get("grafana_dashboard") == "1",
+          "it carries the Grafana sidecar's label, grafana_dashboard: \"1\"")
+    check("namespace" not in cm["metadata"], "it is in the release's namespace by default")
+    try:
+        check(json.loads(cm["data"]["flowgate.json"]) == dashboard,
+              "its flowgate.json is valid JSON, the dashboard file itself")
+    except (KeyError, ValueError) as e:
+        check(False, f"its flowgate.json is not valid JSON: {e!r}")
+custom = dashboard_map(objects({"dashboard": {
+    "enabled": True, "label": "grafana.io/dashboard", "labelValue": 1, "labels": {"team": "gateway"},
+    "annotations": {"grafana_folder": "flowgate"}, "namespace": "monitoring"}}))
+meta = custom[0]["metadata"] if custom else {}
+check(meta.get("labels", {}).get("grafana.io/dashboard") == "1" and "grafana_dashboard" not in meta.get("labels", {})
+      and meta.get("labels", {}).get("team") == "gateway",
+      "the sidecar's label and value are configurable, with extra labels")
+check(meta.get("namespace") == "monitoring" and meta.get("annotations", {}).get("grafana_folder") == "flowgate",
+      "the dashboard's namespace and annotations are configurable")
 
 print(f"\n{len(failures)} failure(s)")
 sys.exit(1 if failures else 0)
