@@ -61,6 +61,7 @@ fn main() {
         ],
         prices: vec![Some(5)],
         price_version: "v1".into(),
+        strict: false,
     });
     let now = 1_795_428_000_000;
     let before = rss_kib();

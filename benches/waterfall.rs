@@ -71,6 +71,7 @@ fn plan() -> Plan {
         ],
         prices: vec![Some(5)],
         price_version: "v1".into(),
+        strict: false,
     }
 }
 

@@ -250,6 +250,7 @@ mod tests {
             }],
             prices: vec![Some(5)],
             price_version: "v1".into(),
+            strict: false,
         })
     }
 

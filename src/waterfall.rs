@@ -20,6 +20,10 @@ use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::Serialize;
 use smallvec::SmallVec;
 
+mod leases;
+
+pub use leases::{LeasePool, Leases, Slice, Wants};
+
 /// Units of a feature (tasks, seconds of video). Always whole.
 pub type Units = u64;
 /// Credits, the prepaid currency. Always whole.
@@ -75,6 +79,9 @@ pub struct Plan {
     pub prices: Vec<Option<Credits>>,
     /// Identifies the price table, so that every charge can be explained by the price in force.
     pub price_version: Arc<str>,
+    /// Strict mode: an account draws windows, free tier and grants only within slices this
+    /// replica leased from the store ([`Leases`]), so that replicas together never overspend.
+    pub strict: bool,
 }
 
 impl Plan {
@@ -314,6 +321,8 @@ pub struct AccountState {
     pub layers: Vec<LayerState>,
     /// The account's grants, kept in spend order.
     grants: Vec<Grant>,
+    /// Strict mode's slices (`None` for a plan that is not strict).
+    pub leases: Option<Leases>,
 }
 
 /// The state a layer keeps for one account.
@@ -441,6 +450,7 @@ impl AccountState {
         let mut state = AccountState {
             layers,
             grants: Vec::with_capacity(grants.len()),
+            leases: plan.strict.then(Leases::default),
         };
         for g in grants {
             state.add_grant(g);
@@ -464,6 +474,9 @@ impl AccountState {
     /// Marks `draws` as committed by the store: they are no longer unsettled (they still count).
     pub fn settled(&mut self, draws: &[Draw]) {
         for draw in draws {
+            if let (Some(leases), Some(pool)) = (&mut self.leases, draw.lease_pool()) {
+                leases.committed(pool, draw.lease_amount());
+            }
             match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
                 (Pool::Grant { grant_id }, _) => {
                     if let Some(grant) = self.grants.iter_mut().find(|g| g.id == *grant_id) {
@@ -727,6 +740,25 @@ pub struct Draw {
     pub credits: Credits,
 }
 
+impl Draw {
+    /// The pool strict mode leases for this draw (`None`: postpaid and free features).
+    pub fn lease_pool(&self) -> Option<LeasePool> {
+        match self.pool {
+            Pool::Window { .. } | Pool::FreeTier { .. } => Some(LeasePool::Layer(self.layer)),
+            Pool::Grant { grant_id } => Some(LeasePool::Grant(grant_id)),
+            Pool::Postpaid | Pool::NoCharge => None,
+        }
+    }
+
+    /// What the draw takes of its leased pool: credits of a grant, units of anything else.
+    pub fn lease_amount(&self) -> u64 {
+        match self.pool {
+            Pool::Grant { .. } => self.credits,
+            _ => self.units,
+        }
+    }
+}
+
 /// What one layer had and gave, as recorded in a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LayerReport {
@@ -813,6 +845,73 @@ pub fn decide(
     units: Units,
     now: Millis,
 ) -> Decision {
+    walk(plan, state, feature, units, now, Caps::Leased)
+}
+
+/// What a strict account must lease before [`decide`] can be trusted to walk the waterfall in
+/// order: per pool, how much more than its slice the request would draw if every pool that
+/// the store has not said is drained could be leased. Empty when the slices suffice, for a
+/// plan that is not strict, and when the request would be denied anyway.
+pub fn lease_wants(
+    plan: &Plan,
+    state: &AccountState,
+    feature: FeatureId,
+    units: Units,
+    now: Millis,
+) -> Wants {
+    let mut wants = Wants::new();
+    let Some(leases) = &state.leases else {
+        return wants;
+    };
+    let wished = walk(plan, state, feature, units, now, Caps::Wanting);
+    if !wished.admitted() {
+        return wants;
+    }
+    for draw in &wished.draws {
+        let Some(pool) = draw.lease_pool() else {
+            continue;
+        };
+        match wants.iter_mut().find(|(p, _)| *p == pool) {
+            Some((_, need)) => *need += draw.lease_amount(),
+            None => wants.push((pool, draw.lease_amount())),
+        }
+    }
+    wants.retain(|(pool, need)| {
+        let room = leases.room(*pool, now);
+        *need = need.saturating_sub(room);
+        *need > 0
+    });
+    wants
+}
+
+/// Which limit a strict account's pools are walked with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caps {
+    /// Within the leased slices: what may be drawn now.
+    Leased,
+    /// Within what could be leased: the slices only for pools the store said are drained.
+    Wanting,
+}
+
+impl AccountState {
+    /// `room` of `pool` as strict mode lets this replica draw it.
+    fn capped(&self, pool: LeasePool, room: u64, caps: Caps, now: Millis) -> u64 {
+        match (&self.leases, caps) {
+            (None, _) => room,
+            (Some(l), Caps::Wanting) if !l.drained(pool, now) => room,
+            (Some(l), _) => room.min(l.room(pool, now)),
+        }
+    }
+}
+
+fn walk(
+    plan: &Plan,
+    state: &AccountState,
+    feature: FeatureId,
+    units: Units,
+    now: Millis,
+    caps: Caps,
+) -> Decision {
     let mut decision = Decision {
         feature,
         units,
@@ -862,7 +961,7 @@ pub fn decide(
         match &layer.kind {
             LayerKind::UsageLimit { windows } => {
                 let log = state.usage_log(index);
-                let available = windows
+                let room = windows
                     .iter()
                     .map(|w| {
                         w.limit
@@ -870,6 +969,7 @@ pub fn decide(
                     })
                     .min()
                     .unwrap_or(0);
+                let available = state.capped(LeasePool::Layer(idx), room, caps, now);
                 let give = available.min(left);
                 report.available_units = available;
                 report.gave_units = give;
@@ -895,7 +995,8 @@ pub fn decide(
                 period,
             } => {
                 let (start, end) = period.bounds(now);
-                let available = allowance.saturating_sub(state.free_tier_used(index, *period, now));
+                let room = allowance.saturating_sub(state.free_tier_used(index, *period, now));
+                let available = state.capped(LeasePool::Layer(idx), room, caps, now);
                 let give = available.min(left);
                 report.available_units = available;
                 report.gave_units = give;
@@ -932,7 +1033,12 @@ pub fn decide(
                 let Some(grant_kind) = kind.grant_kind() else {
                     continue;
                 };
-                let held = state.credits_available(grant_kind, feature, now);
+                let held: Credits = state
+                    .grants
+                    .iter()
+                    .filter(|g| g.usable(grant_kind, feature, now))
+                    .map(|g| state.capped(LeasePool::Grant(g.id), g.balance, caps, now))
+                    .sum();
                 // A free feature (price 0) is covered whole.
                 let coverable = held.checked_div(price).unwrap_or(left);
                 let give = coverable.min(left);
@@ -965,7 +1071,9 @@ pub fn decide(
                     if owed == 0 {
                         break;
                     }
-                    let take = grant.balance.min(owed);
+                    let take = state
+                        .capped(LeasePool::Grant(grant.id), grant.balance, caps, now)
+                        .min(owed);
                     if take == 0 {
                         continue;
                     }
@@ -1183,6 +1291,12 @@ fn apply_draw(
     dir: Direction,
     hint: &mut usize,
 ) {
+    if let (Some(leases), Some(pool)) = (&mut state.leases, draw.lease_pool()) {
+        match dir {
+            Direction::Take => leases.take(pool, draw.lease_amount(), now),
+            Direction::Give => leases.give(pool, draw.lease_amount()),
+        }
+    }
     match (&draw.pool, state.layers.get_mut(draw.layer as usize)) {
         (Pool::Window { minute }, Some(LayerState::UsageLimit { used, unsettled })) => match dir {
             Direction::Take => {

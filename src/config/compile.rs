@@ -19,7 +19,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
     let plans = plans(&raw.plans, &features, cx)?;
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
-    Ok(Settings {
+    let mut settings = Settings {
         server: raw.server,
         store: raw.store,
         identity: raw.identity,
@@ -30,7 +30,9 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         routes,
         plans,
         accounts,
-    })
+    };
+    settings.lease_only_when_shared();
+    Ok(settings)
 }
 
 fn check_log_and_store(raw: &RawConfig, cx: &Ctx<'_>) -> Result<(), ConfigError> {
@@ -376,6 +378,7 @@ fn plans(
                 layers,
                 prices,
                 price_version: p.price_version.as_str().into(),
+                strict: p.strict,
             }),
         );
     }

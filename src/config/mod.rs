@@ -398,6 +398,9 @@ pub enum CostRule {
 #[serde(deny_unknown_fields)]
 struct RawPlan {
     price_version: String,
+    /// Strict mode: replicas lease slices of the account's pools and never overspend.
+    #[serde(default)]
+    strict: bool,
     #[serde(default)]
     prices: BTreeMap<String, Spanned<u64>>,
     #[serde(default)]
@@ -614,11 +617,26 @@ impl Settings {
         let mut settings = Settings::parse(&text)?;
         if let Ok(url) = std::env::var(STORE_URL_ENV) {
             settings.store.url = url;
+            settings.lease_only_when_shared();
         }
         if let Ok(tokens) = std::env::var(ADMIN_TOKENS_ENV) {
             settings.admin.add_tokens(&tokens);
         }
         Ok(settings)
+    }
+
+    /// Strict plans lease their pools only from a store replicas share: one SQLite process
+    /// decides every request itself, so its view is exact already and there is nothing to
+    /// lease.
+    pub(crate) fn lease_only_when_shared(&mut self) {
+        if self.store.url.starts_with("postgres") {
+            return;
+        }
+        for plan in self.plans.values_mut() {
+            if plan.strict {
+                Arc::make_mut(plan).strict = false;
+            }
+        }
     }
 
     /// Parses and validates config text (no environment overrides).

@@ -175,6 +175,7 @@ mod tests {
             ],
             prices: vec![Some(1)],
             price_version: "v1".into(),
+            strict: false,
         };
         LedgerEntry {
             decision_id: uuid::Uuid::now_v7(),

@@ -69,6 +69,7 @@ fn plan() -> Plan {
         ],
         prices: vec![Some(5), Some(2)],
         price_version: "v1".into(),
+        strict: false,
     }
 }
 
@@ -808,6 +809,7 @@ fn model() -> impl Strategy<Value = Model> {
                 layers,
                 prices: vec![Some(price), Some(price + 1)],
                 price_version: "v".into(),
+                strict: false,
             },
             grants,
         }
@@ -1105,4 +1107,218 @@ fn a_concurrency_layer_gates_its_features_until_a_request_finishes() {
         finish_request(&plan, &mut s, VIDEO);
     }
     assert_eq!(s.in_flight(0), 0);
+}
+
+// === strict mode: leased slices ===
+
+/// A strict plan: a day window of 10 tasks, then credits (a task costs 5).
+fn strict_plan() -> Plan {
+    Plan {
+        name: "strict".into(),
+        layers: vec![
+            layer(
+                "limits",
+                LayerKind::UsageLimit {
+                    windows: vec![window("day", 24 * 60, 10)],
+                },
+            ),
+            layer("credits", LayerKind::Credits),
+        ],
+        prices: vec![Some(5), Some(5)],
+        price_version: "v1".into(),
+        strict: true,
+    }
+}
+
+fn lease(state: &mut AccountState, pool: LeasePool, amount: u64, drained: bool, now: Millis) {
+    let leases = state.leases.as_mut().expect("a strict state has leases");
+    leases.valid_until = now + HOUR;
+    leases.granted(pool, amount, drained.then_some(now + MIN));
+}
+
+#[test]
+fn a_strict_account_draws_nothing_it_has_not_leased_and_asks_for_the_window_first() {
+    let plan = strict_plan();
+    let mut s = AccountState::new(&plan, vec![grant(7, GrantKind::Credits, 100)], t0());
+    let d = decide(&plan, &s, TASK, 3, t0());
+    assert!(!d.admitted(), "no slice yet: {d:?}");
+    // The window is asked for first, although the credits could pay: the waterfall's order.
+    let wants = lease_wants(&plan, &s, TASK, 3, t0());
+    assert_eq!(wants.as_slice(), &[(LeasePool::Layer(0), 3)]);
+    lease(&mut s, LeasePool::Layer(0), 2, true, t0());
+    // Two of the window leased and the store has no more: the third unit wants credits.
+    let wants = lease_wants(&plan, &s, TASK, 3, t0());
+    assert_eq!(wants.as_slice(), &[(LeasePool::Grant(7), 5)]);
+    lease(&mut s, LeasePool::Grant(7), 5, false, t0());
+    assert!(lease_wants(&plan, &s, TASK, 3, t0()).is_empty());
+    let d = admit(&plan, &mut s, TASK, 3, t0());
+    assert_eq!(pools(&d), vec![(0, 2, 0), (1, 1, 5)]);
+    let slices = s.leases.as_ref().expect("leases").slices().to_vec();
+    assert!(slices.iter().all(|x| x.remaining == 0), "{slices:?}");
+    assert_eq!(
+        slices.iter().map(|x| x.outstanding).collect::<Vec<_>>(),
+        vec![2, 5]
+    );
+}
+
+#[test]
+fn a_slice_past_its_validity_draws_nothing_until_renewed() {
+    let plan = strict_plan();
+    let mut s = AccountState::new(&plan, Vec::new(), t0());
+    lease(&mut s, LeasePool::Layer(0), 5, false, t0());
+    assert!(decide(&plan, &s, TASK, 5, t0() + HOUR - 1).admitted());
+    let late = t0() + HOUR;
+    assert!(!decide(&plan, &s, TASK, 1, late).admitted());
+    assert_eq!(
+        lease_wants(&plan, &s, TASK, 1, late).as_slice(),
+        &[(LeasePool::Layer(0), 1)]
+    );
+}
+
+#[test]
+fn a_plan_that_is_not_strict_never_wants_a_lease() {
+    let p = plan();
+    let s = AccountState::new(&p, vec![grant(1, GrantKind::Credits, 50)], t0());
+    assert!(s.leases.is_none());
+    assert!(lease_wants(&p, &s, TASK, 8, t0()).is_empty());
+    assert!(decide(&p, &s, TASK, 8, t0()).admitted());
+}
+
+#[test]
+fn released_and_committed_draws_keep_the_store_lease_equal_to_remaining_plus_outstanding() {
+    let plan = strict_plan();
+    let mut s = AccountState::new(&plan, vec![grant(7, GrantKind::Credits, 100)], t0());
+    lease(&mut s, LeasePool::Layer(0), 4, false, t0());
+    let a = admit(&plan, &mut s, TASK, 3, t0());
+    let b = admit(&plan, &mut s, TASK, 1, t0());
+    release(&plan, &mut s, &b.draws, t0());
+    s.settled(&a.draws); // the store took 3 off the lease: it holds 1
+    let slice = s.leases.as_ref().expect("leases").slices()[0];
+    assert_eq!((slice.remaining, slice.outstanding), (1, 0));
+    // Idle: everything not outstanding goes back.
+    let kept = s.leases.as_mut().expect("leases").give_back_idle(t0() + 1);
+    assert_eq!(kept.as_slice(), &[(LeasePool::Layer(0), 0)]);
+    assert!(!decide(&plan, &s, TASK, 1, t0()).admitted());
+}
+
+/// A store of leases for one window and one grant, as `store::lease` keeps it.
+#[derive(Debug, Default)]
+struct LeaseStore {
+    committed_units: Units,
+    debited: Credits,
+    /// Per replica: (window lease, grant lease).
+    leases: [(u64, u64); 2],
+}
+
+impl LeaseStore {
+    fn room(&self, pool: LeasePool, limit: Units, balance: Credits) -> u64 {
+        let (held, cap, used) = match pool {
+            LeasePool::Layer(_) => (
+                self.leases.iter().map(|l| l.0).sum::<u64>(),
+                limit,
+                self.committed_units,
+            ),
+            LeasePool::Grant(_) => (
+                self.leases.iter().map(|l| l.1).sum::<u64>(),
+                balance,
+                self.debited,
+            ),
+        };
+        cap.saturating_sub(used).saturating_sub(held)
+    }
+
+    fn lease_mut(&mut self, r: usize, pool: LeasePool) -> &mut u64 {
+        match pool {
+            LeasePool::Layer(_) => &mut self.leases[r].0,
+            LeasePool::Grant(_) => &mut self.leases[r].1,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Two replicas of a strict account lease from one store, decide, release and commit in
+    /// any order: together they never draw more than the window's limit or the grant's
+    /// balance, and each replica's slices always add up to the store's lease.
+    #[test]
+    fn strict_replicas_never_overspend(
+        limit in 0u64..20,
+        balance in 0u64..60,
+        steps in prop::collection::vec((0usize..2, 0u8..4, 1u64..6), 1..80),
+    ) {
+        let mut plan = strict_plan();
+        plan.layers[0].kind = LayerKind::UsageLimit { windows: vec![window("day", 24 * 60, limit)] };
+        let plan = &plan;
+        let now = t0();
+        let g = grant(7, GrantKind::Credits, balance);
+        let mut replicas = [AccountState::new(plan, vec![g.clone()], now), AccountState::new(plan, vec![g], now)];
+        let mut held: [Vec<Decision>; 2] = [Vec::new(), Vec::new()];
+        let mut store = LeaseStore::default();
+        for (r, op, units) in steps {
+            match op {
+                // A request: lease what it wants (the store gives what is free, at least a
+                // quarter of it), then decide within the slices.
+                0 | 1 => {
+                    for _round in 0..3 {
+                        let wants = lease_wants(plan, &replicas[r], TASK, units, now);
+                        if wants.is_empty() { break; }
+                        for (pool, want) in wants {
+                            let free = store.room(pool, limit, balance);
+                            let give = free.min(want.max(free / 4));
+                            *store.lease_mut(r, pool) += give;
+                            lease(&mut replicas[r], pool, give, give < want, now);
+                        }
+                    }
+                    let d = decide(plan, &replicas[r], TASK, units, now);
+                    if d.admitted() {
+                        reserve(plan, &mut replicas[r], &d, now);
+                        held[r].push(d);
+                    }
+                }
+                // The oldest hold commits: the store converts its lease into usage.
+                2 => if !held[r].is_empty() {
+                    let d = held[r].remove(0);
+                    for draw in &d.draws {
+                        if let Some(pool) = draw.lease_pool() {
+                            let lease = store.lease_mut(r, pool);
+                            prop_assert!(*lease >= draw.lease_amount(), "committed past the lease");
+                            *lease -= draw.lease_amount();
+                            match pool {
+                                LeasePool::Layer(_) => store.committed_units += draw.units,
+                                LeasePool::Grant(_) => store.debited += draw.credits,
+                            }
+                        }
+                    }
+                    replicas[r].settled(&d.draws);
+                    for state in &mut replicas {
+                        state.sync_grant(7, balance - store.debited);
+                    }
+                    for draw in d.draws.iter().filter(|x| matches!(x.pool, Pool::Window { .. })) {
+                        replicas[1 - r].observe(plan, draw, now);
+                    }
+                },
+                // The newest hold is released.
+                _ => if let Some(d) = held[r].pop() {
+                    release(plan, &mut replicas[r], &d.draws, now);
+                },
+            }
+            prop_assert!(store.committed_units + store.leases.iter().map(|l| l.0).sum::<u64>() <= limit);
+            prop_assert!(store.debited + store.leases.iter().map(|l| l.1).sum::<u64>() <= balance);
+            for (i, state) in replicas.iter().enumerate() {
+                for s in state.leases.as_ref().expect("leases").slices() {
+                    let stored = match s.pool {
+                        LeasePool::Layer(_) => store.leases[i].0,
+                        LeasePool::Grant(_) => store.leases[i].1,
+                    };
+                    prop_assert_eq!(s.remaining + s.outstanding, stored, "replica {} {:?}", i, s.pool);
+                }
+            }
+        }
+        // Everything held commits: still within the limit and the balance.
+        let drawn_units: Units = held.iter().flatten().flat_map(|d| &d.draws).filter(|x| matches!(x.pool, Pool::Window { .. })).map(|x| x.units).sum();
+        let drawn_credits: Credits = held.iter().flatten().map(|d| d.credits()).sum();
+        prop_assert!(store.committed_units + drawn_units <= limit);
+        prop_assert!(store.debited + drawn_credits <= balance);
+    }
 }
