@@ -260,6 +260,17 @@ impl Accounts {
             for draw in history {
                 state.observe(&plan, draw, now);
             }
+            // Slices of the old layers mean nothing now; the writer gives their leases back.
+            if state.leases.is_some() {
+                state.leases = Some(Default::default());
+            }
+        }
+        // Strict mode follows the plan: a plan that became strict leases at its first request,
+        // one that no longer is gives its leases back (`crate::strict`).
+        match (plan.strict, state.leases.is_some()) {
+            (true, false) => state.leases = Some(Default::default()),
+            (false, true) => state.leases = None,
+            _ => {}
         }
         self.by_id.insert(
             old.id.clone(),

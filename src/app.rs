@@ -14,6 +14,7 @@ use crate::ledger::LedgerQueue;
 use crate::metrics::Metrics;
 use crate::quota;
 use crate::store::Store;
+use crate::strict::Strict;
 
 /// What every request handler shares.
 pub struct App {
@@ -25,6 +26,8 @@ pub struct App {
     pub store: Store,
     /// Where finished requests are queued for the ledger.
     pub ledger: LedgerQueue,
+    /// Strict mode's leases (used by strict plans only).
+    pub strict: Arc<Strict>,
     /// Recent idempotency keys.
     pub idempotency: Idempotency,
     /// Pooled HTTP client to the upstreams.
@@ -51,6 +54,7 @@ impl App {
             accounts: self.accounts.clone(),
             store: self.store.clone(),
             ledger: self.ledger.clone(),
+            strict: self.strict.clone(),
             idempotency: self.idempotency.clone(),
             client: self.client.clone(),
             clock: self.clock.clone(),

@@ -18,7 +18,12 @@ use crate::accounts::Accounts;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::store::{Committed, Store};
+use crate::strict::Strict;
 use crate::usage::{LedgerEntry, Outcome};
+
+/// How long strict mode's usage counters are kept: a free tier's month and more (a strict
+/// plan's windows are at most 31 days long, `config`).
+const COUNTERS_KEPT_MS: i64 = 40 * 24 * 3_600_000;
 
 /// Bounds and pacing of the writer.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +92,9 @@ pub struct LedgerWriter {
     metrics: Arc<Metrics>,
     settings: WriterSettings,
     clock: Clock,
+    /// Strict mode's leases, renewed and returned between commits (`None`: no strict plans to
+    /// serve, as in benchmarks).
+    strict: Option<Arc<Strict>>,
 }
 
 /// Creates the queue and its writer; run the writer with [`LedgerWriter::run`].
@@ -116,11 +124,19 @@ pub fn channel(
             metrics,
             settings,
             clock,
+            strict: None,
         },
     )
 }
 
 impl LedgerWriter {
+    /// Renews and returns strict mode's leases between commits, so that this replica's lease
+    /// statements never wait on its own commits.
+    pub fn with_strict(mut self, strict: Arc<Strict>) -> LedgerWriter {
+        self.strict = Some(strict);
+        self
+    }
+
     /// Commits batches until `stop` resolves (or every [`LedgerQueue`] handle is dropped), then
     /// commits whatever is still queued and returns.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
@@ -131,6 +147,15 @@ impl LedgerWriter {
         // tick is at once (start-up), then every `expiry_interval`.
         let mut expiry = tokio::time::interval(self.settings.expiry_interval);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let strict = self.strict.clone();
+        let mut leases = tokio::time::interval(
+            strict
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(3600), |s| {
+                    s.maintain_interval()
+                }),
+        );
+        leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let received = if stopping {
                 self.rx
@@ -143,6 +168,12 @@ impl LedgerWriter {
                         self.expire().await;
                         continue;
                     }
+                    _ = leases.tick() => {
+                        if let Some(strict) = &strict {
+                            strict.maintain(&self.accounts).await;
+                        }
+                        continue;
+                    }
                     () = &mut stop => {
                         // No new entries from here on; drain what is queued.
                         stopping = true;
@@ -152,7 +183,11 @@ impl LedgerWriter {
                 }
             };
             if received == 0 {
-                return; // closed and drained
+                // Closed and drained: nothing more will draw on this replica's leases.
+                if let Some(strict) = &strict {
+                    strict.release_all().await;
+                }
+                return;
             }
             // Give a small batch a moment to fill: fewer, larger transactions. Not when a
             // response waits on its entry (strict durability): it would wait that moment too,
@@ -182,6 +217,12 @@ impl LedgerWriter {
     /// Writes off expired grants and tells the view. A failure is counted and retried at the
     /// next tick; meanwhile the engine already refuses to draw from an expired grant.
     async fn expire(&self) {
+        // Strict mode's usage counters older than any window or free-tier period can reach.
+        let keep_since = self.clock.now_ms() - COUNTERS_KEPT_MS;
+        if let Err(e) = self.store.prune_counters(keep_since).await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(error = %e, "pruning usage counters failed; retrying at the next tick");
+        }
         match self.store.expire_grants(self.clock.now_ms()).await {
             Ok(expired) => {
                 if !expired.is_empty() {

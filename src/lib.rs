@@ -24,6 +24,8 @@
 //! - [`idempotency`]: one request per `Idempotency-Key` at a time, one charge per key, repeats
 //!   answered from the kept response.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`strict`]: strict mode's lease rounds, renewals and returns (replicas that never
+//!   overspend).
 //! - [`ledger`]: the queue of finished requests and the writer that commits them in batches.
 //! - [`hold`]: an admitted request's reservation, which always ends (settled or released).
 //! - [`quota`]: the `x-ratelimit-*` numbers of a response.
@@ -59,5 +61,6 @@ pub mod reconcile;
 pub mod rescue;
 pub mod settle;
 pub mod store;
+pub mod strict;
 pub mod usage;
 pub mod waterfall;

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     /// Failed store operations (each failed commit attempt counts).
     pub store_errors: IntCounter,
+    /// Strict mode's lease rounds, by result (`granted`, `drained`: less than asked, `failed`).
+    pub lease_rounds: IntCounterVec,
+    /// Time of one lease round (a request of a strict account waits for it).
+    pub lease_round_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -169,6 +173,16 @@ impl Metrics {
                 &registry,
                 IntCounter::new("flowgate_store_errors_total", "Failed store operations.")
                     .unwrap_or_else(|_| unreachable!()),
+            ),
+            lease_rounds: counter_vec(
+                "flowgate_lease_rounds_total",
+                "Strict mode's lease rounds, by result.",
+                &["result"],
+            ),
+            lease_round_seconds: histogram(
+                "flowgate_lease_round_duration_seconds",
+                "Time of one strict-mode lease round.",
+                LATENCY_BUCKETS.to_vec(),
             ),
             registry,
         }

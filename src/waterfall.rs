@@ -31,7 +31,8 @@ pub type Credits = u64;
 /// Milliseconds since the Unix epoch, UTC. The engine never reads a clock: time is passed in.
 pub type Millis = i64;
 
-const MINUTE_MS: Millis = 60_000;
+/// One minute, the windows' precision.
+pub const MINUTE_MS: Millis = 60_000;
 
 /// The most units one request may ask for (its cost rule, its config default, its settled
 /// usage). Keeps `units × price` far from overflow (prices are capped at `config::PRICE_MAX`)
@@ -1144,10 +1145,17 @@ fn deny_reason(
             LayerKind::UsageLimit { windows } => {
                 let log = state.usage_log(report.layer as usize)?;
                 let needed = report.gave_units + short;
+                // Strict mode: room other replicas have leased is not free before they give
+                // it back or it lapses.
+                let leased = state
+                    .leases
+                    .as_ref()
+                    .and_then(|l| l.drained_until(LeasePool::Layer(report.layer), now))
+                    .unwrap_or(now);
                 windows
                     .iter()
                     .map(|w| log.free_at(w, needed, now))
-                    .try_fold(now, |latest, at| at.map(|at| latest.max(at)))
+                    .try_fold(leased, |latest, at| at.map(|at| latest.max(at)))
             }
             _ => None,
         })

@@ -45,6 +45,17 @@ fn check_log_and_store(raw: &RawConfig, cx: &Ctx<'_>) -> Result<(), ConfigError>
     if raw.store.expiry_interval_ms == 0 {
         return cx.err("store.expiry_interval_ms", None, "must be at least 1");
     }
+    // A lease must outlive the margin a replica keeps before its expiry, and a round trip.
+    if !(3_000..=3_600_000).contains(&raw.store.strict_lease_ttl_ms) {
+        return cx.err(
+            "store.strict_lease_ttl_ms",
+            None,
+            "must be between 3000 (3 s) and 3600000 (1 h)",
+        );
+    }
+    if raw.store.strict_lease_idle_ms == 0 {
+        return cx.err("store.strict_lease_idle_ms", None, "must be at least 1");
+    }
     let server = &raw.server;
     for (key, value) in [
         (
@@ -371,19 +382,28 @@ fn plans(
                 "at most 255 layers",
             );
         }
-        plans.insert(
-            plan_name.clone(),
-            Arc::new(Plan {
-                name: plan_name.as_str().into(),
-                layers,
-                prices,
-                price_version: p.price_version.as_str().into(),
-                strict: p.strict,
-            }),
-        );
+        let plan = Plan {
+            name: plan_name.as_str().into(),
+            layers,
+            prices,
+            price_version: p.price_version.as_str().into(),
+            strict: p.strict,
+        };
+        // The store keeps strict mode's usage counters for 40 days (`ledger`).
+        if plan.strict && plan.longest_window_minutes() > STRICT_WINDOW_MINUTES_MAX {
+            return cx.err(
+                format!("plans.{plan_name}.strict"),
+                None,
+                "a strict plan's windows are at most 31 days long",
+            );
+        }
+        plans.insert(plan_name.clone(), Arc::new(plan));
     }
     Ok(plans)
 }
+
+/// The longest window a strict plan may have.
+const STRICT_WINDOW_MINUTES_MAX: u32 = 31 * 24 * 60;
 
 fn accounts(
     raw_accounts: &[RawAccount],

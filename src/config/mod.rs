@@ -240,6 +240,14 @@ pub struct StoreSettings {
     /// saw completed (at the price of the commit's latency on every charged response).
     #[serde(default)]
     pub durability: Durability,
+    /// Strict plans: how long a replica's lease of a slice lives in the store without renewal
+    /// (a replica that dies strands its slices this long). Renewed every third of it.
+    #[serde(default = "defaults::strict_lease_ttl_ms")]
+    pub strict_lease_ttl_ms: u64,
+    /// Strict plans: a slice not drawn from for this long is given back, so that other
+    /// replicas can lease it.
+    #[serde(default = "defaults::strict_lease_idle_ms")]
+    pub strict_lease_idle_ms: u64,
 }
 
 /// When a charged response may complete, relative to its usage event's commit.
@@ -308,6 +316,12 @@ mod defaults {
     }
     pub fn expiry_interval_ms() -> u64 {
         60_000
+    }
+    pub fn strict_lease_ttl_ms() -> u64 {
+        10_000
+    }
+    pub fn strict_lease_idle_ms() -> u64 {
+        2_000
     }
     pub fn log_level() -> String {
         "info".to_owned()

@@ -149,8 +149,24 @@ where
         },
     };
 
-    let now = app.clock.now_ms();
-    let decided = decide(app, route, &account, units, now);
+    // A strict plan's request may first wait for lease rounds (`crate::strict`); after
+    // `ROUNDS_MAX` of them it is decided on the slices it has.
+    let mut rounds = 0;
+    let (decided, now) = loop {
+        let now = app.clock.now_ms();
+        let lease_check = rounds < crate::strict::ROUNDS_MAX;
+        if let Some(decided) = decide(app, route, &account, units, now, lease_check) {
+            break (decided, now);
+        }
+        rounds += 1;
+        app.strict
+            .round(&account, route.feature, units)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, account = %account.id, "strict-mode lease round failed");
+                GatewayError::LeaseUnavailable
+            })?;
+    };
     let entry = new_entry(
         app,
         &account,
@@ -250,10 +266,25 @@ struct Denied {
 
 /// Phase **decide**: the waterfall against the account's view; an admitted decision's draws
 /// are reserved at once, under the same lock, so concurrent requests see each other's holds.
-fn decide(app: &App, route: &Route, account: &Account, units: u64, now: Millis) -> Decided {
+/// `None` when a strict plan's slices would not let the waterfall walk in order
+/// (`lease_check`): a lease round comes first.
+fn decide(
+    app: &App,
+    route: &Route,
+    account: &Account,
+    units: u64,
+    now: Millis,
+    lease_check: bool,
+) -> Option<Decided> {
     let feature = route.feature;
     let started = Stopwatch::start();
     let decided = account.with_state(|plan, state| {
+        if lease_check
+            && plan.strict
+            && !waterfall::lease_wants(plan, state, feature, units, now).is_empty()
+        {
+            return None;
+        }
         let decision = waterfall::decide(plan, state, feature, units, now);
         let denial = match decision.denial {
             None => {
@@ -281,12 +312,12 @@ fn decide(app: &App, route: &Route, account: &Account, units: u64, now: Millis) 
                     .collect(),
             }),
         };
-        Decided {
+        Some(Decided {
             quota: Quota::snapshot(plan, state, feature, now),
             decision,
             denial,
-        }
-    });
+        })
+    })?;
     app.metrics.decision_seconds.observe(started.seconds());
     let feature_name = &app.settings.features[feature.0 as usize];
     let outcome = decided.denial.as_ref().map_or("admitted", |d| d.code);
@@ -304,7 +335,7 @@ fn decide(app: &App, route: &Route, account: &Account, units: u64, now: Millis) 
             }
         }
     }
-    decided
+    Some(decided)
 }
 
 /// A denied request: recorded, and answered with every layer's numbers.

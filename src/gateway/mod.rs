@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::quota;
 use crate::rescue::GatewayError;
 use crate::store::{Change, Store, StoreError};
+use crate::strict::Strict;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,13 @@ impl Gateway {
         store.seed(&settings.accounts, clock.now_ms()).await?;
         let accounts = Accounts::load(&store, &settings, clock.now_ms()).await?;
         let metrics = Arc::new(Metrics::new());
+        let strict = Arc::new(Strict::new(
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            settings.store.strict_lease_ttl_ms,
+            settings.store.strict_lease_idle_ms,
+        ));
         let (queue, writer) = ledger::channel(
             store.clone(),
             accounts.clone(),
@@ -93,7 +101,7 @@ impl Gateway {
             clock.clone(),
         );
         let (writer_stop, writer_stopped) = oneshot::channel();
-        let writer = tokio::spawn(writer.run(async {
+        let writer = tokio::spawn(writer.with_strict(strict.clone()).run(async {
             let _ = writer_stopped.await;
         }));
 
@@ -117,6 +125,7 @@ impl Gateway {
             accounts,
             store,
             ledger: queue,
+            strict,
             client,
             clock,
             metrics,

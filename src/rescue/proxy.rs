@@ -69,6 +69,9 @@ pub enum GatewayError {
     /// Too much usage is waiting to be recorded; new work waits until the ledger catches up.
     #[error("ledger backlog")]
     LedgerBacklog,
+    /// A strict account's slice could not be leased: the store did not answer.
+    #[error("lease unavailable")]
+    LeaseUnavailable,
     /// The upstream did not answer in time.
     #[error("upstream timeout")]
     UpstreamTimeout,
@@ -273,6 +276,16 @@ impl IntoResponse for GatewayError {
                     "overloaded_error",
                     "ledger_backlog",
                     "usage is waiting to be recorded; retry shortly".into(),
+                    json!({}),
+                ),
+                1,
+            ),
+            E::LeaseUnavailable => retry_after(
+                body(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded_error",
+                    "lease_unavailable",
+                    "this account's limits are shared exactly between gateways, and the ledger that shares them did not answer; retry shortly".into(),
                     json!({}),
                 ),
                 1,

@@ -21,6 +21,7 @@ macro_rules! dialect {
 
 mod api;
 mod debit;
+pub mod lease;
 mod postgres;
 mod shared;
 mod sqlite;
@@ -360,6 +361,58 @@ impl Store {
         match self {
             Store::Sqlite(_) => None,
             Store::Postgres(s) => Some(s.watch()),
+        }
+    }
+
+    /// Strict mode: leases more of an account's pools to this replica, in one transaction
+    /// (see [`lease`]). Only a shared store leases: SQLite has one process and no strict plans
+    /// (`Settings::lease_only_when_shared`), and grants nothing.
+    pub async fn lease_round(
+        &self,
+        account: &str,
+        asks: &[lease::LeaseAsk],
+        ttl_ms: u64,
+        now: Millis,
+    ) -> Result<lease::LeaseRound, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(lease::LeaseRound::default()),
+            Store::Postgres(s) => s.lease_round(account, asks, ttl_ms, now).await,
+        }
+    }
+
+    /// Renews every lease of this replica for `ttl_ms`; returns those renewed.
+    pub async fn renew_leases(&self, ttl_ms: u64) -> Result<Vec<lease::HeldLease>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(Vec::new()),
+            Store::Postgres(s) => s.renew_leases(ttl_ms).await,
+        }
+    }
+
+    /// Sets this replica's leases of `account` to `kept`, giving back the rest.
+    pub async fn keep_leases(
+        &self,
+        account: &str,
+        kept: &[(crate::waterfall::LeasePool, u64)],
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.keep_leases(account, kept).await,
+        }
+    }
+
+    /// Gives back every lease of this replica (after its last commit).
+    pub async fn drop_leases(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.drop_leases().await,
+        }
+    }
+
+    /// Forgets the usage counters strict mode reads that are older than `before`.
+    pub async fn prune_counters(&self, before: Millis) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(0),
+            Store::Postgres(s) => s.prune_counters(before).await,
         }
     }
 

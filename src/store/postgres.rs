@@ -56,6 +56,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 mod api;
+mod lease;
 mod notify;
 
 use notify::{announce_ledger, counts_usage};
@@ -228,7 +229,7 @@ impl PostgresStore {
             }
         }
         if !charges.is_empty() {
-            charge(&mut tx, &charges, &mut report, now).await?;
+            charge(&mut tx, &self.replica, &charges, &mut report, now).await?;
         }
         let change = LedgerChange {
             balances: report.balances.clone(),
@@ -249,6 +250,44 @@ impl PostgresStore {
         announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
         Ok(report)
+    }
+
+    /// A strict-mode lease round for `account` (see [`super::lease`]).
+    pub(super) async fn lease_round(
+        &self,
+        account: &str,
+        asks: &[super::lease::LeaseAsk],
+        ttl_ms: u64,
+        now: Millis,
+    ) -> Result<super::lease::LeaseRound, StoreError> {
+        lease::round(&self.pool, &self.replica, account, asks, ttl_ms, now).await
+    }
+
+    /// Renews this replica's leases; returns those renewed.
+    pub(super) async fn renew_leases(
+        &self,
+        ttl_ms: u64,
+    ) -> Result<Vec<super::lease::HeldLease>, StoreError> {
+        lease::renew(&self.pool, &self.replica, ttl_ms).await
+    }
+
+    /// Sets this replica's leases of `account` to `kept`.
+    pub(super) async fn keep_leases(
+        &self,
+        account: &str,
+        kept: &[(crate::waterfall::LeasePool, u64)],
+    ) -> Result<(), StoreError> {
+        lease::keep(&self.pool, &self.replica, account, kept).await
+    }
+
+    /// Gives back every lease of this replica.
+    pub(super) async fn drop_leases(&self) -> Result<(), StoreError> {
+        lease::drop_all(&self.pool, &self.replica).await
+    }
+
+    /// Forgets usage counters older than `before`.
+    pub(super) async fn prune_counters(&self, before: Millis) -> Result<u64, StoreError> {
+        lease::prune_counters(&self.pool, before).await
     }
 
     /// Follows the other replicas' changes (see [`notify`]).
@@ -358,6 +397,7 @@ impl PostgresStore {
         }
         let draws: Vec<crate::waterfall::Draw> = serde_json::from_str(&draws)
             .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
+        lease::refund_usage(&mut tx, &account, &draws).await?;
         let change = LedgerChange {
             balances: balances.clone(),
             used: Vec::new(),
@@ -484,6 +524,7 @@ async fn insert_usage(
 /// recorded (a row with delta 0).
 async fn charge(
     tx: &mut Transaction<'_, Postgres>,
+    replica: &str,
     charges: &[&UsageRow<'_>],
     report: &mut CommitReport,
     now: Millis,
@@ -602,6 +643,8 @@ async fn charge(
         })
     })
     .collect::<Result<_, StoreError>>()?;
+    let entries: Vec<&LedgerEntry> = charges.iter().map(|r| r.entry).collect();
+    lease::commit_usage(tx, replica, &entries).await?;
 
     // The debits, in batch order, each from the balance the previous one left.
     let mut updates = BalanceUpdates::default();

@@ -60,6 +60,13 @@ impl Leases {
         now < self.valid_until && self.slice(pool).is_some_and(|s| now < s.drained_until)
     }
 
+    /// Until when the store said `pool` is drained, if it is at `now`.
+    pub fn drained_until(&self, pool: LeasePool, now: Millis) -> Option<Millis> {
+        self.drained(pool, now)
+            .then(|| self.slice(pool).map(|s| s.drained_until))
+            .flatten()
+    }
+
     /// The slices.
     pub fn slices(&self) -> &[Slice] {
         &self.slices
