@@ -354,7 +354,8 @@ async fn a_replica_learns_what_another_spent() {
     b.shutdown().await;
 }
 
-/// Three replicas: a plan with a daily window of 30 tasks, then credits at 1 a task.
+/// Three replicas: a plan with a daily window of 30 tasks, then credits at 1 a task (`pro`,
+/// and `exact`, the same in strict mode).
 const SHARED: &str = r#"
 [server]
 listen = "__LISTEN__"
@@ -366,6 +367,9 @@ credits_denial = "payment_required"
 url = "__STORE__"
 ledger_flush_interval_ms = 2
 ledger_batch_size_max = 64
+# Strict plans: leases renewed every second, idle slices given back after 200 ms.
+strict_lease_ttl_ms = 3000
+strict_lease_idle_ms = 200
 
 [identity]
 mode = "api_key"
@@ -397,6 +401,19 @@ price_version = "shared-1"
 prices = { task = 1 }
 
 [[plans.payg.layers]]
+kind = "credits"
+
+[plans.exact]
+price_version = "shared-1"
+prices = { task = 1 }
+strict = true
+
+[[plans.exact.layers]]
+kind = "usage_limit"
+name = "limits"
+windows = [{ name = "day", duration = "1day", limit = 30 }]
+
+[[plans.exact.layers]]
 kind = "credits"
 "#;
 
@@ -805,6 +822,126 @@ async fn three_replicas_hammer_one_account() {
         .expect("debits");
         assert!(debited <= 60, "run {run}: {debited} debited of 60");
         assert_eq!(debited + forgiven, credits, "run {run}");
+    }
+    pool.close().await;
+}
+
+/// The hammer of `three_replicas_hammer_one_account` on a strict plan: the replicas lease
+/// slices of the window and the credits, so together they admit at most the entitlement of 90
+/// — no overspend at all, nothing forgiven — and once idle slices are given back, one replica
+/// can use what is left: exactly 90 in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_strict_replicas_never_overspend() {
+    let runs: usize = std::env::var("FLOWGATE_REPLICA_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut accounts = String::new();
+    for run in 0..runs {
+        accounts.push_str(&format!(
+            "\n[[accounts]]\nid = \"exact-{run}\"\nplan = \"exact\"\napi_keys = [\"sk-exact-{run}\"]\n\n\
+             [[accounts.grants]]\nid = \"g\"\nkind = \"credits\"\namount = 60\n"
+        ));
+    }
+    let mut r = Replicas::start(3, &accounts).await;
+    let mut results = Vec::new();
+    for run in 0..runs {
+        let key = format!("sk-exact-{run}");
+        let started = Instant::now();
+        let (admitted, requests): (usize, usize) =
+            futures_util::future::join_all((0..24).map(|c| {
+                let (r, key) = (&r, key.as_str());
+                async move {
+                    let (mut ok, mut refused, mut sent) = (0, 0, 0);
+                    while refused < 5 {
+                        sent += 1;
+                        match r.task(c % 3, key, 1).await {
+                            200 => {
+                                ok += 1;
+                                refused = 0;
+                            }
+                            402 | 429 => refused += 1,
+                            other => panic!(
+                                "unexpected status {other}; the replica's log:\n{}",
+                                r.nodes[c % 3].log()
+                            ),
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    (ok, sent)
+                }
+            }))
+            .await
+            .into_iter()
+            .fold((0, 0), |(a, s), (ok, sent)| (a + ok, s + sent));
+        let hammer = started.elapsed();
+        assert!(admitted <= 90, "run {run}: {admitted} admitted of 90");
+        // What the other replicas leased and did not use comes back once idle: one replica
+        // then spends exactly what is left.
+        let mut swept = 0;
+        let mut refused = 0;
+        while refused < 3 {
+            match r.task(run % 3, &key, 1).await {
+                200 => swept += 1,
+                402 | 429 => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        println!(
+            "strict run {run}: {admitted} admitted by 24 clients in {hammer:?} ({requests} requests), \
+             {swept} more once idle slices came back: {} of 90",
+            admitted + swept
+        );
+        results.push((admitted, admitted + swept));
+    }
+    for node in &mut r.nodes {
+        assert!(node.terminate().await.success(), "{}", node.log());
+    }
+    let pool = sqlx::PgPool::connect(&r.db.url).await.expect("connect");
+    for (run, (_, total)) in results.iter().enumerate() {
+        assert_eq!(*total, 90, "run {run}: {total} admitted in all, of 90");
+        let account = format!("exact-{run}");
+        let (units, credits): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(units), 0)::BIGINT, COALESCE(SUM(credits), 0)::BIGINT
+             FROM monetization_events WHERE account_id = $1",
+        )
+        .bind(&account)
+        .fetch_one(&pool)
+        .await
+        .expect("charges");
+        assert_eq!(
+            (units, credits),
+            (90, 60),
+            "run {run}: units and credits charged"
+        );
+        let (debited, forgiven): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(-SUM(delta) FILTER (WHERE reason = 'debit'), 0)::BIGINT,
+                    COALESCE(SUM(forgiven), 0)::BIGINT
+             FROM balance_updates WHERE account_id = $1",
+        )
+        .bind(&account)
+        .fetch_one(&pool)
+        .await
+        .expect("debits");
+        assert_eq!((debited, forgiven), (60, 0), "run {run}: nothing forgiven");
+        let window: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(units), 0)::BIGINT FROM usage_counters WHERE account_id = $1 AND layer = 0",
+        )
+        .bind(&account)
+        .fetch_one(&pool)
+        .await
+        .expect("counters");
+        assert_eq!(window, 30, "run {run}: the window's committed usage");
+        // A clean stop gave every lease back.
+        let leased: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE account_id = $1")
+            .bind(&account)
+            .fetch_one(&pool)
+            .await
+            .expect("leases");
+        assert_eq!(leased, 0, "run {run}: leases left after shutdown");
     }
     pool.close().await;
 }

@@ -23,7 +23,7 @@ SELECT m.account_id, (d->>'layer')::int,
 FROM monetization_events m, jsonb_array_elements(m.draws::jsonb) AS d
 WHERE m.refunded_at IS NULL
   AND d->>'pool' IN ('window', 'free_tier')
-  AND m.decided_at >= (EXTRACT(EPOCH FROM now()) * 1000)::bigint - 40 * 86400000
+  AND m.decided_at >= (EXTRACT(EPOCH FROM now()) * 1000)::bigint - 40 * 86400000::bigint
 GROUP BY 1, 2, 3
 HAVING SUM((d->>'units')::bigint) > 0;
 
