@@ -108,6 +108,8 @@ impl Bench {
             plan: account.plan.clone(),
             feature: self.settings.features[self.feature.0 as usize].clone(),
             used_units: decision.units,
+            model: None,
+            quantities: None,
             forgiven_units: 0,
             decision,
             outcome: Outcome::Completed,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use flowgate::accounts::{Account, Accounts};
 use flowgate::waterfall::{
-    AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Plan, Window, decide,
-    reserve,
+    AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Plan, PriceTable,
+    Window, decide, reserve,
 };
 
 const ACCOUNTS: usize = 1_000_000;
@@ -59,8 +59,7 @@ fn main() {
                 kind: LayerKind::Credits,
             },
         ],
-        prices: vec![Some(5)],
-        price_version: "v1".into(),
+        prices: vec![PriceTable::flat("v1", vec![Some(5)])],
         strict: false,
     });
     let now = 1_795_428_000_000;

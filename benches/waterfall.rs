@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use flowgate::waterfall::{
-    AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Period, Plan, Window,
-    decide, release, reserve,
+    AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Period, Plan,
+    PriceTable, Window, decide, release, reserve,
 };
 
 /// Counts allocations, to show the decision path makes none.
@@ -69,8 +69,7 @@ fn plan() -> Plan {
             layer("credits", LayerKind::Credits),
             layer("promotions", LayerKind::Promotions),
         ],
-        prices: vec![Some(5)],
-        price_version: "v1".into(),
+        prices: vec![PriceTable::flat("v1", vec![Some(5)])],
         strict: false,
     }
 }

@@ -22,6 +22,17 @@ pub enum CostError {
     /// The value is not a whole number in range.
     #[error("{0} must be a whole number from 0 to {UNITS_MAX}")]
     NotUnits(String),
+    /// The model is not a string.
+    #[error("{0} must be a string naming the model")]
+    NotModel(String),
+    /// The plan has no rates for the model.
+    #[error("model {model:?} is not offered on this plan")]
+    UnpricedModel {
+        /// The field that named it.
+        field: String,
+        /// The model asked for.
+        model: String,
+    },
 }
 
 impl CostError {
@@ -29,7 +40,10 @@ impl CostError {
     pub fn field(&self) -> String {
         match self {
             CostError::MissingHeader(h) => format!("header:{h}"),
-            CostError::MissingField(p) | CostError::NotUnits(p) => p.clone(),
+            CostError::MissingField(p) | CostError::NotUnits(p) | CostError::NotModel(p) => {
+                p.clone()
+            }
+            CostError::UnpricedModel { field, .. } => field.clone(),
             CostError::NotJson(_) => "body".into(),
         }
     }
@@ -39,6 +53,23 @@ impl CostError {
 pub fn needs_body(rule: &CostRule) -> bool {
     matches!(rule, CostRule::Json(_))
 }
+
+/// The model the request names at `pointer` of its JSON body (`None` when absent: the plan's
+/// rates for any model apply).
+pub fn model(pointer: &str, body: &[u8]) -> Result<Option<std::sync::Arc<str>>, CostError> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| CostError::NotJson(e.to_string()))?;
+    match doc.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(m)) if m.len() <= MODEL_BYTES_MAX => {
+            Ok(Some(m.as_str().into()))
+        }
+        Some(_) => Err(CostError::NotModel(pointer.to_owned())),
+    }
+}
+
+/// The longest model name read from a request.
+const MODEL_BYTES_MAX: usize = 256;
 
 /// Reads the cost of a request: from the rule alone, a header, or the JSON `body`.
 /// The request's units by `rule`, or `default` when the request does not state them (the

@@ -13,7 +13,7 @@ use crate::accounts::Account;
 use crate::clock::Clock;
 use crate::idempotency::{ClaimedKey, RESPONSE_BYTES_MAX, StoredResponse};
 use crate::ledger::LedgerQueue;
-use crate::settle::SettleError;
+use crate::settle::{Measured, SettleError};
 use crate::usage::{LedgerEntry, Outcome};
 use crate::waterfall;
 
@@ -32,7 +32,7 @@ pub struct Hold {
     /// decides (a drop while streaming means the client left; before, a handler failure).
     on_drop: Outcome,
     /// The cost the response reported, for routes that settle from it.
-    settled: Option<Result<waterfall::Units, SettleError>>,
+    settled: Option<Result<Measured, SettleError>>,
     /// The response being kept to answer repeats of the key (only with a claimed key, and
     /// dropped once it outgrows `RESPONSE_BYTES_MAX`).
     capture: Option<StoredResponse>,
@@ -87,8 +87,8 @@ impl Hold {
     }
 
     /// Records the cost the response reported; applied if the hold ends `Completed`.
-    pub fn settle(&mut self, units: Result<waterfall::Units, SettleError>) {
-        self.settled = Some(units);
+    pub fn settle(&mut self, measured: Result<Measured, SettleError>) {
+        self.settled = Some(measured);
     }
 
     /// Starts keeping the response (status, `content_type`, then its body through
@@ -154,7 +154,19 @@ impl Hold {
         entry.completed_at = self.clock.now_ms();
         if entry.charged() {
             match self.settled.take() {
-                Some(Ok(used)) => self.adjust(&mut entry, used),
+                Some(Ok(Measured::Units(used))) => self.adjust(&mut entry, used),
+                Some(Ok(Measured::Quantities(quantities))) => match priced(&entry, &quantities) {
+                    Some(used) => {
+                        entry.quantities = Some(quantities);
+                        self.adjust(&mut entry, used);
+                    }
+                    None => {
+                        // The model has no rates in the decision's price version (or the
+                        // price exceeds the units a request may cost): the estimate stands.
+                        tracing::warn!(decision_id = %entry.decision_id, ?quantities, "reported usage not priced; charging the estimate");
+                        entry.code = Some("settle_unpriced");
+                    }
+                },
                 Some(Err(e)) => {
                     // The response did not say: the estimate stands, and the record says why.
                     tracing::warn!(decision_id = %entry.decision_id, error = %e, "cost not settled; charging the estimate");
@@ -185,6 +197,20 @@ impl Hold {
         self.queue.push(entry);
         None
     }
+}
+
+/// The units `quantities` cost at the rates of the entry's decision (its price version, its
+/// model).
+fn priced(entry: &LedgerEntry, quantities: &waterfall::Quantities) -> Option<waterfall::Units> {
+    entry
+        .plan
+        .prices
+        .get(entry.decision.price_table as usize)?
+        .rates(entry.decision.feature)?
+        .units(
+            entry.model.as_deref(),
+            quantities.iter().map(|(d, n)| (&**d, *n)),
+        )
 }
 
 impl Hold {
@@ -235,8 +261,8 @@ mod tests {
     use super::*;
     use crate::ledger::{self, WriterSettings};
     use crate::waterfall::{
-        AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Plan, decide,
-        reserve,
+        AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Plan, PriceTable,
+        decide, reserve,
     };
     use std::time::Duration;
 
@@ -248,8 +274,7 @@ mod tests {
                 features: FeatureSet::ALL,
                 kind: LayerKind::Credits,
             }],
-            prices: vec![Some(5)],
-            price_version: "v1".into(),
+            prices: vec![PriceTable::flat("v1", vec![Some(5)])],
             strict: false,
         })
     }
@@ -298,6 +323,8 @@ mod tests {
             plan: plan.clone(),
             feature: "f".into(),
             used_units: 4,
+            model: None,
+            quantities: None,
             forgiven_units: 0,
             decision,
             outcome: Outcome::Internal,

@@ -1,4 +1,5 @@
-//! The `flowgate` command: `serve`, `migrate`, `reconcile`, `backup`, `restore`, `demo`.
+//! The `flowgate` command: `serve`, `migrate`, `reconcile`, `backup`, `restore`, `demo`,
+//! `mock-openai`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,6 +69,13 @@ enum Command {
     },
     /// Watch the waterfall work: a mock backend, a gateway on a temporary SQLite file, one user.
     Demo,
+    /// Serve a small OpenAI-compatible API (chat completions, embeddings) with predictable
+    /// token counts, for trying `config/examples/openai.toml`.
+    MockOpenai {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[tokio::main]
@@ -113,6 +121,14 @@ async fn main() -> ExitCode {
             });
             flowgate::demo::run().await
         }
+        Command::MockOpenai { listen } => match flowgate::demo::openai::MockOpenAi::start(listen).await {
+            Ok(mock) => {
+                eprintln!("mock OpenAI-compatible API on {}", mock.url());
+                mock.wait().await;
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot listen on {listen}: {e}").into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

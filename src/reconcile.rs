@@ -14,13 +14,12 @@
 //!   and only a charge marked refunded has one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::store::LedgerSnapshot;
-use crate::waterfall::{Draw, Plan, Pool};
+use crate::store::{LedgerSnapshot, MonetizationRow};
+use crate::waterfall::{Draw, Pool, PricesDoc};
 
 /// One difference between what the ledger stores and what it should.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,11 +126,31 @@ pub fn check(snapshot: &LedgerSnapshot, settings: &Settings) -> Report {
     // Charges: one monetization event per charged usage event, and each one adding up.
     let usage: HashMap<i64, _> = snapshot.charged_usage.iter().map(|u| (u.id, u)).collect();
     let mut monetized: HashMap<i64, usize> = HashMap::new();
-    let plans: HashMap<(&str, &str), &Arc<Plan>> = settings
-        .plans
-        .iter()
-        .map(|(name, p)| ((name.as_str(), &*p.price_version), p))
-        .collect();
+    // Each charge is priced by the version it names: as the ledger stored it, or, for a
+    // ledger from before price versions were stored, as the config has it.
+    let mut prices: HashMap<(String, String), PricesDoc> = HashMap::new();
+    for (name, plan) in &settings.plans {
+        for table in &plan.prices {
+            prices.insert(
+                (name.clone(), table.version.to_string()),
+                table.document(&settings.features),
+            );
+        }
+    }
+    for t in &snapshot.price_tables {
+        match serde_json::from_str::<PricesDoc>(&t.prices) {
+            Ok(doc) => {
+                prices.insert((t.plan.clone(), t.version.clone()), doc);
+            }
+            Err(e) => out.push(Difference {
+                check: "price_table_unreadable",
+                account: String::new(),
+                record: format!("price_table {}/{}", t.plan, t.version),
+                expected: "a JSON price table".into(),
+                stored: e.to_string(),
+            }),
+        }
+    }
     for m in &snapshot.monetization {
         *monetized.entry(m.usage_event_id).or_default() += 1;
         let record = format!("monetization_event {}", m.id);
@@ -241,12 +260,9 @@ pub fn check(snapshot: &LedgerSnapshot, settings: &Settings) -> Report {
                 m.postpaid_credits,
             );
         }
-        match plans.get(&(m.plan.as_str(), m.price_version.as_str())) {
-            Some(plan) => {
-                let price = settings
-                    .feature_id(&m.feature)
-                    .and_then(|f| plan.price(f))
-                    .map_or(-1, |p| p as i64);
+        match prices.get(&(m.plan.clone(), m.price_version.clone())) {
+            Some(doc) => {
+                let price = doc.credits.get(&m.feature).map_or(-1, |p| *p as i64);
                 if price != m.credits_per_unit {
                     diff(
                         &mut out,
@@ -256,6 +272,9 @@ pub fn check(snapshot: &LedgerSnapshot, settings: &Settings) -> Report {
                         price,
                         m.credits_per_unit,
                     );
+                }
+                if let Some(dimensions) = &m.dimensions {
+                    check_dimensions(&mut out, m, dimensions, doc, &record);
                 }
             }
             None => unknown_price_versions += 1,
@@ -309,4 +328,35 @@ pub fn check(snapshot: &LedgerSnapshot, settings: &Settings) -> Report {
     report.unknown_price_versions = unknown_price_versions;
     report.differences = out;
     report
+}
+
+/// A dimension-priced charge: the units it used are its dimensions at the rates of its
+/// version, for its model.
+fn check_dimensions(
+    out: &mut Vec<Difference>,
+    m: &MonetizationRow,
+    dimensions: &str,
+    doc: &PricesDoc,
+    record: &str,
+) {
+    let used = m.units + m.forgiven_units;
+    let measured: Result<std::collections::BTreeMap<String, u64>, _> =
+        serde_json::from_str(dimensions);
+    let expected = match (measured, doc.rates.get(&m.feature)) {
+        (Ok(q), Some(rates)) => rates
+            .rates()
+            .units(m.model.as_deref(), q.iter().map(|(d, n)| (d.as_str(), *n)))
+            .map_or_else(|| "a priced model".to_owned(), |u| u.to_string()),
+        (Ok(_), None) => "rates for the feature in its price version".to_owned(),
+        (Err(e), _) => format!("a JSON object of quantities ({e})"),
+    };
+    if expected != used.to_string() {
+        out.push(Difference {
+            check: "dimension_price",
+            account: m.account_id.clone(),
+            record: record.to_owned(),
+            expected,
+            stored: used.to_string(),
+        });
+    }
 }

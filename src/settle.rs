@@ -9,9 +9,11 @@
 use bytes::BytesMut;
 use http::HeaderMap;
 
-use crate::config::SettleRule;
+use std::sync::Arc;
+
+use crate::config::{DimensionPointer, SettleRule};
 use crate::cost::UNITS_MAX;
-use crate::waterfall::Units;
+use crate::waterfall::{Quantities, Units};
 
 /// Largest JSON response body copied aside to read its cost.
 pub const BODY_BYTES_MAX: usize = 1 << 20;
@@ -32,46 +34,111 @@ pub enum SettleError {
     TooLarge,
 }
 
+/// What a response reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Measured {
+    /// The feature's units.
+    Units(Units),
+    /// Each dimension's quantity (the plan's rates turn them into units).
+    Quantities(Quantities),
+}
+
 /// Watches one response for its cost.
 #[derive(Debug)]
 pub struct SettleReader {
     state: State,
 }
 
+/// What a reader looks for in a JSON document.
+#[derive(Debug)]
+enum Target {
+    /// The integer at a pointer.
+    One(String),
+    /// Each dimension's integer.
+    Dimensions(Vec<(Arc<str>, DimensionPointer)>),
+}
+
 #[derive(Debug)]
 enum State {
     /// Known from the headers.
-    Done(Result<Units, SettleError>),
+    Done(Result<Measured, SettleError>),
     /// A JSON body, copied aside.
     Json {
-        pointer: String,
+        target: Target,
         body: BytesMut,
         too_large: bool,
     },
     /// An event stream: the current partial line, and the last value found.
     Sse {
-        pointer: String,
+        target: Target,
         line: BytesMut,
         skipping: bool,
-        last: Option<Result<Units, SettleError>>,
+        last: Option<Result<Measured, SettleError>>,
     },
 }
 
 impl State {
-    fn json(pointer: &str) -> State {
+    fn json(target: Target) -> State {
         State::Json {
-            pointer: pointer.to_owned(),
+            target,
             body: BytesMut::new(),
             too_large: false,
         }
     }
 
-    fn sse(pointer: &str) -> State {
+    fn sse(target: Target) -> State {
         State::Sse {
-            pointer: pointer.to_owned(),
+            target,
             line: BytesMut::new(),
             skipping: false,
             last: None,
+        }
+    }
+}
+
+impl Target {
+    /// What `doc` reports, or `None` if it has none of it (an event without usage).
+    fn read(&self, doc: &serde_json::Value) -> Option<Result<Measured, SettleError>> {
+        match self {
+            Target::One(pointer) => {
+                doc.pointer(pointer)?;
+                Some(units_at(doc, pointer).map(Measured::Units))
+            }
+            Target::Dimensions(dims) => {
+                if !dims
+                    .iter()
+                    .any(|(_, at)| at.pointers().any(|p| doc.pointer(p).is_some()))
+                {
+                    return None;
+                }
+                let mut out = Quantities::new();
+                for (name, at) in dims {
+                    // Absent beside the others: none of it (a server that reports no cached
+                    // tokens, say).
+                    let get = |p: &str| match doc.pointer(p) {
+                        None => Ok(0),
+                        Some(_) => units_at(doc, p),
+                    };
+                    let n = match at {
+                        DimensionPointer::At(p) => get(p),
+                        DimensionPointer::Difference { at, minus } => {
+                            get(at).and_then(|a| get(minus).map(|m| a.saturating_sub(m)))
+                        }
+                    };
+                    match n {
+                        Ok(n) => out.push((name.clone(), n)),
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                Some(Ok(Measured::Quantities(out)))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::One(p) => p.clone(),
+            Target::Dimensions(d) => d.iter().map(|(n, _)| &**n).collect::<Vec<_>>().join(", "),
         }
     }
 }
@@ -88,6 +155,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 impl SettleReader {
     /// A reader for `rule`, given the response's headers.
     pub fn new(rule: &SettleRule, headers: &HeaderMap) -> SettleReader {
+        let one = |p: &String| Target::One(p.clone());
         let state = match rule {
             SettleRule::Header(name) => State::Done(match headers.get(name.as_str()) {
                 None => Err(SettleError::Missing(format!("header {name}"))),
@@ -96,12 +164,25 @@ impl SettleReader {
                     .ok()
                     .and_then(|v| v.trim().parse::<Units>().ok())
                     .filter(|u| *u <= UNITS_MAX)
+                    .map(Measured::Units)
                     .ok_or_else(|| SettleError::NotUnits(format!("header {name}"))),
             }),
-            SettleRule::Json(pointer) => State::json(pointer),
-            SettleRule::Sse(pointer) => State::sse(pointer),
-            SettleRule::Body(pointer) if is_event_stream(headers) => State::sse(pointer),
-            SettleRule::Body(pointer) => State::json(pointer),
+            SettleRule::Json(pointer) => State::json(one(pointer)),
+            SettleRule::Sse(pointer) => State::sse(one(pointer)),
+            SettleRule::Body(pointer) if is_event_stream(headers) => State::sse(one(pointer)),
+            SettleRule::Body(pointer) => State::json(one(pointer)),
+            SettleRule::Dimensions(dims) => {
+                let target = Target::Dimensions(
+                    dims.iter()
+                        .map(|(name, at)| (name.as_str().into(), at.clone()))
+                        .collect(),
+                );
+                if is_event_stream(headers) {
+                    State::sse(target)
+                } else {
+                    State::json(target)
+                }
+            }
         };
         SettleReader { state }
     }
@@ -121,7 +202,7 @@ impl SettleReader {
                 }
             }
             State::Sse {
-                pointer,
+                target,
                 line,
                 skipping,
                 last,
@@ -141,7 +222,7 @@ impl SettleReader {
                         }
                     }
                     if end.is_some() {
-                        if !*skipping && let Some(found) = sse_line(line, pointer) {
+                        if !*skipping && let Some(found) = sse_line(line, target) {
                             *last = Some(found);
                         }
                         line.clear();
@@ -153,44 +234,53 @@ impl SettleReader {
         }
     }
 
-    /// The units the response reported, once its body has ended.
-    pub fn finish(self) -> Result<Units, SettleError> {
+    /// What the response reported, once its body has ended.
+    pub fn finish(self) -> Result<Measured, SettleError> {
         match self.state {
             State::Done(result) => result,
             State::Json {
-                pointer,
+                target,
                 body,
                 too_large,
             } => {
                 if too_large {
                     return Err(SettleError::TooLarge);
                 }
-                let doc: serde_json::Value = serde_json::from_slice(&body)
-                    .map_err(|_| SettleError::Missing(format!("JSON body with {pointer}")))?;
-                units_at(&doc, &pointer)
+                let missing =
+                    || SettleError::Missing(format!("JSON body with {}", target.describe()));
+                let doc: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|_| missing())?;
+                target.read(&doc).unwrap_or_else(|| Err(missing()))
             }
             State::Sse {
-                pointer,
-                line,
-                last,
-                ..
+                target, line, last, ..
             } => {
                 // A stream may end without a final newline.
-                sse_line(&line, &pointer)
-                    .or(last)
-                    .unwrap_or_else(|| Err(SettleError::Missing(format!("event with {pointer}"))))
+                sse_line(&line, &target).or(last).unwrap_or_else(|| {
+                    Err(SettleError::Missing(format!(
+                        "event with {}",
+                        target.describe()
+                    )))
+                })
             }
+        }
+    }
+
+    /// The units the response reported, for a rule that measures units (not dimensions).
+    pub fn finish_units(self) -> Result<Units, SettleError> {
+        match self.finish()? {
+            Measured::Units(u) => Ok(u),
+            Measured::Quantities(_) => Err(SettleError::Missing("units".into())),
         }
     }
 }
 
-/// The value at `pointer` of a `data:` line's JSON, if the line has it.
-fn sse_line(line: &[u8], pointer: &str) -> Option<Result<Units, SettleError>> {
+/// What a `data:` line's JSON reports, if the line has it.
+fn sse_line(line: &[u8], target: &Target) -> Option<Result<Measured, SettleError>> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let data = line.strip_prefix(b"data:")?;
     let doc: serde_json::Value = serde_json::from_slice(data.trim_ascii()).ok()?;
-    doc.pointer(pointer)?;
-    Some(units_at(&doc, pointer))
+    target.read(&doc)
 }
 
 fn units_at(doc: &serde_json::Value, pointer: &str) -> Result<Units, SettleError> {
@@ -214,7 +304,7 @@ mod tests {
         for c in chunks {
             r.observe(c);
         }
-        r.finish()
+        r.finish_units()
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::ids::{AccountId, IdempotencyKey};
-use crate::waterfall::{Decision, Millis, Plan};
+use crate::waterfall::{Decision, Millis, Plan, Quantities};
 
 /// How a request ended, as recorded in its usage event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,6 +71,11 @@ pub struct LedgerEntry {
     pub decision: Decision,
     /// Units the request used: the decision's (estimated) units, or what the response reported.
     pub used_units: u64,
+    /// The request's model, for a feature priced per model.
+    pub model: Option<Arc<str>>,
+    /// What the response reported of each dimension, for a dimension-priced feature (the used
+    /// units are their price at the decision's rates).
+    pub quantities: Option<Quantities>,
     /// Used units nobody could pay when the response settled above the estimate: forgiven.
     pub forgiven_units: u64,
     /// How the request ended.
@@ -117,6 +122,22 @@ impl LedgerEntry {
     pub fn decision_json(&self) -> serde_json::Value {
         decision_json(&self.plan, &self.decision)
     }
+
+    /// The price version the decision used.
+    pub fn price_version(&self) -> &str {
+        self.plan.price_version(&self.decision)
+    }
+
+    /// The `dimensions` column: what each dimension measured, as a JSON object.
+    pub fn quantities_json(&self) -> Option<String> {
+        self.quantities.as_ref().map(|q| {
+            let map: serde_json::Map<String, serde_json::Value> = q
+                .iter()
+                .map(|(d, n)| (d.to_string(), serde_json::Value::from(*n)))
+                .collect();
+            serde_json::Value::Object(map).to_string()
+        })
+    }
 }
 
 /// Describes a decision layer by layer, with the names the plan gives them.
@@ -140,7 +161,7 @@ pub fn decision_json(plan: &Plan, decision: &Decision) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "plan": &*plan.name,
-        "price_version": &*plan.price_version,
+        "price_version": plan.price_version(decision),
         "units": decision.units,
         "credits_per_unit": decision.credits_per_unit,
         "admitted": decision.admitted(),

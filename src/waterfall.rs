@@ -21,8 +21,10 @@ use serde::Serialize;
 use smallvec::SmallVec;
 
 mod leases;
+mod pricing;
 
 pub use leases::{LeasePool, Leases, Slice, Wants};
+pub use pricing::{PriceTable, PricesDoc, Quantities, RateRow, Rates, RatesDoc};
 
 /// Units of a feature (tasks, seconds of video). Always whole.
 pub type Units = u64;
@@ -76,10 +78,9 @@ pub struct Plan {
     pub name: Arc<str>,
     /// The layers, in the order they are walked.
     pub layers: Vec<Layer>,
-    /// Credits per unit, by [`FeatureId`]; `None` means the plan is not entitled to the feature.
-    pub prices: Vec<Option<Credits>>,
-    /// Identifies the price table, so that every charge can be explained by the price in force.
-    pub price_version: Arc<str>,
+    /// The plan's price versions, oldest first (never empty): the one in force at an instant
+    /// is the last whose `effective_from` has passed. Every charge names the version it used.
+    pub prices: Vec<PriceTable>,
     /// Strict mode: an account draws windows, free tier and grants only within slices this
     /// replica leased from the store ([`Leases`]), so that replicas together never overspend.
     pub strict: bool,
@@ -109,9 +110,29 @@ impl Plan {
                 .all(|(a, b)| kept(&a.kind) == kept(&b.kind))
     }
 
-    /// Credits per unit of `feature`, or `None` when the plan does not include it.
-    pub fn price(&self, feature: FeatureId) -> Option<Credits> {
-        self.prices.get(feature.0 as usize).copied().flatten()
+    /// The price table in force at `now`, with its index in [`Plan::prices`].
+    pub fn prices_at(&self, now: Millis) -> (u8, &PriceTable) {
+        let i = self
+            .prices
+            .iter()
+            .rposition(|t| t.effective_from <= now)
+            .unwrap_or(0);
+        (
+            i as u8,
+            &self.prices[i.min(self.prices.len().saturating_sub(1))],
+        )
+    }
+
+    /// Credits per unit of `feature` at `now`, or `None` when the plan does not include it.
+    pub fn price(&self, feature: FeatureId, now: Millis) -> Option<Credits> {
+        self.prices_at(now).1.price(feature)
+    }
+
+    /// The price version a decision used.
+    pub fn price_version(&self, decision: &Decision) -> &str {
+        self.prices
+            .get(decision.price_table as usize)
+            .map_or("", |t| &t.version)
     }
 
     /// The longest usage-limit window of the plan, in minutes (0 if none): how much usage
@@ -815,6 +836,8 @@ pub struct Decision {
     pub units: Units,
     /// Price in force (0 when not entitled).
     pub credits_per_unit: Credits,
+    /// Which of the plan's price tables was in force ([`Plan::price_version`]).
+    pub price_table: u8,
     /// `None` when admitted.
     pub denial: Option<Denial>,
     /// How the cost is covered (empty when denied).
@@ -917,11 +940,14 @@ fn walk(
         feature,
         units,
         credits_per_unit: 0,
+        price_table: 0,
         denial: None,
         draws: SmallVec::new(),
         layers: SmallVec::new(),
     };
-    let Some(price) = plan.price(feature) else {
+    let (table, prices) = plan.prices_at(now);
+    decision.price_table = table;
+    let Some(price) = prices.price(feature) else {
         decision.denial = Some(Denial::NotEntitled);
         return decision;
     };

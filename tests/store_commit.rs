@@ -93,6 +93,8 @@ fn entry_of(
         plan: account.plan.clone(),
         feature: settings.features[feature.0 as usize].clone(),
         used_units: units,
+        model: None,
+        quantities: None,
         forgiven_units: 0,
         decision,
         outcome: Outcome::Completed,

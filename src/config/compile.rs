@@ -9,14 +9,16 @@ use chrono::{DateTime, Utc};
 use toml::Spanned;
 
 use super::*;
-use crate::waterfall::{self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Period, Plan};
+use crate::waterfall::{
+    self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Millis, Period, Plan, PriceTable,
+};
 
 /// Checks `raw` section by section into [`Settings`].
 pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigError> {
     check_log_and_store(&raw, cx)?;
     let upstreams = upstreams(&raw.upstreams, cx)?;
     let (features, routes) = routes(&raw.routes, &upstreams, cx)?;
-    let plans = plans(&raw.plans, &features, cx)?;
+    let plans = plans(&raw.plans, &features, &routes, cx)?;
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
     let mut settings = Settings {
@@ -247,8 +249,55 @@ fn routes(
                         "a JSON pointer starts with '/', e.g. \"/usage/units\"",
                     );
                 }
+                SettleRule::Dimensions(d) if d.is_empty() || d.len() > DIMENSIONS_MAX => {
+                    return cx.err(
+                        key("settle.dimensions"),
+                        Some(rule.span()),
+                        format!("from 1 to {DIMENSIONS_MAX} dimensions"),
+                    );
+                }
+                SettleRule::Dimensions(d) => {
+                    for (name, at) in d {
+                        if !valid_name(name) {
+                            return cx.err(
+                                key(&format!("settle.dimensions.{name}")),
+                                Some(rule.span()),
+                                "use letters, digits, '_' and '-' only",
+                            );
+                        }
+                        if at.pointers().any(|p| !p.starts_with('/')) {
+                            return cx.err(
+                                key(&format!("settle.dimensions.{name}")),
+                                Some(rule.span()),
+                                "a JSON pointer starts with '/', e.g. \"/usage/prompt_tokens\"",
+                            );
+                        }
+                    }
+                }
                 _ => {}
             }
+        }
+        if let Some(model) = &r.model
+            && !model.get_ref().starts_with('/')
+        {
+            return cx.err(
+                key("model"),
+                Some(model.span()),
+                "a JSON pointer starts with '/', e.g. \"/model\"",
+            );
+        }
+        let measured: Vec<&String> = match &settle {
+            Some(SettleRule::Dimensions(d)) => d.keys().collect(),
+            _ => Vec::new(),
+        };
+        if let Some(dim) = &r.cost_dimension
+            && !measured.contains(&dim.get_ref())
+        {
+            return cx.err(
+                key("cost_dimension"),
+                Some(dim.span()),
+                "must be one of the dimensions the route settles (settle = { dimensions = … })",
+            );
         }
         routes.push(Route {
             method,
@@ -258,6 +307,11 @@ fn routes(
             cost,
             cost_default: r.cost_default.as_ref().map(|d| *d.get_ref()),
             settle,
+            model: r.model.as_ref().map(|m| m.get_ref().clone()),
+            cost_dimension: r
+                .cost_dimension
+                .as_ref()
+                .map(|d| d.get_ref().as_str().into()),
             idempotency: r.idempotency,
         });
     }
@@ -293,30 +347,224 @@ fn feature_set(
     Ok(set)
 }
 
-fn plans(
+/// A plan that `extends` another takes its layers (when it has none) and the prices it does
+/// not set itself; one level only.
+fn resolve_extends(
     raw_plans: &BTreeMap<String, RawPlan>,
-    features: &[Arc<str>],
     cx: &Ctx<'_>,
-) -> Result<HashMap<String, Arc<Plan>>, ConfigError> {
-    let mut plans = HashMap::new();
-    for (plan_name, p) in raw_plans {
-        let mut prices = vec![None; features.len()];
-        for (feature, price) in &p.prices {
-            let Some(pos) = features.iter().position(|f| **f == **feature) else {
+) -> Result<BTreeMap<String, RawPlan>, ConfigError> {
+    let mut resolved = BTreeMap::new();
+    for (name, p) in raw_plans {
+        let mut plan = p.clone();
+        if let Some(base) = &p.extends {
+            let Some(b) = raw_plans.get(base.get_ref()) else {
                 return cx.err(
-                    format!("plans.{plan_name}.prices.{feature}"),
-                    Some(price.span()),
-                    format!("unknown feature (routes declare: {})", features.join(", ")),
+                    format!("plans.{name}.extends"),
+                    Some(base.span()),
+                    format!("unknown plan {:?}", base.get_ref()),
                 );
             };
-            if *price.get_ref() > PRICE_MAX {
+            if b.extends.is_some() {
                 return cx.err(
-                    format!("plans.{plan_name}.prices.{feature}"),
+                    format!("plans.{name}.extends"),
+                    Some(base.span()),
+                    "extends a plan that extends another: one level only",
+                );
+            }
+            if plan.layers.is_empty() {
+                plan.layers = b.layers.clone();
+            }
+            for (feature, price) in &b.prices {
+                plan.prices
+                    .entry(feature.clone())
+                    .or_insert_with(|| price.clone());
+            }
+        }
+        resolved.insert(name.clone(), plan);
+    }
+    Ok(resolved)
+}
+
+/// The dimensions the routes of each feature measure (empty: the feature is measured in units).
+fn dimensions_by_feature(features: &[Arc<str>], routes: &[Route]) -> Vec<Vec<String>> {
+    let mut dims = vec![Vec::new(); features.len()];
+    for r in routes {
+        if let Some(SettleRule::Dimensions(d)) = &r.settle {
+            let known = &mut dims[r.feature.0 as usize];
+            for name in d.keys() {
+                if !known.contains(name) {
+                    known.push(name.clone());
+                }
+            }
+        }
+    }
+    dims
+}
+
+/// One price version's table: `base` (the version before) with `prices` applied.
+fn price_table(
+    key: &str,
+    (version, effective_from): (&str, Millis),
+    base: Option<&PriceTable>,
+    prices: &BTreeMap<String, Spanned<RawPrice>>,
+    (features, dims): (&[Arc<str>], &[Vec<String>]),
+    cx: &Ctx<'_>,
+) -> Result<PriceTable, ConfigError> {
+    let mut table = match base {
+        Some(b) => b.clone(),
+        None => PriceTable::flat(version, vec![None; features.len()]),
+    };
+    table.version = version.into();
+    table.effective_from = effective_from;
+    for (feature, price) in prices {
+        let fkey = format!("{key}.{feature}");
+        let Some(pos) = features.iter().position(|f| **f == **feature) else {
+            return cx.err(
+                fkey,
+                Some(price.span()),
+                format!("unknown feature (routes declare: {})", features.join(", ")),
+            );
+        };
+        let measured = &dims[pos];
+        match price.get_ref() {
+            RawPrice::Flat(_) if !measured.is_empty() => {
+                return cx.err(
+                    fkey,
+                    Some(price.span()),
+                    format!(
+                        "its routes measure dimensions ({}): price it per model and dimension, \
+                         e.g. {{ per = 1000000, models = {{ \"*\" = {{ {} = 1 }} }} }}",
+                        measured.join(", "),
+                        measured[0]
+                    ),
+                );
+            }
+            RawPrice::Flat(credits) if *credits > PRICE_MAX => {
+                return cx.err(
+                    fkey,
                     Some(price.span()),
                     format!("at most {PRICE_MAX} credits per unit"),
                 );
             }
-            prices[pos] = Some(*price.get_ref());
+            RawPrice::Flat(credits) => {
+                table.credits[pos] = Some(*credits);
+                table.rates[pos] = None;
+            }
+            RawPrice::Rated(_) if measured.is_empty() => {
+                return cx.err(
+                    fkey,
+                    Some(price.span()),
+                    "priced by dimension, but no route of the feature measures dimensions \
+                     (settle = { dimensions = { … } })",
+                );
+            }
+            RawPrice::Rated(r) => {
+                if r.per == 0 || r.per > RATE_PER_MAX {
+                    return cx.err(
+                        format!("{fkey}.per"),
+                        Some(price.span()),
+                        format!("must be from 1 to {RATE_PER_MAX}"),
+                    );
+                }
+                if r.models.is_empty() {
+                    return cx.err(
+                        format!("{fkey}.models"),
+                        Some(price.span()),
+                        "needs at least one model (\"*\": any model)",
+                    );
+                }
+                let mut models = Vec::with_capacity(r.models.len());
+                for (model, row) in &r.models {
+                    let mut rates = waterfall::RateRow::new();
+                    for (dim, rate) in row {
+                        if !measured.contains(dim) {
+                            return cx.err(
+                                format!("{fkey}.models.{model}.{dim}"),
+                                Some(price.span()),
+                                format!(
+                                    "the feature's routes measure no such dimension (they measure: {})",
+                                    measured.join(", ")
+                                ),
+                            );
+                        }
+                        if *rate > PRICE_MAX {
+                            return cx.err(
+                                format!("{fkey}.models.{model}.{dim}"),
+                                Some(price.span()),
+                                format!("at most {PRICE_MAX} credits per {}", r.per),
+                            );
+                        }
+                        rates.push((dim.as_str().into(), *rate));
+                    }
+                    let name = (model != "*").then(|| model.as_str().into());
+                    models.push((name, rates));
+                }
+                table.credits[pos] = Some(1);
+                table.rates[pos] = Some(Arc::new(waterfall::Rates { per: r.per, models }));
+            }
+        }
+    }
+    Ok(table)
+}
+
+fn plans(
+    raw_plans: &BTreeMap<String, RawPlan>,
+    features: &[Arc<str>],
+    routes: &[Route],
+    cx: &Ctx<'_>,
+) -> Result<HashMap<String, Arc<Plan>>, ConfigError> {
+    let mut plans = HashMap::new();
+    let dims = dimensions_by_feature(features, routes);
+    for (plan_name, p) in &resolve_extends(raw_plans, cx)? {
+        let first = price_table(
+            &format!("plans.{plan_name}.prices"),
+            (&p.price_version, Millis::MIN),
+            None,
+            &p.prices,
+            (features, &dims),
+            cx,
+        )?;
+        let mut prices = vec![first];
+        for (i, change) in p.price_changes.iter().enumerate() {
+            let key = format!("plans.{plan_name}.price_changes[{i}]");
+            let Some(at) = parse_instant(change.effective_from.get_ref()) else {
+                return cx.err(
+                    format!("{key}.effective_from"),
+                    Some(change.effective_from.span()),
+                    "not an RFC 3339 instant like \"2027-01-01T00:00:00Z\"",
+                );
+            };
+            let before = prices.last().filter(|t| t.effective_from < at);
+            let Some(before) = before else {
+                return cx.err(
+                    format!("{key}.effective_from"),
+                    Some(change.effective_from.span()),
+                    "price changes must be listed in time order",
+                );
+            };
+            if prices.iter().any(|t| *t.version == *change.price_version) {
+                return cx.err(
+                    format!("{key}.price_version"),
+                    Some(change.effective_from.span()),
+                    "each price version needs a name of its own",
+                );
+            }
+            let table = price_table(
+                &format!("{key}.prices"),
+                (&change.price_version, at),
+                Some(before),
+                &change.prices,
+                (features, &dims),
+                cx,
+            )?;
+            prices.push(table);
+        }
+        if prices.len() > usize::from(u8::MAX) {
+            return cx.err(
+                format!("plans.{plan_name}.price_changes"),
+                None,
+                "at most 254 price changes",
+            );
         }
         let mut layers = Vec::new();
         for (i, l) in p.layers.iter().enumerate() {
@@ -386,7 +634,6 @@ fn plans(
             name: plan_name.as_str().into(),
             layers,
             prices,
-            price_version: p.price_version.as_str().into(),
             strict: p.strict,
         };
         // The store keeps strict mode's usage counters for 40 days (`ledger`).
@@ -401,6 +648,12 @@ fn plans(
     }
     Ok(plans)
 }
+
+/// Most dimensions one route settles.
+const DIMENSIONS_MAX: usize = 8;
+
+/// The largest `per` of a dimension's rates.
+const RATE_PER_MAX: u64 = 1_000_000_000_000;
 
 /// The longest window a strict plan may have.
 const STRICT_WINDOW_MINUTES_MAX: u32 = 31 * 24 * 60;

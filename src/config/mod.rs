@@ -317,6 +317,9 @@ mod defaults {
     pub fn expiry_interval_ms() -> u64 {
         60_000
     }
+    pub fn one() -> u64 {
+        1
+    }
     pub fn strict_lease_ttl_ms() -> u64 {
         10_000
     }
@@ -360,6 +363,11 @@ struct RawRoute {
     cost: Spanned<CostRule>,
     cost_default: Option<Spanned<u64>>,
     settle: Option<Spanned<SettleRule>>,
+    /// A JSON pointer to the request's model, for plans that price the feature per model.
+    model: Option<Spanned<String>>,
+    /// The cost rule's number is a quantity of this dimension (e.g. `output_tokens` for
+    /// `max_tokens`), priced by the plan's rates into the estimate held.
+    cost_dimension: Option<Spanned<String>>,
     #[serde(default)]
     idempotency: IdempotencyMode,
 }
@@ -394,6 +402,37 @@ pub enum SettleRule {
     /// an event stream (`text/event-stream`), the JSON body otherwise. For a route that answers
     /// both, as an OpenAI-style chat completion does with and without `"stream": true`.
     Body(String),
+    /// Several dimensions, each read like `body` (the last event carrying any of them, or the
+    /// JSON body), e.g. `{ input_tokens = "/usage/prompt_tokens", output_tokens =
+    /// "/usage/completion_tokens" }`; the plan's rates for the feature price each one. A
+    /// dimension absent from a usage object that has the others counts 0.
+    Dimensions(BTreeMap<String, DimensionPointer>),
+}
+
+/// Where one dimension's quantity is in a response's usage.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum DimensionPointer {
+    /// The integer at this JSON pointer.
+    At(String),
+    /// The integer at `at` less the one at `minus` (`prompt_tokens` less their cached part).
+    Difference {
+        /// The whole.
+        at: String,
+        /// The part counted by another dimension.
+        minus: String,
+    },
+}
+
+impl DimensionPointer {
+    /// The pointers it reads.
+    pub fn pointers(&self) -> impl Iterator<Item = &str> {
+        let (a, b) = match self {
+            DimensionPointer::At(p) => (p.as_str(), None),
+            DimensionPointer::Difference { at, minus } => (at.as_str(), Some(minus.as_str())),
+        };
+        std::iter::once(a).chain(b)
+    }
 }
 
 /// How a route's cost in units is found.
@@ -408,20 +447,54 @@ pub enum CostRule {
     Json(String),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlan {
     price_version: String,
+    /// Another plan whose layers (when this one has none) and prices (those this one does not
+    /// set) it takes: an enterprise customer's own rates on a standard plan.
+    extends: Option<Spanned<String>>,
     /// Strict mode: replicas lease slices of the account's pools and never overspend.
     #[serde(default)]
     strict: bool,
     #[serde(default)]
-    prices: BTreeMap<String, Spanned<u64>>,
+    prices: BTreeMap<String, Spanned<RawPrice>>,
+    /// Later price versions, each in force from its `effective_from`.
+    #[serde(default)]
+    price_changes: Vec<RawPriceChange>,
     #[serde(default)]
     layers: Vec<RawLayer>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A feature's price: credits per unit, or rates per model and dimension.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawPrice {
+    Flat(u64),
+    Rated(RawRates),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRates {
+    /// Rates are credits per this many of each dimension.
+    #[serde(default = "defaults::one")]
+    per: u64,
+    /// By model (`"*"`: any other model), credits per `per` of each dimension.
+    models: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPriceChange {
+    price_version: String,
+    effective_from: Spanned<String>,
+    /// The prices that change; the others stay as the version before had them.
+    #[serde(default)]
+    prices: BTreeMap<String, Spanned<RawPrice>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLayer {
     kind: Spanned<String>,
@@ -437,7 +510,7 @@ struct RawLayer {
     limit: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWindow {
     name: Spanned<String>,
@@ -522,6 +595,10 @@ pub struct Route {
     pub cost_default: Option<u64>,
     /// Where its true cost is read from the response, if anywhere.
     pub settle: Option<SettleRule>,
+    /// Where the request names its model (a JSON pointer into the body), if anywhere.
+    pub model: Option<String>,
+    /// The dimension whose quantity the cost rule reads, for a dimension-priced feature.
+    pub cost_dimension: Option<Arc<str>>,
     /// What it does with a client's `Idempotency-Key`.
     pub idempotency: IdempotencyMode,
 }

@@ -124,3 +124,81 @@ fn a_cost_default_needs_a_stated_cost_and_stays_in_range() {
     let settings = Settings::parse(&fine).expect("valid");
     assert!(settings.routes.iter().any(|r| r.cost_default == Some(8)));
 }
+
+const OPENAI: &str = include_str!("../../config/examples/openai.toml");
+
+#[test]
+fn the_openai_example_prices_chat_per_model_and_dimension_with_a_price_change() {
+    let s = Settings::parse(OPENAI).expect("the OpenAI example parses");
+    let chat = s.feature_id("chat").expect("chat");
+    let dev = &s.plans["developer"];
+    assert_eq!(dev.prices.len(), 2);
+    let (first, later) = (&dev.prices[0], &dev.prices[1]);
+    assert_eq!(&*first.version, "2026-12-openai-1");
+    assert_eq!(first.price(chat), Some(1), "a rated feature costs a credit per unit");
+    let rates = first.rates(chat).expect("chat is rated");
+    // 1000 fresh input, 200 cached, 100 output tokens of gpt-4o: 2500 + 250 + 1000 credits.
+    let q = [
+        ("input_tokens", 1000),
+        ("cached_input_tokens", 200),
+        ("output_tokens", 100),
+    ];
+    assert_eq!(rates.units(Some("gpt-4o"), q), Some(3750));
+    assert_eq!(rates.units(Some("o9-unknown"), q), None, "no row for any model");
+    // From February on, the second version: cheaper gpt-4o.
+    assert_eq!(&*later.version, "2027-02-openai-2");
+    let feb = parse_instant("2027-02-01T00:00:00Z").expect("instant");
+    assert_eq!(dev.prices_at(feb - 1).0, 0);
+    assert_eq!(dev.prices_at(feb).0, 1);
+    let later_rates = later.rates(chat).expect("rated");
+    assert_eq!(later_rates.units(Some("gpt-4o"), q), Some(3000));
+    // The embedding price carries over to the new version unchanged.
+    let emb = s.feature_id("embedding").expect("embedding");
+    assert_eq!(later.rates(emb), first.rates(emb));
+    // An enterprise plan extends the developer plan with its own chat rates for any model.
+    let acme = &s.plans["acme"];
+    assert_eq!(acme.layers.len(), dev.layers.len());
+    assert_eq!(
+        acme.prices[0].rates(chat).expect("rated").units(Some("anything"), q),
+        Some(1000 + 100 + 400)
+    );
+    assert_eq!(acme.prices[0].rates(emb), first.rates(emb));
+    let route = s.routes.iter().find(|r| r.path == "/v1/chat/completions").expect("route");
+    assert_eq!(route.model.as_deref(), Some("/model"));
+    assert_eq!(route.cost_dimension.as_deref(), Some("output_tokens"));
+}
+
+#[test]
+fn dimension_prices_are_checked_against_what_the_routes_measure() {
+    // A flat price for a feature whose routes measure dimensions.
+    let flat = OPENAI.replacen(
+        "[plans.developer.prices.chat]\nper = 1000000\n",
+        "[plans.developer.prices]\nchat = 5\n[plans.developer.prices.unused]\nper = 1000000\n",
+        1,
+    );
+    let e = error_of(&flat);
+    assert!(e.key.ends_with("developer.prices.chat"), "{e}");
+    assert!(e.message.contains("measure dimensions"), "{e}");
+    // A rate for a dimension no route measures.
+    let e = error_of(&OPENAI.replacen(
+        "\"gpt-4o\" = { input_tokens = 2500000,",
+        "\"gpt-4o\" = { reasoning_tokens = 1, input_tokens = 2500000,",
+        1,
+    ));
+    assert!(e.key.ends_with("models.gpt-4o.reasoning_tokens"), "{e}");
+    assert!(e.message.contains("input_tokens"), "{e}");
+    // A cost dimension the route does not settle.
+    let e = error_of(&OPENAI.replacen(
+        "cost_dimension = \"output_tokens\"",
+        "cost_dimension = \"images\"",
+        1,
+    ));
+    assert!(e.key.ends_with("cost_dimension"), "{e}");
+    // Price changes in time order, with a readable instant.
+    let e = error_of(&OPENAI.replacen("2027-02-01T00:00:00Z", "February", 1));
+    assert!(e.key.ends_with("effective_from"), "{e}");
+    assert!(e.line.is_some(), "{e}");
+    // extends names a plan that exists.
+    let e = error_of(&OPENAI.replacen("extends = \"developer\"", "extends = \"nope\"", 1));
+    assert!(e.key.ends_with("acme.extends"), "{e}");
+}

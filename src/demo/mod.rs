@@ -6,6 +6,7 @@
 //! flushes the ledger) and prints the balances and ledger counts read back from the file.
 
 pub mod backend;
+pub mod openai;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

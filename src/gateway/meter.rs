@@ -117,7 +117,8 @@ where
         Some(v) if route.idempotency == IdempotencyMode::Replay => Some(idempotency_key(v)?),
         _ => None,
     };
-    let (units, fingerprint, mut req) = cost(app, route, req, key.is_some()).await?;
+    let (units, fingerprint, model, mut req) =
+        cost(app, route, &account, req, key.is_some()).await?;
     log.units = units;
     req.extensions_mut().insert(Attribution {
         account: account.id.clone(),
@@ -167,7 +168,7 @@ where
                 GatewayError::LeaseUnavailable
             })?;
     };
-    let entry = new_entry(
+    let mut entry = new_entry(
         app,
         &account,
         route,
@@ -176,6 +177,7 @@ where
         key,
         now,
     );
+    entry.model = model;
     let Some(denial) = decided.denial else {
         log.outcome = LogOutcome::Admitted {
             draws: entry.decision.draws.len(),
@@ -210,18 +212,21 @@ where
     ))
 }
 
-/// Phase **cost**: the request's units by its route's rule, and, for a request with an
-/// idempotency key, its fingerprint. A rule that reads the body, or a key, takes the body
-/// whole (at most `request_body_bytes_max`) and hands it on.
+/// Phase **cost**: the request's units by its route's rule (priced by the plan's rates when
+/// the rule reads a dimension), its model when the route reads one, and, for a request with
+/// an idempotency key, its fingerprint. A rule that reads the body, a model, or a key, takes
+/// the body whole (at most `request_body_bytes_max`) and hands it on.
 async fn cost(
     app: &App,
     route: &Route,
+    account: &Account,
     req: Request<Body>,
     keyed: bool,
-) -> Result<(u64, Fingerprint, Request<Body>), GatewayError> {
-    if !cost::needs_body(&route.cost) && !keyed {
+) -> Result<(u64, Fingerprint, Option<Arc<str>>, Request<Body>), GatewayError> {
+    if !cost::needs_body(&route.cost) && route.model.is_none() && !keyed {
         let units = cost::units_or(&route.cost, route.cost_default, req.headers(), &[])?;
-        return Ok((units, Fingerprint::default(), req));
+        let units = priced_estimate(app, route, account, None, units)?;
+        return Ok((units, Fingerprint::default(), None, req));
     }
     let (parts, body) = req.into_parts();
     let limit = app.settings.server.request_body_bytes_max;
@@ -232,12 +237,51 @@ async fn cost(
         .map_err(|_| GatewayError::BodyTooLarge { limit })?
         .to_bytes();
     let units = cost::units_or(&route.cost, route.cost_default, &parts.headers, &bytes)?;
+    let model = match &route.model {
+        Some(pointer) => cost::model(pointer, &bytes)?,
+        None => None,
+    };
+    let units = priced_estimate(app, route, account, model.as_deref(), units)?;
     let print = if keyed {
         idempotency::fingerprint(&parts.method, &parts.uri, units, &bytes)
     } else {
         Fingerprint::default()
     };
-    Ok((units, print, Request::from_parts(parts, Body::from(bytes))))
+    Ok((
+        units,
+        print,
+        model,
+        Request::from_parts(parts, Body::from(bytes)),
+    ))
+}
+
+/// The estimate in units: `units` as they are, or, on a route whose rule reads a dimension
+/// (`cost_dimension`), that quantity at the plan's rates for `model`. A model the plan's
+/// rates do not price is refused, naming the field.
+fn priced_estimate(
+    app: &App,
+    route: &Route,
+    account: &Account,
+    model: Option<&str>,
+    units: u64,
+) -> Result<u64, GatewayError> {
+    let (_, prices) = account.plan.prices_at(app.clock.now_ms());
+    let Some(rates) = prices.rates(route.feature) else {
+        return Ok(units);
+    };
+    if rates.row(model).is_none() {
+        return Err(cost::CostError::UnpricedModel {
+            field: route.model.clone().unwrap_or_else(|| "model".into()),
+            model: model.unwrap_or_default().to_owned(),
+        }
+        .into());
+    }
+    match &route.cost_dimension {
+        None => Ok(units),
+        Some(dim) => rates
+            .units(model, [(&**dim, units)])
+            .ok_or_else(|| cost::CostError::NotUnits(dim.to_string()).into()),
+    }
 }
 
 fn idempotency_key(value: &HeaderValue) -> Result<IdempotencyKey, GatewayError> {
@@ -458,10 +502,12 @@ impl Replay {
         stored: Option<&StoredResponse>,
     ) -> Result<Response, GatewayError> {
         let now = app.clock.now_ms();
+        let (price_table, prices) = account.plan.prices_at(now);
         let decision = Decision {
             feature: route.feature,
             units: self.units,
-            credits_per_unit: account.plan.price(route.feature).unwrap_or(0),
+            credits_per_unit: prices.price(route.feature).unwrap_or(0),
+            price_table,
             denial: None,
             draws: Default::default(),
             layers: Default::default(),
@@ -516,6 +562,8 @@ fn new_entry(
         plan: account.plan.clone(),
         feature: app.settings.features[route.feature.0 as usize].clone(),
         used_units: decision.units,
+        model: None,
+        quantities: None,
         forgiven_units: 0,
         decision,
         outcome: Outcome::Internal,

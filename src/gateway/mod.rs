@@ -38,7 +38,7 @@ use crate::ledger::{self, WriterSettings};
 use crate::metrics::Metrics;
 use crate::quota;
 use crate::rescue::GatewayError;
-use crate::store::{Change, Store, StoreError};
+use crate::store::{Change, Store, StoreError, StoredPriceTable};
 use crate::strict::Strict;
 
 /// Why the gateway could not start.
@@ -78,6 +78,7 @@ impl Gateway {
         if settings.store.migrate_on_start {
             store.migrate().await?;
         }
+        store.seed_prices(&price_tables(&settings)).await?;
         store.seed(&settings.accounts, clock.now_ms()).await?;
         let accounts = Accounts::load(&store, &settings, clock.now_ms()).await?;
         let metrics = Arc::new(Metrics::new());
@@ -186,6 +187,7 @@ impl Gateway {
         let app = Arc::new(old.reconfigured(settings));
         let router = router(app.clone())?;
         let now = old.clock.now_ms();
+        old.store.seed_prices(&price_tables(&app.settings)).await?;
         old.store.seed(&app.settings.accounts, now).await?;
         old.accounts
             .reconfigure(&old.store, app.settings.clone(), now)
@@ -211,6 +213,25 @@ impl Gateway {
         }
         tracing::info!("flowgate stopped; ledger flushed");
     }
+}
+
+/// Every price version of every plan, as the ledger stores them (sorted, so that replicas
+/// starting together write them in one order).
+fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
+    let mut tables: Vec<StoredPriceTable> = settings
+        .plans
+        .iter()
+        .flat_map(|(name, plan)| {
+            plan.prices.iter().map(move |t| StoredPriceTable {
+                plan: name.clone(),
+                version: t.version.to_string(),
+                effective_from: t.effective_from,
+                prices: serde_json::to_string(&t.document(&settings.features)).unwrap_or_default(),
+            })
+        })
+        .collect();
+    tables.sort_by(|a, b| (&a.plan, &a.version).cmp(&(&b.plan, &b.version)));
+    tables
 }
 
 /// Applies other replicas' changes to the view as the store reports them. An account that

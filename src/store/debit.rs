@@ -156,7 +156,9 @@ mod tests {
 
     use super::*;
     use crate::usage::Outcome;
-    use crate::waterfall::{Decision, Draw, FeatureId, FeatureSet, Layer, LayerKind, Plan};
+    use crate::waterfall::{
+        Decision, Draw, FeatureId, FeatureSet, Layer, LayerKind, Plan, PriceTable,
+    };
 
     fn entry(draws: &[(u8, i64, u64)], decided_at: Millis) -> LedgerEntry {
         let plan = Plan {
@@ -173,8 +175,7 @@ mod tests {
                     kind: LayerKind::Promotions,
                 },
             ],
-            prices: vec![Some(1)],
-            price_version: "v1".into(),
+            prices: vec![PriceTable::flat("v1", vec![Some(1)])],
             strict: false,
         };
         LedgerEntry {
@@ -183,11 +184,14 @@ mod tests {
             plan: Arc::new(plan),
             feature: "task".into(),
             used_units: draws.iter().map(|d| d.2).sum(),
+            model: None,
+            quantities: None,
             forgiven_units: 0,
             decision: Decision {
                 feature: FeatureId(0),
                 units: draws.iter().map(|d| d.2).sum(),
                 credits_per_unit: 1,
+                price_table: 0,
                 denial: None,
                 draws: draws
                     .iter()

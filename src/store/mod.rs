@@ -57,6 +57,16 @@ pub enum StoreError {
     /// A backup or restore cannot be made as asked (the reason says why).
     #[error("backup: {0}")]
     Backup(String),
+    /// A price version is in the ledger with other prices than the config gives it.
+    #[error(
+        "plans.{plan}: price version {version:?} is already in the ledger with other prices or another effective_from; give changed prices a new price_version"
+    )]
+    PriceVersionChanged {
+        /// The plan.
+        plan: String,
+        /// The version.
+        version: String,
+    },
 }
 
 /// What happened to one ledger entry in a commit.
@@ -416,6 +426,12 @@ impl Store {
         }
     }
 
+    /// Stores every plan's price versions (once each). A version stored before with other
+    /// prices or another start is refused: its charges must stay explainable.
+    pub async fn seed_prices(&self, tables: &[StoredPriceTable]) -> Result<(), StoreError> {
+        dialect!(self, s => s.seed_prices(tables).await)
+    }
+
     /// Reads what reconciliation needs (events decided at or after `since`).
     pub async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
         dialect!(self, s => s.snapshot(since).await)
@@ -453,6 +469,21 @@ pub struct LedgerSnapshot {
     pub charged_usage: Vec<ChargedUsageRow>,
     /// Monetization events decided since the snapshot's start.
     pub monetization: Vec<MonetizationRow>,
+    /// Every price version the ledger has stored.
+    pub price_tables: Vec<StoredPriceTable>,
+}
+
+/// One price version of a plan, as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredPriceTable {
+    /// The plan.
+    pub plan: String,
+    /// The version.
+    pub version: String,
+    /// From when it is in force (ms; `i64::MIN`: from the start).
+    pub effective_from: i64,
+    /// Its prices ([`crate::waterfall::PricesDoc`] as JSON).
+    pub prices: String,
 }
 
 /// A grant row.
@@ -539,6 +570,10 @@ pub struct MonetizationRow {
     pub forgiven_units: i64,
     /// When it was refunded, if it was.
     pub refunded_at: Option<i64>,
+    /// The request's model, for a dimension-priced feature.
+    pub model: Option<String>,
+    /// What each dimension measured (JSON object), for a dimension-priced feature.
+    pub dimensions: Option<String>,
 }
 
 /// The reconciliation queries, the same text for both dialects (`$1` is understood by both).
@@ -547,5 +582,6 @@ pub(crate) mod snapshot_sql {
         "SELECT id, account_id, external_id, amount, balance FROM grants ORDER BY id";
     pub const BALANCE_UPDATES: &str = "SELECT id, account_id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id FROM balance_updates ORDER BY id";
     pub const CHARGED_USAGE: &str = "SELECT id, decision_id, account_id, feature, units, outcome FROM usage_events WHERE charge_key IS NOT NULL AND decided_at >= $1 ORDER BY id";
-    pub const MONETIZATION: &str = "SELECT id, usage_event_id, account_id, feature, units, credits, postpaid_credits, credits_per_unit, plan, price_version, draws, estimated_units, forgiven_units, refunded_at FROM monetization_events WHERE decided_at >= $1 ORDER BY id";
+    pub const MONETIZATION: &str = "SELECT id, usage_event_id, account_id, feature, units, credits, postpaid_credits, credits_per_unit, plan, price_version, draws, estimated_units, forgiven_units, refunded_at, model, dimensions FROM monetization_events WHERE decided_at >= $1 ORDER BY id";
+    pub const PRICE_TABLES: &str = "SELECT plan, version, effective_from, prices FROM price_tables ORDER BY plan, effective_from";
 }

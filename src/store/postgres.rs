@@ -437,6 +437,7 @@ impl PostgresStore {
                 .bind(since)
                 .fetch_all(&mut *tx)
                 .await?,
+            price_tables: sqlx::query_as(q::PRICE_TABLES).fetch_all(&mut *tx).await?,
         };
         tx.commit().await?;
         Ok(snapshot)
@@ -543,6 +544,8 @@ async fn charge(
     let mut decided_at = Vec::with_capacity(n);
     let mut estimated_units = Vec::with_capacity(n);
     let mut forgiven_units = Vec::with_capacity(n);
+    let mut model = Vec::with_capacity(n);
+    let mut dimensions = Vec::with_capacity(n);
     for r in charges {
         let e = r.entry;
         let d = &e.decision;
@@ -569,7 +572,7 @@ async fn charge(
             "monetization_events.credits_per_unit",
         )?);
         plan.push(&*e.plan.name);
-        price_version.push(&*e.plan.price_version);
+        price_version.push(e.price_version());
         draws.push(serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into()));
         decided_at.push(e.decided_at);
         estimated_units.push(to_bigint(d.units, "monetization_events.estimated_units")?);
@@ -577,21 +580,23 @@ async fn charge(
             e.forgiven_units,
             "monetization_events.forgiven_units",
         )?);
+        model.push(e.model.as_deref());
+        dimensions.push(e.quantities_json());
     }
     let monetization: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
         "INSERT INTO monetization_events (usage_event_id, account_id, feature, units, credits, postpaid_credits,
              credits_per_unit, plan, price_version, draws, decided_at, created_at,
-             estimated_units, forgiven_units)
+             estimated_units, forgiven_units, model, dimensions)
          SELECT usage_event_id, account_id, feature, units, credits, postpaid_credits,
              credits_per_unit, plan, price_version, draws, decided_at, $12,
-             estimated_units, forgiven_units
+             estimated_units, forgiven_units, model, dimensions
          FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
                      $7::bigint[], $8::text[], $9::text[], $10::text[], $11::bigint[],
-                     $13::bigint[], $14::bigint[])
+                     $13::bigint[], $14::bigint[], $15::text[], $16::text[])
               WITH ORDINALITY
               AS m(usage_event_id, account_id, feature, units, credits, postpaid_credits,
                    credits_per_unit, plan, price_version, draws, decided_at,
-                   estimated_units, forgiven_units, ord)
+                   estimated_units, forgiven_units, model, dimensions, ord)
          ORDER BY ord
          RETURNING usage_event_id, id",
     )
@@ -609,6 +614,8 @@ async fn charge(
     .bind(now)
     .bind(estimated_units)
     .bind(forgiven_units)
+    .bind(model)
+    .bind(dimensions)
     .fetch_all(&mut **tx)
     .await?
     .into_iter()

@@ -45,6 +45,42 @@ macro_rules! api_statements {
                 Ok(created.is_some())
             }
 
+            /// Stores each price version once; one stored before with other prices (or
+            /// another start) is refused, and nothing is written.
+            pub(in crate::store) async fn seed_prices(
+                &self,
+                tables: &[crate::store::StoredPriceTable],
+            ) -> Result<(), StoreError> {
+                let mut tx = self.begin_write().await?;
+                for t in tables {
+                    sqlx::query(
+                        "INSERT INTO price_tables (plan, version, effective_from, prices) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (plan, version) DO NOTHING",
+                    )
+                    .bind(&t.plan)
+                    .bind(&t.version)
+                    .bind(t.effective_from)
+                    .bind(&t.prices)
+                    .execute(&mut *tx)
+                    .await?;
+                    let (from, prices): (i64, String) = sqlx::query_as(
+                        "SELECT effective_from, prices FROM price_tables WHERE plan = $1 AND version = $2",
+                    )
+                    .bind(&t.plan)
+                    .bind(&t.version)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if from != t.effective_from || prices != t.prices {
+                        return Err(StoreError::PriceVersionChanged {
+                            plan: t.plan.clone(),
+                            version: t.version.clone(),
+                        });
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
             /// Creates or updates the configured accounts, their API keys and their grants
             /// (each grant once). Replicas seed the same accounts in the same (config) order:
             /// the second waits on the first's rows, then finds them there.

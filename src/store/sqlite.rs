@@ -212,6 +212,7 @@ impl SqliteStore {
                 .bind(since)
                 .fetch_all(&mut *tx)
                 .await?,
+            price_tables: sqlx::query_as(q::PRICE_TABLES).fetch_all(&mut *tx).await?,
         };
         tx.commit().await?;
         Ok(snapshot)

@@ -67,8 +67,7 @@ fn plan() -> Plan {
             layer("credits", LayerKind::Credits),
             layer("promotions", LayerKind::Promotions),
         ],
-        prices: vec![Some(5), Some(2)],
-        price_version: "v1".into(),
+        prices: vec![PriceTable::flat("v1", vec![Some(5), Some(2)])],
         strict: false,
     }
 }
@@ -102,7 +101,7 @@ fn a_plan_keeps_its_state_layout_only_with_the_same_stateful_layers() {
     let pro = plan();
     // Other limits, prices and grant layers: the same layout.
     let mut cheaper = plan();
-    cheaper.prices = vec![Some(1), Some(1)];
+    cheaper.prices = vec![PriceTable::flat("v1", vec![Some(1), Some(1)])];
     cheaper.layers[0].kind = LayerKind::UsageLimit {
         windows: vec![window("5h", 300, 30)],
     };
@@ -495,7 +494,7 @@ fn layers_after_the_request_is_covered_add_no_empty_draws() {
             layer("credits", LayerKind::Credits),
             layer("promotions", LayerKind::Promotions),
         ],
-        prices: vec![Some(0), Some(0)],
+        prices: vec![PriceTable::flat("v1", vec![Some(0), Some(0)])],
         ..plan()
     };
     let s = AccountState::new(&free, vec![grant(1, GrantKind::Credits, 100)], t0());
@@ -621,6 +620,7 @@ impl From<SmallVec<[Draw; 4]>> for Decision {
             feature: TASK,
             units: 0,
             credits_per_unit: 0,
+            price_table: 0,
             denial: None,
             draws,
             layers: SmallVec::new(),
@@ -807,8 +807,7 @@ fn model() -> impl Strategy<Value = Model> {
             plan: Plan {
                 name: "p".into(),
                 layers,
-                prices: vec![Some(price), Some(price + 1)],
-                price_version: "v".into(),
+                prices: vec![PriceTable::flat("v", vec![Some(price), Some(price + 1)])],
                 strict: false,
             },
             grants,
@@ -846,7 +845,7 @@ fn steps() -> impl Strategy<Value = Vec<(u64, bool, Units, bool)>> {
 /// Checks one admitted decision against the state it was decided on.
 fn check_admitted(plan: &Plan, before: &AccountState, d: &Decision, now: Millis) {
     let feature = d.feature;
-    let price = plan.price(feature).unwrap_or(0);
+    let price = plan.price(feature, now).unwrap_or(0);
     // Covered exactly.
     assert_eq!(d.draws.iter().map(|x| x.units).sum::<Units>(), d.units);
     // Each grant layer's draws cost their units at the price; windows and free tier are free.
@@ -895,7 +894,7 @@ fn check_admitted(plan: &Plan, before: &AccountState, d: &Decision, now: Millis)
 /// directly (not through `decide`): each usage-limit layer its tightest window's room, a free
 /// tier what is left of its period, each grant layer its usable grants' credits at the price.
 fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> Units {
-    let price = plan.price(feature).unwrap_or(0);
+    let price = plan.price(feature, now).unwrap_or(0);
     let mut room: Units = 0;
     for (i, l) in plan.layers.iter().enumerate() {
         if !l.features.contains(feature) {
@@ -1124,8 +1123,7 @@ fn strict_plan() -> Plan {
             ),
             layer("credits", LayerKind::Credits),
         ],
-        prices: vec![Some(5), Some(5)],
-        price_version: "v1".into(),
+        prices: vec![PriceTable::flat("v1", vec![Some(5), Some(5)])],
         strict: true,
     }
 }

@@ -20,7 +20,7 @@ use crate::store::{CommitReport, Committed, StoreError};
 use crate::usage::LedgerEntry;
 use crate::waterfall::{Millis, Pool};
 
-/// Rows per multi-row statement: at most 15 parameters a row keeps it far below SQLite's limit
+/// Rows per multi-row statement: at most 17 parameters a row keeps it far below SQLite's limit
 /// of 32,766 parameters per statement.
 const ROWS_PER_STATEMENT: usize = 256;
 
@@ -299,7 +299,7 @@ async fn insert_monetization(
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO monetization_events (id, usage_event_id, account_id, feature, units, credits,
                  postpaid_credits, credits_per_unit, plan, price_version, draws, decided_at, created_at,
-                 estimated_units, forgiven_units) ",
+                 estimated_units, forgiven_units, model, dimensions) ",
         );
         q.push_values(chunk, |mut b, r| {
             let e = r.entry;
@@ -312,12 +312,14 @@ async fn insert_monetization(
                 .push_bind(r.postpaid as i64)
                 .push_bind(e.decision.credits_per_unit as i64)
                 .push_bind(&*e.plan.name)
-                .push_bind(&*e.plan.price_version)
+                .push_bind(e.price_version())
                 .push_bind(r.draws.as_str())
                 .push_bind(e.decided_at)
                 .push_bind(now)
                 .push_bind(e.decision.units as i64)
-                .push_bind(e.forgiven_units as i64);
+                .push_bind(e.forgiven_units as i64)
+                .push_bind(e.model.as_deref())
+                .push_bind(e.quantities_json());
         });
         q.build().execute(&mut **tx).await?;
     }
