@@ -121,14 +121,16 @@ async fn main() -> ExitCode {
             });
             flowgate::demo::run().await
         }
-        Command::MockOpenai { listen } => match flowgate::demo::openai::MockOpenAi::start(listen).await {
-            Ok(mock) => {
-                eprintln!("mock OpenAI-compatible API on {}", mock.url());
-                mock.wait().await;
-                Ok(())
+        Command::MockOpenai { listen } => {
+            match flowgate::demo::openai::MockOpenAi::start(listen).await {
+                Ok(mock) => {
+                    eprintln!("mock OpenAI-compatible API on {}", mock.url());
+                    mock.wait().await;
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot listen on {listen}: {e}").into()),
             }
-            Err(e) => Err(format!("cannot listen on {listen}: {e}").into()),
-        },
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -135,7 +135,11 @@ fn the_openai_example_prices_chat_per_model_and_dimension_with_a_price_change() 
     assert_eq!(dev.prices.len(), 2);
     let (first, later) = (&dev.prices[0], &dev.prices[1]);
     assert_eq!(&*first.version, "2026-12-openai-1");
-    assert_eq!(first.price(chat), Some(1), "a rated feature costs a credit per unit");
+    assert_eq!(
+        first.price(chat),
+        Some(1),
+        "a rated feature costs a credit per unit"
+    );
     let rates = first.rates(chat).expect("chat is rated");
     // 1000 fresh input, 200 cached, 100 output tokens of gpt-4o: 2500 + 250 + 1000 credits.
     let q = [
@@ -144,7 +148,11 @@ fn the_openai_example_prices_chat_per_model_and_dimension_with_a_price_change() 
         ("output_tokens", 100),
     ];
     assert_eq!(rates.units(Some("gpt-4o"), q), Some(3750));
-    assert_eq!(rates.units(Some("o9-unknown"), q), None, "no row for any model");
+    assert_eq!(
+        rates.units(Some("o9-unknown"), q),
+        None,
+        "no row for any model"
+    );
     // From February on, the second version: cheaper gpt-4o.
     assert_eq!(&*later.version, "2027-02-openai-2");
     let feb = parse_instant("2027-02-01T00:00:00Z").expect("instant");
@@ -159,11 +167,18 @@ fn the_openai_example_prices_chat_per_model_and_dimension_with_a_price_change() 
     let acme = &s.plans["acme"];
     assert_eq!(acme.layers.len(), dev.layers.len());
     assert_eq!(
-        acme.prices[0].rates(chat).expect("rated").units(Some("anything"), q),
+        acme.prices[0]
+            .rates(chat)
+            .expect("rated")
+            .units(Some("anything"), q),
         Some(1000 + 100 + 400)
     );
     assert_eq!(acme.prices[0].rates(emb), first.rates(emb));
-    let route = s.routes.iter().find(|r| r.path == "/v1/chat/completions").expect("route");
+    let route = s
+        .routes
+        .iter()
+        .find(|r| r.path == "/v1/chat/completions")
+        .expect("route");
     assert_eq!(route.model.as_deref(), Some("/model"));
     assert_eq!(route.cost_dimension.as_deref(), Some("output_tokens"));
 }
@@ -171,10 +186,17 @@ fn the_openai_example_prices_chat_per_model_and_dimension_with_a_price_change() 
 #[test]
 fn dimension_prices_are_checked_against_what_the_routes_measure() {
     // A flat price for a feature whose routes measure dimensions.
-    let flat = OPENAI.replacen(
-        "[plans.developer.prices.chat]\nper = 1000000\n",
-        "[plans.developer.prices]\nchat = 5\n[plans.developer.prices.unused]\nper = 1000000\n",
-        1,
+    let start = OPENAI
+        .find("[plans.developer.prices.chat]")
+        .expect("the chat rates");
+    let end = start
+        + OPENAI[start..]
+            .find("[plans.developer.prices.embedding]")
+            .expect("next");
+    let flat = format!(
+        "{}[plans.developer.prices]\nchat = 5\n{}",
+        &OPENAI[..start],
+        &OPENAI[end..]
     );
     let e = error_of(&flat);
     assert!(e.key.ends_with("developer.prices.chat"), "{e}");

@@ -149,7 +149,10 @@ async fn chat(headers: HeaderMap, body: Bytes) -> Response {
             "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
         })
     };
-    let mut events: Vec<Value> = vec![chunk(json!({ "role": "assistant", "content": "" }), Value::Null)];
+    let mut events: Vec<Value> = vec![chunk(
+        json!({ "role": "assistant", "content": "" }),
+        Value::Null,
+    )];
     for (i, w) in text.iter().enumerate() {
         let piece = if i == 0 { w.clone() } else { format!(" {w}") };
         events.push(chunk(json!({ "content": piece }), Value::Null));
