@@ -74,6 +74,8 @@ enum State {
         line: BytesMut,
         skipping: bool,
         last: Option<Result<Measured, SettleError>>,
+        /// The stream's terminal event (`data: [DONE]`) has gone by.
+        done: bool,
     },
 }
 
@@ -92,6 +94,7 @@ impl State {
             line: BytesMut::new(),
             skipping: false,
             last: None,
+            done: false,
         }
     }
 }
@@ -206,6 +209,7 @@ impl SettleReader {
                 line,
                 skipping,
                 last,
+                done,
             } => {
                 while !chunk.is_empty() {
                     let end = chunk.iter().position(|b| *b == b'\n');
@@ -225,6 +229,9 @@ impl SettleReader {
                         if !*skipping && let Some(found) = sse_line(line, target) {
                             *last = Some(found);
                         }
+                        if !*skipping && is_done(line) {
+                            *done = true;
+                        }
                         line.clear();
                         *skipping = false;
                     }
@@ -232,6 +239,13 @@ impl SettleReader {
                 }
             }
         }
+    }
+
+    /// Whether an event stream's terminal event (`data: [DONE]`, as OpenAI-style streams end)
+    /// has gone by: the response is delivered even if the client closes before the body's
+    /// formal end (OpenAI's SDKs stop reading at `[DONE]`).
+    pub fn delivered(&self) -> bool {
+        matches!(self.state, State::Sse { done: true, .. })
     }
 
     /// What the response reported, once its body has ended.
@@ -273,6 +287,13 @@ impl SettleReader {
             Measured::Quantities(_) => Err(SettleError::Missing("units".into())),
         }
     }
+}
+
+/// Whether the line is an OpenAI-style stream's terminal `data: [DONE]`.
+fn is_done(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.strip_prefix(b"data:")
+        .is_some_and(|d| d.trim_ascii() == b"[DONE]")
 }
 
 /// What a `data:` line's JSON reports, if the line has it.
@@ -368,6 +389,86 @@ mod tests {
             read(&rule, &h, &[b"data: {\"text\":\"no usage\"}\n\n"]),
             Err(SettleError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn a_stream_is_delivered_once_its_done_event_has_gone_by() {
+        let rule = SettleRule::Body("/usage/total_tokens".into());
+        let mut sse = HeaderMap::new();
+        sse.insert("content-type", "text/event-stream".parse().unwrap());
+        let mut r = SettleReader::new(&rule, &sse);
+        r.observe(b"data: {\"usage\":{\"total_tokens\":3}}\n\n");
+        assert!(!r.delivered());
+        r.observe(b"data: [DO");
+        assert!(!r.delivered(), "only a whole line counts");
+        r.observe(b"NE]\r\n\r\n");
+        assert!(r.delivered());
+        assert_eq!(r.finish_units(), Ok(3));
+        // A JSON body is never "delivered" early: its end is the body's end.
+        let r = SettleReader::new(&rule, &HeaderMap::new());
+        assert!(!r.delivered());
+    }
+
+    #[test]
+    fn dimensions_are_read_from_the_last_usage_event_or_the_json_body() {
+        use std::collections::BTreeMap;
+        let dims: BTreeMap<String, DimensionPointer> = [
+            (
+                "input".to_owned(),
+                DimensionPointer::Difference {
+                    at: "/usage/prompt_tokens".into(),
+                    minus: "/usage/cached".into(),
+                },
+            ),
+            (
+                "cached".to_owned(),
+                DimensionPointer::At("/usage/cached".into()),
+            ),
+            (
+                "output".to_owned(),
+                DimensionPointer::At("/usage/completion_tokens".into()),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let rule = SettleRule::Dimensions(dims);
+        let q = |m: Result<Measured, SettleError>| match m {
+            Ok(Measured::Quantities(q)) => q
+                .iter()
+                .map(|(d, n)| (d.to_string(), *n))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        let mut json = SettleReader::new(&rule, &HeaderMap::new());
+        json.observe(br#"{"usage":{"prompt_tokens":10,"cached":4,"completion_tokens":7}}"#);
+        assert_eq!(
+            q(json.finish()),
+            [
+                ("cached".into(), 4),
+                ("input".into(), 6),
+                ("output".into(), 7)
+            ]
+        );
+        // A usage object without the cached count: it counts 0.
+        let mut sse = HeaderMap::new();
+        sse.insert("content-type", "text/event-stream".parse().unwrap());
+        let mut stream = SettleReader::new(&rule, &sse);
+        stream.observe(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+        stream.observe(
+            b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
+        );
+        assert_eq!(
+            q(stream.finish()),
+            [
+                ("cached".into(), 0),
+                ("input".into(), 3),
+                ("output".into(), 2)
+            ]
+        );
+        // No usage at all: missing, and the estimate stands.
+        let mut none = SettleReader::new(&rule, &sse);
+        none.observe(b"data: {\"choices\":[]}\n\n");
+        assert!(matches!(none.finish(), Err(SettleError::Missing(_))));
     }
 
     #[test]

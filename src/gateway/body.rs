@@ -110,3 +110,21 @@ where
         self.inner.size_hint()
     }
 }
+
+impl<B: Body> Drop for MeteredBody<B> {
+    /// A client that closes after an event stream's terminal event (as OpenAI's SDKs do at
+    /// `data: [DONE]`) got the whole response: it is charged as completed, not abandoned. Any
+    /// other early close is left to the hold's own `Drop` (released, not charged).
+    fn drop(&mut self) {
+        if let Some(mut hold) = self.hold.take() {
+            match self.settle.take() {
+                Some(reader) if reader.delivered() => {
+                    hold.settle(reader.finish());
+                    // Nobody is left to wait for a strict commit: the client has gone.
+                    let _ = hold.end(Outcome::Completed);
+                }
+                _ => drop(hold),
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The official `openai` Python SDK through `config/examples/openai.toml`, unchanged: plain and
+//! streamed chat completions (`include_usage`), embeddings, and the denials it surfaces
+//! (tests/openai_sdk/check.py), against the mock OpenAI-compatible upstream; then the ledger
+//! holds exactly the charges the SDK's usage implies.
+//!
+//! Needs Python with the `openai` package: `./scripts/test` makes `target/sdk-venv` (or set
+//! FLOWGATE_TEST_PYTHON to an interpreter that has it). Without one the test fails, saying so.
+
+mod common;
+
+use std::process::Command;
+
+use common::{PgDatabase, StoreKind};
+use flowgate::clock::Clock;
+use flowgate::config::Settings;
+use flowgate::demo::openai::MockOpenAi;
+use flowgate::gateway::Gateway;
+use flowgate::store::Store;
+
+const EXAMPLE: &str = include_str!("../config/examples/openai.toml");
+
+/// A plan with a 50-credit window and no credits, for the denials.
+const TINY: &str = r#"
+[plans.tiny]
+extends = "developer"
+price_version = "tiny-1"
+
+[[plans.tiny.layers]]
+kind = "usage_limit"
+name = "included"
+windows = [{ name = "5h", duration = "5h", limit = 50 }]
+
+[[plans.tiny.layers]]
+kind = "credits"
+
+[[accounts]]
+id = "tiny"
+plan = "tiny"
+api_keys = ["sk-tiny"]
+"#;
+
+fn python() -> String {
+    let python = std::env::var("FLOWGATE_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/target/sdk-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    let has_sdk = Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_sdk,
+        "{python} cannot import openai: run ./scripts/test (it makes target/sdk-venv), \
+         or set FLOWGATE_TEST_PYTHON to a Python with `pip install openai`"
+    );
+    python
+}
+
+async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
+    let python = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = match kind {
+        StoreKind::Sqlite => None,
+        StoreKind::Postgres => Some(PgDatabase::create().await),
+    };
+    let store_url = match &pg {
+        None => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        Some(db) => db.url.clone(),
+    };
+    let mock = MockOpenAi::start("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("mock");
+    let config = format!("{EXAMPLE}{TINY}")
+        .replace("127.0.0.1:8090", "127.0.0.1:0")
+        .replace("sqlite://openai-gateway.db", &store_url)
+        .replace("http://127.0.0.1:9100", &mock.url());
+    let settings = Settings::parse(&config).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = Gateway::start(settings.clone(), listener, Clock::System)
+        .await
+        .expect("gateway");
+    let base = format!("http://{}", gateway.addr());
+    let script = format!("{}/tests/openai_sdk/check.py", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(base)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("its JSON");
+    assert_eq!(seen["window"]["status"], 429, "{seen}");
+    assert_eq!(seen["no_credits"]["status"], 429, "{seen}");
+    gateway.shutdown().await; // commits everything queued
+
+    let snapshot = Store::open(&store_url)
+        .await
+        .expect("store")
+        .snapshot(0)
+        .await
+        .expect("snapshot");
+    let used: Vec<(String, i64)> = snapshot
+        .monetization
+        .iter()
+        .map(|m| (m.account_id.clone(), m.units + m.forgiven_units))
+        .collect();
+    let demo = |n: i64| ("demo".to_owned(), n);
+    assert_eq!(
+        used,
+        [
+            demo(113), // gpt-4o: 5 prompt tokens (12.5 credits), 10 completion tokens (100)
+            demo(8),   // gpt-4o-mini streamed: 4 prompt, 12 completion (from its usage chunk)
+            demo(2),   // streamed without usage: the estimate, 3 completion tokens
+            demo(1),   // embeddings: 5 tokens
+            ("tiny".to_owned(), 45),
+        ],
+        "{:?}",
+        snapshot.monetization
+    );
+    let report = flowgate::reconcile::check(&snapshot, &settings);
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
+    drop(pg);
+}
+
+store_tests!(the_openai_sdk_works_through_the_example_gateway);
