@@ -79,9 +79,6 @@ fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
         .collect()
 }
 
-/// One request: when (ms after the start), model "a" or "b", input and output tokens.
-type Request = (i64, bool, u64, u64);
-
 const START: i64 = 1_800_000_000_000;
 
 proptest! {
@@ -92,6 +89,7 @@ proptest! {
         v1 in prop::array::uniform2((0u64..5_000, 0u64..20_000)),
         v2 in prop::array::uniform2((0u64..5_000, 0u64..20_000)),
         change_after in 0i64..10_000,
+        // Each request: when (ms after the start), model "b" (else "a"), input and output tokens.
         requests in prop::collection::vec((0i64..20_000, any::<bool>(), 0u64..100_000, 0u64..10_000), 1..30),
     ) {
         let change_at = START + change_after;
