@@ -18,11 +18,7 @@ fn t0() -> Millis {
 }
 
 fn window(name: &str, minutes: u32, limit: Units) -> Window {
-    Window {
-        name: name.into(),
-        minutes,
-        limit,
-    }
+    Window::rolling(name, minutes, limit)
 }
 
 fn layer(name: &str, kind: LayerKind) -> Layer {
@@ -62,6 +58,7 @@ fn plan() -> Plan {
                 LayerKind::FreeTier {
                     units: 2,
                     period: Period::Day,
+                    zone: Tz::UTC,
                 },
             ),
             layer("credits", LayerKind::Credits),
@@ -121,6 +118,7 @@ fn a_plan_keeps_its_state_layout_only_with_the_same_stateful_layers() {
     weekly.layers[1].kind = LayerKind::FreeTier {
         units: 2,
         period: Period::Week,
+        zone: Tz::UTC,
     };
     assert!(!pro.same_state_layout(&weekly));
     let mut swapped = plan();
@@ -159,6 +157,7 @@ fn stored_names_round_trip_and_tags_are_the_documented_ones() {
         LayerKind::FreeTier {
             units: 1,
             period: Period::Day,
+            zone: Tz::UTC,
         },
         LayerKind::Credits,
         LayerKind::Promotions,
@@ -190,7 +189,7 @@ fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
     let mut log = UsageLog::default();
     log.add(now_minute - 10, 1); // one minute before the window: not counted
     log.add(now_minute - 5, 3); // fills it
-    assert_eq!(log.used(10, t0()), 3);
+    assert_eq!(log.used(&w, t0()), 3);
     // One unit is free when the minute-5 usage slides out, not the minute-10 one.
     assert_eq!(log.free_at(&w, 1, t0()), Some(t0() + 5 * MIN));
 }
@@ -213,6 +212,7 @@ fn settling_last_periods_free_tier_leaves_this_periods_holds() {
             LayerKind::FreeTier {
                 units: 2,
                 period: Period::Day,
+                zone: Tz::UTC,
             },
         )],
         ..plan()
@@ -224,7 +224,7 @@ fn settling_last_periods_free_tier_leaves_this_periods_holds() {
     s.settled(&yesterday.draws);
     // Rebuilt from a store with nothing committed today: today's hold is still counted.
     s.resync_usage(&plan, &[], today);
-    assert_eq!(s.free_tier_used(0, Period::Day, today), 1);
+    assert_eq!(s.free_tier_used(0, Period::Day.bounds(Tz::UTC, today).0), 1);
 }
 
 #[test]
@@ -279,7 +279,7 @@ fn a_layer_used_up_says_when_it_has_room_again() {
     let d = admit(&plan, &mut s, TASK, 2, later);
     assert_eq!(d.layers[0].reset_at, Some(t0() + 300 * MIN));
     // The free tier: one of two left, then both used: free again at the day's end.
-    let day_end = Period::Day.bounds(later).1;
+    let day_end = Period::Day.bounds(Tz::UTC, later).1;
     let d = admit(&plan, &mut s, TASK, 1, later);
     assert_eq!((d.layers[1].gave_units, d.layers[1].reset_at), (1, None));
     let d = decide(&plan, &s, TASK, 1, later);
@@ -362,12 +362,19 @@ fn a_free_tier_resets_at_its_period_boundary() {
     ] {
         let end = end.single().expect("instant").timestamp_millis();
         let plan = Plan {
-            layers: vec![layer("free", LayerKind::FreeTier { units: 4, period })],
+            layers: vec![layer(
+                "free",
+                LayerKind::FreeTier {
+                    units: 4,
+                    period,
+                    zone: Tz::UTC,
+                },
+            )],
             ..plan()
         };
         let mut s = AccountState::new(&plan, vec![], t0());
         admit(&plan, &mut s, TASK, 4, t0());
-        assert_eq!(period.bounds(t0()).1, end, "{period:?}");
+        assert_eq!(period.bounds(Tz::UTC, t0()).1, end, "{period:?}");
         let d = decide(&plan, &s, TASK, 1, end - MIN);
         assert!(!d.admitted(), "{period:?}: the minute before the boundary");
         let d = admit(&plan, &mut s, TASK, 4, end);
@@ -726,6 +733,7 @@ fn another_replica_can_start_the_next_free_tier_period() {
             LayerKind::FreeTier {
                 units: 2,
                 period: Period::Day,
+                zone: Tz::UTC,
             },
         )],
         ..plan()
@@ -776,7 +784,14 @@ fn model() -> impl Strategy<Value = Model> {
             ));
         }
         if let Some((units, period)) = free {
-            layers.push(layer("free", LayerKind::FreeTier { units, period }));
+            layers.push(layer(
+                "free",
+                LayerKind::FreeTier {
+                    units,
+                    period,
+                    zone: Tz::UTC,
+                },
+            ));
         }
         layers.push(layer("credits", LayerKind::Credits));
         layers.push(layer("promotions", LayerKind::Promotions));
@@ -823,7 +838,9 @@ fn observable(plan: &Plan, s: &AccountState, now: Millis) -> (Vec<Units>, Vec<Gr
     for (i, l) in plan.layers.iter().enumerate() {
         match &l.kind {
             LayerKind::UsageLimit { .. } => used.extend(s.windows(plan, i, now).map(|w| w.used)),
-            LayerKind::FreeTier { period, .. } => used.push(s.free_tier_used(i, *period, now)),
+            LayerKind::FreeTier { period, zone, .. } => {
+                used.push(s.free_tier_used(i, period.bounds(*zone, now).0))
+            }
             _ => {}
         }
     }
@@ -907,9 +924,11 @@ fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> U
                 .map(|w| w.window.limit.saturating_sub(w.used))
                 .min()
                 .unwrap_or(0),
-            LayerKind::FreeTier { units, period } => {
-                units.saturating_sub(s.free_tier_used(i, *period, now))
-            }
+            LayerKind::FreeTier {
+                units,
+                period,
+                zone,
+            } => units.saturating_sub(s.free_tier_used(i, period.bounds(*zone, now).0)),
             LayerKind::Credits | LayerKind::Promotions => {
                 let kind = if matches!(l.kind, LayerKind::Credits) {
                     GrantKind::Credits
@@ -967,8 +986,8 @@ proptest! {
                             prop_assert!(w.used <= w.window.limit, "{} used {} of {}", w.window.name, w.used, w.window.limit);
                         }
                     }
-                    LayerKind::FreeTier { units, period } => {
-                        prop_assert!(s.free_tier_used(i, *period, now) <= *units);
+                    LayerKind::FreeTier { units, period, zone } => {
+                        prop_assert!(s.free_tier_used(i, period.bounds(*zone, now).0) <= *units);
                     }
                     _ => {}
                 }
