@@ -35,6 +35,7 @@ store_tests!(
     expired_grants_are_never_drawn_and_are_written_off,
     a_refund_goes_back_to_exactly_the_pools_that_paid,
     a_calendar_window_resets_at_the_next_local_midnight,
+    a_strict_calendar_window_leases_the_new_day_at_local_midnight,
 );
 
 async fn split_from_usage_limit_into_credits(store: StoreKind) {
@@ -918,4 +919,57 @@ async fn a_calendar_window_resets_at_the_next_local_midnight(store: StoreKind) {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-ratelimit-remaining-day"), "0");
     r.text().await.unwrap();
+}
+
+async fn a_strict_calendar_window_leases_the_new_day_at_local_midnight(store: StoreKind) {
+    // The same day in strict mode: on PostgreSQL the replica leases the window's room from the
+    // store, which counts the committed usage since New York's midnight (on SQLite, strict
+    // changes nothing).
+    let late = chrono::DateTime::parse_from_rfc3339("2026-11-24T04:59:00Z")
+        .expect("an instant")
+        .timestamp_millis();
+    let clock = flowgate::clock::Clock::manual(late);
+    let h = Harness::start_with_clock(store, clock.clone(), |c| {
+        c.replacen(
+            "[plans.lite]\nprice_version = \"test-1\"",
+            "[plans.lite]\nprice_version = \"test-1\"\nstrict = true",
+            1,
+        )
+        .replacen(
+            r#"windows = [{ name = "5h", duration = "5h", limit = 2 }]"#,
+            r#"windows = [{ name = "day", reset = "daily", limit = 2, time_zone = "America/New_York" }]"#,
+            1,
+        )
+    })
+    .await;
+    for _ in 0..2 {
+        let r = h.task("sk-carol", 1).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    h.settle_ledger().await;
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "60");
+    // Midnight in New York: yesterday's committed usage no longer counts at the store.
+    clock.advance_ms(60_000);
+    for left in ["1", "0"] {
+        let r = h.task("sk-carol", 1).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-day"), left);
+        r.text().await.unwrap();
+    }
+    assert_eq!(h.task("sk-carol", 1).await.status(), 429);
+    h.settle_ledger().await;
+    if let Some(db) = h.pg() {
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        let counted: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT at_ms, units FROM usage_counters WHERE account_id = 'carol' ORDER BY at_ms",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("counters");
+        assert_eq!(counted, vec![(late, 2), (late + 60_000, 2)]);
+        pool.close().await;
+    }
 }
