@@ -125,10 +125,10 @@ fn a_cost_default_needs_a_stated_cost_and_stays_in_range() {
     assert!(settings.routes.iter().any(|r| r.cost_default == Some(8)));
 }
 
-/// The line of the first occurrence of `needle` in `text`.
+/// The line of the first occurrence of `needle` in `text`, outside comments.
 fn line_of(text: &str, needle: &str) -> usize {
     text.lines()
-        .position(|l| l.contains(needle))
+        .position(|l| !l.trim_start().starts_with('#') && l.contains(needle))
         .expect("needle")
         + 1
 }
