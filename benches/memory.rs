@@ -40,16 +40,8 @@ fn main() {
                 features: FeatureSet::ALL,
                 kind: LayerKind::UsageLimit {
                     windows: vec![
-                        Window {
-                            name: "5h".into(),
-                            minutes: 300,
-                            limit: 50,
-                        },
-                        Window {
-                            name: "week".into(),
-                            minutes: 10_080,
-                            limit: 500,
-                        },
+                        Window::rolling("5h", 300, 50),
+                        Window::rolling("week", 10_080, 500),
                     ],
                 },
             },

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{Criterion, criterion_group, criterion_main};
 use flowgate::waterfall::{
     AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, Period, Plan,
-    PriceTable, Window, decide, release, reserve,
+    PriceTable, Tz, Window, decide, release, reserve,
 };
 
 /// Counts allocations, to show the decision path makes none.
@@ -46,16 +46,8 @@ fn plan() -> Plan {
                 "limits",
                 LayerKind::UsageLimit {
                     windows: vec![
-                        Window {
-                            name: "5h".into(),
-                            minutes: 300,
-                            limit: 50,
-                        },
-                        Window {
-                            name: "week".into(),
-                            minutes: 10_080,
-                            limit: 500,
-                        },
+                        Window::rolling("5h", 300, 50),
+                        Window::rolling("week", 10_080, 500),
                     ],
                 },
             ),
@@ -64,6 +56,7 @@ fn plan() -> Plan {
                 LayerKind::FreeTier {
                     units: 10,
                     period: Period::Month,
+                    zone: Tz::UTC,
                 },
             ),
             layer("credits", LayerKind::Credits),
@@ -72,6 +65,24 @@ fn plan() -> Plan {
         prices: vec![PriceTable::flat("v1", vec![Some(5)])],
         strict: false,
     }
+}
+
+/// The same plan with calendar-aligned limits: 50 a day from New York's midnight and 500 a
+/// week, a free tier that resets on the 1st in Paris.
+fn calendar_plan() -> Plan {
+    let mut plan = plan();
+    plan.layers[0].kind = LayerKind::UsageLimit {
+        windows: vec![
+            Window::calendar("day", Period::Day, chrono_tz::America::New_York, 50),
+            Window::calendar("week", Period::Week, chrono_tz::America::New_York, 500),
+        ],
+    };
+    plan.layers[1].kind = LayerKind::FreeTier {
+        units: 10,
+        period: Period::Month,
+        zone: chrono_tz::Europe::Paris,
+    };
+    plan
 }
 
 fn grant(id: i64, kind: GrantKind, balance: u64, expires: Option<i64>) -> Grant {
@@ -155,10 +166,13 @@ fn bench(c: &mut Criterion) {
     let plan = plan();
     let mut s = typical(&plan);
     assert!(decide(&plan, &s, TASK, 40, NOW).admitted());
+    let calendar = calendar_plan();
+    let mut cal = typical(&calendar);
     println!(
-        "allocations per decision: typical {:.2}, worst case {:.2}",
+        "allocations per decision: typical {:.2}, worst case {:.2}, calendar windows {:.2}",
         allocations_per_decision(&plan, &mut s, 40),
         allocations_per_decision(&plan, &mut worst(&plan), 40),
+        allocations_per_decision(&calendar, &mut cal, 40),
     );
     c.bench_function("decide_typical_split_3_pools", |b| {
         b.iter(|| one_request(&plan, &mut s, 40))
@@ -166,6 +180,9 @@ fn bench(c: &mut Criterion) {
     let mut w = worst(&plan);
     c.bench_function("decide_worst_200_grants", |b| {
         b.iter(|| one_request(&plan, &mut w, 40))
+    });
+    c.bench_function("decide_typical_calendar_windows", |b| {
+        b.iter(|| one_request(&calendar, &mut cal, 40))
     });
     let mut denied = typical(&plan);
     c.bench_function("decide_denied", |b| {

@@ -517,14 +517,9 @@ pub fn history_start(plan: &Plan, now: Millis) -> Millis {
         .iter()
         .map(|l| match &l.kind {
             waterfall::LayerKind::UsageLimit { windows } => {
-                now - windows
-                    .iter()
-                    .map(|w| i64::from(w.minutes))
-                    .max()
-                    .unwrap_or(0)
-                    * 60_000
+                windows.iter().map(|w| w.span(now).0).min().unwrap_or(now)
             }
-            waterfall::LayerKind::FreeTier { period, .. } => period.bounds(now).0,
+            waterfall::LayerKind::FreeTier { period, zone, .. } => period.bounds(*zone, now).0,
             _ => now,
         })
         .min()

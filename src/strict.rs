@@ -248,12 +248,18 @@ fn asks(plan: &Plan, wants: &waterfall::Wants, now: Millis) -> Vec<LeaseAsk> {
             let limit = match pool {
                 LeasePool::Grant(_) => LeaseLimit::Grant,
                 LeasePool::Layer(i) => match &plan.layers.get(usize::from(i))?.kind {
-                    LayerKind::UsageLimit { windows } => {
-                        LeaseLimit::Windows(windows.iter().map(|w| (w.minutes, w.limit)).collect())
-                    }
-                    LayerKind::FreeTier { units, period } => LeaseLimit::FreeTier {
+                    // Each window's first counted instant at `now`: a rolling window's first
+                    // minute, a calendar window's period start in its zone.
+                    LayerKind::UsageLimit { windows } => LeaseLimit::Windows(
+                        windows.iter().map(|w| (w.span(now).0, w.limit)).collect(),
+                    ),
+                    LayerKind::FreeTier {
+                        units,
+                        period,
+                        zone,
+                    } => LeaseLimit::FreeTier {
                         allowance: *units,
-                        period_start: period.bounds(now).0,
+                        period_start: period.bounds(*zone, now).0,
                     },
                     _ => return None,
                 },

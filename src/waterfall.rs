@@ -16,7 +16,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Utc};
+pub use chrono_tz::Tz;
 use serde::Serialize;
 use smallvec::SmallVec;
 
@@ -88,15 +89,18 @@ pub struct Plan {
 
 impl Plan {
     /// Whether an account's state kept for `self` means the same under `other`: the same kinds
-    /// of stateful layers at the same places (free tiers with the same period), and windows no
-    /// longer than those kept for. Then a change of plan (or a reloaded config) keeps the state
+    /// of stateful layers at the same places (free tiers with the same period in the same zone),
+    /// and windows needing no more history than was kept for. A window that changes between
+    /// rolling and calendar, or to another zone, keeps the per-minute log it counts from. Then a change of plan (or a reloaded config) keeps the state
     /// and with it the holds in flight; otherwise the state is rebuilt from the ledger.
     pub fn same_state_layout(&self, other: &Plan) -> bool {
         /// What a layer keeps per account (`None`: nothing; grant layers keep it in grants).
-        fn kept(kind: &LayerKind) -> Option<(u8, Option<Period>)> {
+        /// A free tier's count belongs to one period of one zone; a usage log is per minute,
+        /// whatever its windows count of it.
+        fn kept(kind: &LayerKind) -> Option<(u8, Option<(Period, Tz)>)> {
             match kind {
                 LayerKind::UsageLimit { .. } => Some((0, None)),
-                LayerKind::FreeTier { period, .. } => Some((1, Some(*period))),
+                LayerKind::FreeTier { period, zone, .. } => Some((1, Some((*period, *zone)))),
                 LayerKind::Concurrency { .. } => Some((2, None)),
                 _ => None,
             }
@@ -136,12 +140,14 @@ impl Plan {
     }
 
     /// The longest usage-limit window of the plan, in minutes (0 if none): how much usage
-    /// history the state must keep.
+    /// history the state must keep (a calendar window: its longest possible period).
     pub fn longest_window_minutes(&self) -> u32 {
         self.layers
             .iter()
             .filter_map(|l| match &l.kind {
-                LayerKind::UsageLimit { windows } => windows.iter().map(|w| w.minutes).max(),
+                LayerKind::UsageLimit { windows } => {
+                    windows.iter().map(Window::history_minutes).max()
+                }
                 _ => None,
             })
             .max()
@@ -174,6 +180,8 @@ pub enum LayerKind {
         units: Units,
         /// The period.
         period: Period,
+        /// The time zone whose midnight starts a period.
+        zone: Tz,
     },
     /// Prepaid credit grants (purchases), spent in [`Grant`] order.
     Credits,
@@ -217,18 +225,97 @@ impl LayerKind {
     }
 }
 
-/// A rolling usage-limit window with minute precision.
+/// A usage-limit window with minute precision: rolling, or aligned to a calendar.
 #[derive(Debug, Clone)]
 pub struct Window {
     /// The window's name, e.g. `5h` (used in `x-ratelimit-*` header names).
     pub name: Arc<str>,
-    /// Length of the window in minutes.
-    pub minutes: u32,
-    /// Units allowed within any `minutes`-long span.
+    /// Which usage counts.
+    pub kind: WindowKind,
+    /// Units allowed within the window.
     pub limit: Units,
 }
 
-/// A calendar period (UTC) after which a free tier resets.
+/// Which usage a window counts at an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// The last `minutes` minutes, the current one included: each minute's usage slides out
+    /// `minutes` minutes after it.
+    Rolling {
+        /// Length of the window in minutes.
+        minutes: u32,
+    },
+    /// The current calendar period in `zone`: everything used in it is free again at once at
+    /// the next period's start (local midnight; Monday's; the 1st's).
+    Calendar {
+        /// The period.
+        period: Period,
+        /// The time zone whose midnight starts a period.
+        zone: Tz,
+    },
+}
+
+impl Window {
+    /// A rolling window of `minutes`.
+    pub fn rolling(name: &str, minutes: u32, limit: Units) -> Window {
+        Window {
+            name: name.into(),
+            kind: WindowKind::Rolling { minutes },
+            limit,
+        }
+    }
+
+    /// A window that resets at the start of each `period` in `zone`.
+    pub fn calendar(name: &str, period: Period, zone: Tz, limit: Units) -> Window {
+        Window {
+            name: name.into(),
+            kind: WindowKind::Calendar { period, zone },
+            limit,
+        }
+    }
+
+    /// The first instant whose usage counts at `now`, and when the window next resets
+    /// (`None` for a rolling window, which frees each minute separately).
+    pub fn span(&self, now: Millis) -> (Millis, Option<Millis>) {
+        match self.kind {
+            WindowKind::Rolling { minutes } => (
+                (now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1) * MINUTE_MS,
+                None,
+            ),
+            WindowKind::Calendar { period, zone } => {
+                let (start, end) = period.bounds(zone, now);
+                (start, Some(end))
+            }
+        }
+    }
+
+    /// How many minutes of usage history the window can count: its length, or the longest
+    /// its calendar period can last.
+    pub fn history_minutes(&self) -> u32 {
+        match self.kind {
+            WindowKind::Rolling { minutes } => minutes,
+            WindowKind::Calendar { period, .. } => period.longest_minutes(),
+        }
+    }
+
+    /// How it resets, as the APIs name it: `rolling`, `daily`, `weekly` or `monthly`.
+    pub fn reset_name(&self) -> &'static str {
+        match self.kind {
+            WindowKind::Rolling { .. } => "rolling",
+            WindowKind::Calendar { period, .. } => period.reset_name(),
+        }
+    }
+
+    /// The zone of a calendar window.
+    pub fn zone(&self) -> Option<Tz> {
+        match self.kind {
+            WindowKind::Rolling { .. } => None,
+            WindowKind::Calendar { zone, .. } => Some(zone),
+        }
+    }
+}
+
+/// A calendar period after which a free tier or a calendar window resets, in a time zone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Period {
     /// From midnight to midnight.
@@ -240,28 +327,129 @@ pub enum Period {
 }
 
 impl Period {
-    /// Start and end (exclusive) of the period containing `now`.
-    pub fn bounds(self, now: Millis) -> (Millis, Millis) {
+    /// Start and end (exclusive) of the period containing `now` in `zone`: from one local
+    /// midnight to the next, so that a day lasts 23 or 25 hours when the clocks change. A
+    /// midnight the clocks skip starts its day when they jump; a midnight they repeat, at
+    /// its first occurrence.
+    pub fn bounds(self, zone: Tz, now: Millis) -> (Millis, Millis) {
         let t = DateTime::<Utc>::from_timestamp_millis(now).unwrap_or_default();
-        let day = t.date_naive();
-        let (start, end) = match self {
-            Period::Day => (day, day.succ_opt().unwrap_or(day)),
-            Period::Week => {
-                let start =
-                    day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()));
-                (start, start + chrono::Days::new(7))
-            }
-            Period::Month => {
-                let start = NaiveDate::from_ymd_opt(day.year(), day.month(), 1).unwrap_or(day);
-                (start, start + chrono::Months::new(1))
-            }
-        };
-        let ms = |d: NaiveDate| {
-            Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
-                .timestamp_millis()
-        };
-        (ms(start), ms(end))
+        let mut first = self.first_day(t.with_timezone(&zone).date_naive());
+        let mut start = local_midnight(zone, first);
+        // Only a zone whose clocks went back over a midnight could leave `now` outside the
+        // period its local date names; then the neighbour holds it.
+        if now < start {
+            let before = first.pred_opt().map_or(first, |d| self.first_day(d));
+            first = before;
+            start = local_midnight(zone, first);
+        }
+        let next = self.next_first_day(first);
+        let mut end = local_midnight(zone, next);
+        if now >= end && end > start {
+            start = end;
+            end = local_midnight(zone, self.next_first_day(next));
+        }
+        (start, end)
     }
+
+    /// The first day of the period containing `day`.
+    fn first_day(self, day: NaiveDate) -> NaiveDate {
+        match self {
+            Period::Day => day,
+            Period::Week => day
+                .checked_sub_days(chrono::Days::new(u64::from(
+                    day.weekday().num_days_from_monday(),
+                )))
+                .unwrap_or(day),
+            Period::Month => day.with_day(1).unwrap_or(day),
+        }
+    }
+
+    /// The first day of the period after the one starting on `first`.
+    fn next_first_day(self, first: NaiveDate) -> NaiveDate {
+        match self {
+            Period::Day => first.succ_opt(),
+            Period::Week => first.checked_add_days(chrono::Days::new(7)),
+            Period::Month => first.checked_add_months(chrono::Months::new(1)),
+        }
+        .unwrap_or(NaiveDate::MAX)
+    }
+
+    /// The longest a period can last, in minutes: its calendar length plus a day, for the
+    /// clocks that change (by an hour or two, or, as Samoa's did, by a whole day).
+    pub fn longest_minutes(self) -> u32 {
+        const DAY: u32 = 24 * 60;
+        match self {
+            Period::Day => 2 * DAY,
+            Period::Week => 8 * DAY,
+            Period::Month => 32 * DAY,
+        }
+    }
+
+    /// The period as the config and the APIs name a free tier's: `day`, `week`, `month`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The period as the config and the APIs name a window's reset: `daily`, `weekly`,
+    /// `monthly`.
+    pub fn reset_name(self) -> &'static str {
+        match self {
+            Period::Day => "daily",
+            Period::Week => "weekly",
+            Period::Month => "monthly",
+        }
+    }
+}
+
+/// The instant `day` starts in `zone`: its local midnight, the first of two when the clocks
+/// repeat it, or the moment they jump when they skip it.
+fn local_midnight(zone: Tz, day: NaiveDate) -> Millis {
+    let midnight = day.and_time(chrono::NaiveTime::MIN);
+    match zone.from_local_datetime(&midnight) {
+        LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.timestamp_millis(),
+        LocalResult::None => skipped_midnight(zone, midnight),
+    }
+}
+
+/// The instant the clocks of `zone` jump over `midnight`: the first second whose local time
+/// is at or after it, between the instants it would be under the offsets a day either side.
+fn skipped_midnight(zone: Tz, midnight: NaiveDateTime) -> Millis {
+    let naive = midnight.and_utc().timestamp();
+    let offset_at = |secs: i64| {
+        DateTime::<Utc>::from_timestamp(secs, 0).map_or(0, |t| {
+            i64::from(
+                zone.offset_from_utc_datetime(&t.naive_utc())
+                    .fix()
+                    .local_minus_utc(),
+            )
+        })
+    };
+    const DAY_S: i64 = 86_400;
+    let (mut lo, mut hi) = (
+        naive - offset_at(naive + DAY_S),
+        naive - offset_at(naive - DAY_S),
+    );
+    let reached = |secs: i64| {
+        DateTime::<Utc>::from_timestamp(secs, 0)
+            .is_some_and(|t| t.with_timezone(&zone).naive_local() >= midnight)
+    };
+    if lo >= hi || !reached(hi) {
+        return hi * 1000;
+    }
+    // `reached` is false before the jump and true from it on.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if reached(mid) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    hi * 1000
 }
 
 /// What a grant-backed pool is.
@@ -377,6 +565,11 @@ pub enum LayerState {
     Stateless,
 }
 
+/// The first minute (since the epoch) that starts at or after `at`.
+fn first_minute(at: Millis) -> i64 {
+    at.div_euclid(MINUTE_MS) + i64::from(at.rem_euclid(MINUTE_MS) != 0)
+}
+
 /// Units used per minute, oldest first; minutes with no usage are absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageLog {
@@ -384,9 +577,9 @@ pub struct UsageLog {
 }
 
 impl UsageLog {
-    /// Units used in the `minutes` minutes ending with the minute of `now`.
-    pub fn used(&self, minutes: u32, now: Millis) -> Units {
-        let first = now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1;
+    /// Units used in the minutes that start at or after `from`.
+    pub fn used_since(&self, from: Millis) -> Units {
+        let first = first_minute(from);
         self.buckets
             .iter()
             .rev()
@@ -395,24 +588,34 @@ impl UsageLog {
             .sum()
     }
 
+    /// Units `window` counts at `now`.
+    pub fn used(&self, window: &Window, now: Millis) -> Units {
+        self.used_since(window.span(now).0)
+    }
+
     /// The instant at which at least `needed` units of `window` are free, given no further
-    /// usage: the end of the minute after which enough old usage has slid out. `now` if they
-    /// are free already; `None` if the window is too small to ever hold `needed`.
+    /// usage: for a rolling window, the end of the minute after which enough old usage has slid
+    /// out; for a calendar window, the next period's start. `now` if they are free already;
+    /// `None` if the window is too small to ever hold `needed`.
     pub fn free_at(&self, window: &Window, needed: Units, now: Millis) -> Option<Millis> {
         if needed > window.limit {
             return None;
         }
         // Usage can exceed the limit: replicas that admitted within each other's notification
         // lag both count what the other committed.
-        let mut used = self.used(window.minutes, now);
+        let (from, reset) = window.span(now);
+        let mut used = self.used_since(from);
         if window.limit.saturating_sub(used) >= needed {
             return Some(now);
         }
-        let first = now.div_euclid(MINUTE_MS) - i64::from(window.minutes) + 1;
+        let WindowKind::Rolling { minutes } = window.kind else {
+            return reset;
+        };
+        let first = first_minute(from);
         for &(minute, units) in self.buckets.iter().filter(|(m, _)| *m >= first) {
             used = used.saturating_sub(units);
             if window.limit.saturating_sub(used) >= needed {
-                return Some((minute + i64::from(window.minutes)) * MINUTE_MS);
+                return Some((minute + i64::from(minutes)) * MINUTE_MS);
             }
         }
         Some(now)
@@ -460,8 +663,8 @@ impl AccountState {
                     used: UsageLog::default(),
                     unsettled: UsageLog::default(),
                 },
-                LayerKind::FreeTier { period, .. } => LayerState::FreeTier {
-                    period_start: period.bounds(now).0,
+                LayerKind::FreeTier { period, zone, .. } => LayerState::FreeTier {
+                    period_start: period.bounds(*zone, now).0,
                     used: 0,
                     unsettled: 0,
                 },
@@ -599,14 +802,14 @@ impl AccountState {
                     used.clone_from(unsettled);
                 }
                 (
-                    LayerKind::FreeTier { period, .. },
+                    LayerKind::FreeTier { period, zone, .. },
                     LayerState::FreeTier {
                         period_start,
                         used,
                         unsettled,
                     },
                 ) => {
-                    let current = period.bounds(now).0;
+                    let current = period.bounds(*zone, now).0;
                     if *period_start != current {
                         *period_start = current;
                         *unsettled = 0;
@@ -636,11 +839,11 @@ impl AccountState {
             + self.credits_available(GrantKind::Promotion, feature, now)
     }
 
-    fn free_tier_used(&self, layer: usize, period: Period, now: Millis) -> Units {
+    fn free_tier_used(&self, layer: usize, period_start_now: Millis) -> Units {
         match self.layers.get(layer) {
             Some(LayerState::FreeTier {
                 period_start, used, ..
-            }) if *period_start == period.bounds(now).0 => *used,
+            }) if *period_start == period_start_now => *used,
             _ => 0,
         }
     }
@@ -673,8 +876,12 @@ impl AccountState {
         };
         let log = self.usage_log(layer);
         windows.iter().map(move |w| {
-            let used = log.map_or(0, |l| l.used(w.minutes, now));
-            let reset_at = log.and_then(|l| l.free_at(w, w.limit, now)).unwrap_or(now);
+            let (from, period_end) = w.span(now);
+            let used = log.map_or(0, |l| l.used_since(from));
+            let reset_at = match period_end {
+                Some(end) => end,
+                None => log.and_then(|l| l.free_at(w, w.limit, now)).unwrap_or(now),
+            };
             WindowStatus {
                 window: w,
                 used,
@@ -719,7 +926,8 @@ pub struct WindowStatus<'a> {
     pub used: Units,
     /// Units still allowed.
     pub remaining: Units,
-    /// When all its current usage has slid out (equal to now when nothing is used).
+    /// When it resets: a rolling window's when all its current usage has slid out (equal to
+    /// now when nothing is used), a calendar window's at the next period's start.
     pub reset_at: Millis,
 }
 
@@ -990,10 +1198,7 @@ fn walk(
                 let log = state.usage_log(index);
                 let room = windows
                     .iter()
-                    .map(|w| {
-                        w.limit
-                            .saturating_sub(log.map_or(0, |l| l.used(w.minutes, now)))
-                    })
+                    .map(|w| w.limit.saturating_sub(log.map_or(0, |l| l.used(w, now))))
                     .min()
                     .unwrap_or(0);
                 let available = state.capped(LeasePool::Layer(idx), room, caps, now);
@@ -1020,9 +1225,10 @@ fn walk(
             LayerKind::FreeTier {
                 units: allowance,
                 period,
+                zone,
             } => {
-                let (start, end) = period.bounds(now);
-                let room = allowance.saturating_sub(state.free_tier_used(index, *period, now));
+                let (start, end) = period.bounds(*zone, now);
+                let room = allowance.saturating_sub(state.free_tier_used(index, start));
                 let available = state.capped(LeasePool::Layer(idx), room, caps, now);
                 let give = available.min(left);
                 report.available_units = available;

@@ -34,6 +34,8 @@ store_tests!(
     a_missing_settle_value_charges_the_estimate,
     expired_grants_are_never_drawn_and_are_written_off,
     a_refund_goes_back_to_exactly_the_pools_that_paid,
+    a_calendar_window_resets_at_the_next_local_midnight,
+    a_strict_calendar_window_leases_the_new_day_at_local_midnight,
 );
 
 async fn split_from_usage_limit_into_credits(store: StoreKind) {
@@ -836,4 +838,138 @@ async fn a_refund_goes_back_to_exactly_the_pools_that_paid(store: StoreKind) {
     let settings = flowgate::config::Settings::parse(&h.config).unwrap();
     let report = flowgate::reconcile::check(&h.store().await.snapshot(0).await.unwrap(), &settings);
     assert_eq!(report.differences, vec![]);
+}
+
+async fn a_calendar_window_resets_at_the_next_local_midnight(store: StoreKind) {
+    // Carol's plan counts 2 tasks per New York day. The gateway's clock is manual: 2026-11-24
+    // 03:00 UTC is 22:00 on the 23rd in New York (EST, UTC−5), two hours before its midnight.
+    let evening = chrono::DateTime::parse_from_rfc3339("2026-11-24T03:00:00Z")
+        .expect("an instant")
+        .timestamp_millis();
+    let clock = flowgate::clock::Clock::manual(evening);
+    let h = Harness::start_with_clock(store, clock.clone(), |c| {
+        c.replacen(
+            r#"windows = [{ name = "5h", duration = "5h", limit = 2 }]"#,
+            r#"windows = [{ name = "day", reset = "daily", limit = 2, time_zone = "America/New_York" }]"#,
+            1,
+        )
+    })
+    .await;
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit-day"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining-day"), "1");
+    assert_eq!(header(&r, "x-ratelimit-reset-day"), "2h0m0s");
+    r.text().await.unwrap();
+    clock.advance_ms(30 * 60_000); // 22:30
+    assert_eq!(h.task("sk-carol", 1).await.status(), 200);
+
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "5400");
+    assert_eq!(header(&r, "x-ratelimit-remaining-day"), "0");
+    assert_eq!(header(&r, "x-ratelimit-reset-day"), "1h30m0s");
+    let body: Value = r.json().await.unwrap();
+    let e = &body["error"];
+    assert_eq!(e["type"], "usage_limit_reached");
+    assert_eq!(e["reset_at"], "2026-11-24T05:00:00Z");
+    let day = &e["layers"][0]["windows"][0];
+    assert_eq!(day["name"], "day");
+    assert_eq!(day["reset"], "daily");
+    assert_eq!(day["time_zone"], "America/New_York");
+    assert_eq!(day["used"], 2);
+    assert_eq!(day["reset_at"], "2026-11-24T05:00:00Z");
+
+    // The user API shows the same window.
+    let me: Value = h
+        .http
+        .get(format!("{}/v1/me/usage", h.base))
+        .bearer_auth("sk-carol")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let w = &me["layers"][0]["windows"][0];
+    assert_eq!(w["reset"], "daily");
+    assert_eq!(w["time_zone"], "America/New_York");
+    assert_eq!(w["minutes"], 24 * 60);
+    assert_eq!(
+        (w["used"].as_u64(), w["remaining"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(w["reset_at"], "2026-11-24T05:00:00Z");
+
+    // A minute before midnight: still used up. At midnight: a new day, with its own reset.
+    clock.advance_ms(89 * 60_000);
+    assert_eq!(h.task("sk-carol", 1).await.status(), 429);
+    clock.advance_ms(60_000);
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-remaining-day"), "1");
+    assert_eq!(header(&r, "x-ratelimit-reset-day"), "24h0m0s");
+    r.text().await.unwrap();
+
+    // A restart rebuilds the day from the ledger: only today's task counts.
+    h.settle_ledger().await;
+    let mut h = h;
+    h.restart().await;
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-remaining-day"), "0");
+    r.text().await.unwrap();
+}
+
+async fn a_strict_calendar_window_leases_the_new_day_at_local_midnight(store: StoreKind) {
+    // The same day in strict mode: on PostgreSQL the replica leases the window's room from the
+    // store, which counts the committed usage since New York's midnight (on SQLite, strict
+    // changes nothing).
+    let late = chrono::DateTime::parse_from_rfc3339("2026-11-24T04:59:00Z")
+        .expect("an instant")
+        .timestamp_millis();
+    let clock = flowgate::clock::Clock::manual(late);
+    let h = Harness::start_with_clock(store, clock.clone(), |c| {
+        c.replacen(
+            "[plans.lite]\nprice_version = \"test-1\"",
+            "[plans.lite]\nprice_version = \"test-1\"\nstrict = true",
+            1,
+        )
+        .replacen(
+            r#"windows = [{ name = "5h", duration = "5h", limit = 2 }]"#,
+            r#"windows = [{ name = "day", reset = "daily", limit = 2, time_zone = "America/New_York" }]"#,
+            1,
+        )
+    })
+    .await;
+    for _ in 0..2 {
+        let r = h.task("sk-carol", 1).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    h.settle_ledger().await;
+    let r = h.task("sk-carol", 1).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "60");
+    // Midnight in New York: yesterday's committed usage no longer counts at the store.
+    clock.advance_ms(60_000);
+    for left in ["1", "0"] {
+        let r = h.task("sk-carol", 1).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-day"), left);
+        r.text().await.unwrap();
+    }
+    assert_eq!(h.task("sk-carol", 1).await.status(), 429);
+    h.settle_ledger().await;
+    if let Some(db) = h.pg() {
+        let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+        let counted: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT at_ms, units FROM usage_counters WHERE account_id = 'carol' ORDER BY at_ms",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("counters");
+        assert_eq!(counted, vec![(late, 2), (late + 60_000, 2)]);
+        pool.close().await;
+    }
 }

@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::store::{
     AccountRow, BalanceUpdateRecord, LedgerEvent, MonetizationRecord, StoredGrant, UsageEventRecord,
 };
-use crate::waterfall::{FeatureSet, GrantKind, LayerKind, LayerState, Millis};
+use crate::waterfall::{FeatureSet, GrantKind, LayerKind, LayerState, Millis, Window, WindowKind};
 
 /// An account.
 #[derive(Debug, Serialize, ToSchema)]
@@ -166,21 +166,33 @@ pub struct LayerBody {
 pub struct WindowBody {
     /// Its name (as in the `x-ratelimit-*-<name>` headers).
     pub name: String,
-    /// Its length in minutes (rolling).
+    /// How it resets: `rolling` (usage slides out minute by minute), or at the start of each
+    /// calendar period in `time_zone`: `daily` (local midnight), `weekly` (Monday 00:00) or
+    /// `monthly` (the 1st, 00:00).
+    pub reset: String,
+    /// A calendar window's IANA time zone (absent for a rolling window).
+    pub time_zone: Option<String>,
+    /// Its length in minutes: a rolling window's, or a calendar window's current period (a
+    /// day of 23 or 25 hours when the clocks change).
     pub minutes: u32,
-    /// Units allowed in any span of that length.
+    /// Units allowed in the window.
     pub limit: u64,
-    /// Units used in the current span.
+    /// Units used in the current span or period.
     pub used: u64,
     /// Units still allowed.
     pub remaining: u64,
-    /// When everything used now has slid out of the window.
+    /// When it resets: everything used now has slid out of a rolling window; a calendar
+    /// window's next period starts.
     pub reset_at: String,
 }
 
 /// A free tier's allowance in its current period.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FreeTierBody {
+    /// `day`, `week` (from Monday) or `month`.
+    pub period: String,
+    /// The IANA time zone whose midnight starts a period.
+    pub time_zone: String,
     /// Units per period.
     pub units: u64,
     /// Units used this period.
@@ -221,6 +233,17 @@ pub struct GrantBalanceBody {
     pub priority: i32,
     /// Features it may pay for; absent: all.
     pub features: Option<Vec<String>>,
+}
+
+/// A window's length in minutes at `now`: a calendar window's current period.
+fn window_minutes(window: &Window, now: Millis) -> u32 {
+    match window.kind {
+        WindowKind::Rolling { minutes } => minutes,
+        WindowKind::Calendar { period, zone } => {
+            let (start, end) = period.bounds(zone, now);
+            u32::try_from((end - start) / crate::waterfall::MINUTE_MS).unwrap_or(u32::MAX)
+        }
+    }
 }
 
 impl UsageBody {
@@ -268,7 +291,9 @@ impl UsageBody {
                                     .windows(plan, i, now)
                                     .map(|w| WindowBody {
                                         name: w.window.name.to_string(),
-                                        minutes: w.window.minutes,
+                                        reset: w.window.reset_name().to_owned(),
+                                        time_zone: w.window.zone().map(|z| z.name().to_owned()),
+                                        minutes: window_minutes(w.window, now),
                                         limit: w.window.limit,
                                         used: w.used,
                                         remaining: w.remaining,
@@ -277,8 +302,12 @@ impl UsageBody {
                                     .collect(),
                             );
                         }
-                        LayerKind::FreeTier { units, period } => {
-                            let (start, end) = period.bounds(now);
+                        LayerKind::FreeTier {
+                            units,
+                            period,
+                            zone,
+                        } => {
+                            let (start, end) = period.bounds(*zone, now);
                             let used = match state.layers.get(i) {
                                 Some(LayerState::FreeTier {
                                     period_start, used, ..
@@ -286,6 +315,8 @@ impl UsageBody {
                                 _ => 0,
                             };
                             body.free_tier = Some(FreeTierBody {
+                                period: period.as_str().to_owned(),
+                                time_zone: zone.name().to_owned(),
                                 units: *units,
                                 used,
                                 remaining: units.saturating_sub(used),

@@ -10,7 +10,8 @@ use toml::Spanned;
 
 use super::*;
 use crate::waterfall::{
-    self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Millis, Period, Plan, PriceTable,
+    self, FeatureId, FeatureSet, GrantKind, Layer, LayerKind, Millis, Period, Plan, PriceTable, Tz,
+    WindowKind,
 };
 
 /// Checks `raw` section by section into [`Settings`].
@@ -581,15 +582,34 @@ fn plans(
                         if !valid_name(name) {
                             return cx.err(wkey("name"), Some(w.name.span()), "use letters, digits, '_' and '-' only (it becomes a header name)");
                         }
-                        let minutes = match humantime::parse_duration(w.duration.get_ref()) {
-                            Ok(d) if d.as_secs() >= 60 && d.as_secs() % 60 == 0 && d.as_secs() / 60 <= u64::from(u32::MAX) => (d.as_secs() / 60) as u32,
-                            Ok(_) => return cx.err(wkey("duration"), Some(w.duration.span()), "must be a whole number of minutes, at least 1m"),
-                            Err(e) => return cx.err(wkey("duration"), Some(w.duration.span()), format!("not a duration like \"5h\" or \"7days\": {e}")),
+                        let kind = match (&w.duration, &w.reset) {
+                            (Some(duration), None) => {
+                                if let Some(tz) = &w.time_zone {
+                                    return cx.err(wkey("time_zone"), Some(tz.span()), "only a calendar window (reset = \"daily\", \"weekly\" or \"monthly\") has a time zone; a rolling one counts the last `duration` wherever it is");
+                                }
+                                let minutes = match humantime::parse_duration(duration.get_ref()) {
+                                    Ok(d) if d.as_secs() >= 60 && d.as_secs() % 60 == 0 && d.as_secs() / 60 <= u64::from(u32::MAX) => (d.as_secs() / 60) as u32,
+                                    Ok(_) => return cx.err(wkey("duration"), Some(duration.span()), "must be a whole number of minutes, at least 1m"),
+                                    Err(e) => return cx.err(wkey("duration"), Some(duration.span()), format!("not a duration like \"5h\" or \"7days\": {e}")),
+                                };
+                                WindowKind::Rolling { minutes }
+                            }
+                            (None, Some(reset)) => {
+                                let period = match reset.get_ref().as_str() {
+                                    "daily" => Period::Day,
+                                    "weekly" => Period::Week,
+                                    "monthly" => Period::Month,
+                                    _ => return cx.err(wkey("reset"), Some(reset.span()), "must be \"daily\" (local midnight), \"weekly\" (Monday 00:00) or \"monthly\" (the 1st, 00:00)"),
+                                };
+                                WindowKind::Calendar { period, zone: time_zone(cx, wkey("time_zone"), w.time_zone.as_ref())? }
+                            }
+                            (Some(_), Some(reset)) => return cx.err(wkey("reset"), Some(reset.span()), "a window is either rolling (duration) or calendar-aligned (reset), not both"),
+                            (None, None) => return cx.err(wkey("duration"), Some(w.name.span()), "a window needs duration = \"5h\" (rolling) or reset = \"daily\", \"weekly\" or \"monthly\" (calendar-aligned)"),
                         };
                         if *w.limit.get_ref() == 0 {
                             return cx.err(wkey("limit"), Some(w.limit.span()), "must be at least 1");
                         }
-                        windows.push(waterfall::Window { name: name.as_str().into(), minutes, limit: *w.limit.get_ref() });
+                        windows.push(waterfall::Window { name: name.as_str().into(), kind, limit: *w.limit.get_ref() });
                     }
                     LayerKind::UsageLimit { windows }
                 }
@@ -603,7 +623,7 @@ fn plans(
                         Some(("month", _)) | None => Period::Month,
                         Some((_, span)) => return cx.err(key("period"), Some(span), "must be \"day\", \"week\" or \"month\""),
                     };
-                    LayerKind::FreeTier { units, period }
+                    LayerKind::FreeTier { units, period, zone: time_zone(cx, key("time_zone"), l.time_zone.as_ref())? }
                 }
                 "credits" => LayerKind::Credits,
                 "promotions" => LayerKind::Promotions,
@@ -616,6 +636,9 @@ fn plans(
                 }
                 other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise, concurrency)")),
             };
+            if let (Some(tz), false) = (&l.time_zone, matches!(kind, LayerKind::FreeTier { .. })) {
+                return cx.err(key("time_zone"), Some(tz.span()), "only a free_tier layer has a time zone (a calendar window takes its own, in windows)");
+            }
             let name = l.name.clone().unwrap_or_else(|| kind.tag().to_string());
             layers.push(Layer {
                 name: name.into(),
@@ -636,12 +659,18 @@ fn plans(
             prices,
             strict: p.strict,
         };
-        // The store keeps strict mode's usage counters for 40 days (`ledger`).
-        if plan.strict && plan.longest_window_minutes() > STRICT_WINDOW_MINUTES_MAX {
+        // The store keeps strict mode's usage counters for 40 days (`ledger`): a rolling window
+        // of 31 days or a calendar month (at most 32 days of history) fits.
+        let too_long = |w: &waterfall::Window| matches!(w.kind, WindowKind::Rolling { minutes } if minutes > STRICT_WINDOW_MINUTES_MAX);
+        if plan.strict
+            && plan.layers.iter().any(
+                |l| matches!(&l.kind, LayerKind::UsageLimit { windows } if windows.iter().any(too_long)),
+            )
+        {
             return cx.err(
                 format!("plans.{plan_name}.strict"),
                 None,
-                "a strict plan's windows are at most 31 days long",
+                "a strict plan's rolling windows are at most 31 days long (a calendar month is fine)",
             );
         }
         plans.insert(plan_name.clone(), Arc::new(plan));
@@ -655,8 +684,26 @@ const DIMENSIONS_MAX: usize = 8;
 /// The largest `per` of a dimension's rates.
 const RATE_PER_MAX: u64 = 1_000_000_000_000;
 
-/// The longest window a strict plan may have.
+/// The longest rolling window a strict plan may have.
 const STRICT_WINDOW_MINUTES_MAX: u32 = 31 * 24 * 60;
+
+/// The zone named at `key` (an IANA name; absent: UTC).
+fn time_zone(cx: &Ctx<'_>, key: String, name: Option<&Spanned<String>>) -> Result<Tz, ConfigError> {
+    let Some(name) = name else {
+        return Ok(Tz::UTC);
+    };
+    match name.get_ref().parse::<Tz>() {
+        Ok(zone) => Ok(zone),
+        Err(_) => cx.err(
+            key,
+            Some(name.span()),
+            format!(
+                "unknown time zone {:?}: use an IANA name such as \"UTC\", \"Europe/Paris\" or \"America/New_York\"",
+                name.get_ref()
+            ),
+        ),
+    }
+}
 
 fn accounts(
     raw_accounts: &[RawAccount],

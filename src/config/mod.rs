@@ -504,6 +504,8 @@ struct RawLayer {
     windows: Vec<RawWindow>,
     units: Option<u64>,
     period: Option<Spanned<String>>,
+    /// A free tier's IANA time zone (default UTC).
+    time_zone: Option<Spanned<String>>,
     #[serde(default)]
     postpaid: bool,
     /// A concurrency layer's requests at once.
@@ -514,7 +516,12 @@ struct RawLayer {
 #[serde(deny_unknown_fields)]
 struct RawWindow {
     name: Spanned<String>,
-    duration: Spanned<String>,
+    /// A rolling window's length ("5h").
+    duration: Option<Spanned<String>>,
+    /// A calendar window's reset: "daily", "weekly" or "monthly".
+    reset: Option<Spanned<String>>,
+    /// A calendar window's IANA time zone (default UTC).
+    time_zone: Option<Spanned<String>>,
     limit: Spanned<u64>,
 }
 

@@ -224,3 +224,170 @@ fn dimension_prices_are_checked_against_what_the_routes_measure() {
     let e = error_of(&OPENAI.replacen("extends = \"developer\"", "extends = \"nope\"", 1));
     assert!(e.key.ends_with("acme.extends"), "{e}");
 }
+
+/// The line of the first occurrence of `needle` in `text`, outside comments.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| !l.trim_start().starts_with('#') && l.contains(needle))
+        .expect("needle")
+        + 1
+}
+
+const ROLLING_5H: &str = "{ name = \"5h\", duration = \"5h\", limit = 50 }";
+
+#[test]
+fn a_calendar_window_and_a_zoned_free_tier_are_compiled() {
+    use crate::waterfall::{LayerKind, Period, Tz, WindowKind};
+    let text = EXAMPLE
+        .replacen(
+            ROLLING_5H,
+            "{ name = \"day\", reset = \"daily\", limit = 100, time_zone = \"America/New_York\" }",
+            1,
+        )
+        .replacen(
+            "{ name = \"week\", duration = \"7days\", limit = 500 }",
+            "{ name = \"week\", reset = \"weekly\", limit = 500 }",
+            1,
+        )
+        .replacen(
+            "period = \"month\"",
+            "period = \"month\"\ntime_zone = \"Europe/Paris\"",
+            1,
+        );
+    let s = Settings::parse(&text).expect("valid");
+    let pro = &s.plans["pro"];
+    let windows = pro
+        .layers
+        .iter()
+        .find_map(|l| match &l.kind {
+            LayerKind::UsageLimit { windows } if l.name.as_ref() == "tasks" => Some(windows),
+            _ => None,
+        })
+        .expect("the tasks layer");
+    assert_eq!(
+        windows[0].kind,
+        WindowKind::Calendar {
+            period: Period::Day,
+            zone: chrono_tz::America::New_York
+        }
+    );
+    // No zone: UTC.
+    assert_eq!(
+        windows[1].kind,
+        WindowKind::Calendar {
+            period: Period::Week,
+            zone: Tz::UTC
+        }
+    );
+    assert!(pro.layers.iter().any(|l| matches!(
+        l.kind,
+        LayerKind::FreeTier {
+            period: Period::Month,
+            zone: chrono_tz::Europe::Paris,
+            ..
+        }
+    )));
+    // The example's rolling windows and UTC free tier as they were.
+    let s = Settings::parse(EXAMPLE).expect("valid");
+    assert!(
+        s.plans["pro"]
+            .layers
+            .iter()
+            .any(|l| matches!(l.kind, LayerKind::FreeTier { zone: Tz::UTC, .. }))
+    );
+}
+
+#[test]
+fn a_window_is_rolling_or_calendar_never_both_nor_neither() {
+    let both = EXAMPLE.replacen(
+        ROLLING_5H,
+        "{ name = \"5h\", duration = \"5h\", reset = \"daily\", limit = 50 }",
+        1,
+    );
+    let e = error_of(&both);
+    assert_eq!(e.key, "plans.pro.layers[1].windows[0].reset", "{e}");
+    assert_eq!(e.line, Some(line_of(&both, "reset = \"daily\"")), "{e}");
+    let neither = EXAMPLE.replacen(ROLLING_5H, "{ name = \"5h\", limit = 50 }", 1);
+    let e = error_of(&neither);
+    assert_eq!(e.key, "plans.pro.layers[1].windows[0].duration", "{e}");
+    assert_eq!(
+        e.line,
+        Some(line_of(&neither, "name = \"5h\", limit")),
+        "{e}"
+    );
+    assert!(e.message.contains("reset"), "{e}");
+    let hourly = EXAMPLE.replacen(
+        ROLLING_5H,
+        "{ name = \"5h\", reset = \"hourly\", limit = 50 }",
+        1,
+    );
+    let e = error_of(&hourly);
+    assert_eq!(e.key, "plans.pro.layers[1].windows[0].reset", "{e}");
+    assert_eq!(e.line, Some(line_of(&hourly, "\"hourly\"")), "{e}");
+    assert!(e.message.contains("daily"), "{e}");
+}
+
+#[test]
+fn a_bad_time_zone_names_its_key_and_line() {
+    let window = EXAMPLE.replacen(
+        ROLLING_5H,
+        "{ name = \"day\", reset = \"daily\", limit = 50, time_zone = \"America/Nowhere\" }",
+        1,
+    );
+    let e = error_of(&window);
+    assert_eq!(e.key, "plans.pro.layers[1].windows[0].time_zone", "{e}");
+    assert_eq!(e.line, Some(line_of(&window, "America/Nowhere")), "{e}");
+    assert!(e.message.contains("America/Nowhere"), "{e}");
+    let free = EXAMPLE.replacen(
+        "period = \"month\"",
+        "period = \"month\"\ntime_zone = \"CET+1\"",
+        1,
+    );
+    let e = error_of(&free);
+    assert_eq!(e.key, "plans.pro.layers[3].time_zone", "{e}");
+    assert_eq!(e.line, Some(line_of(&free, "CET+1")), "{e}");
+    // IANA names are case-sensitive.
+    let lower = EXAMPLE.replacen(
+        "period = \"month\"",
+        "period = \"month\"\ntime_zone = \"europe/paris\"",
+        1,
+    );
+    assert_eq!(error_of(&lower).key, "plans.pro.layers[3].time_zone");
+}
+
+#[test]
+fn a_time_zone_where_none_applies_is_an_error() {
+    let rolling = EXAMPLE.replacen(
+        ROLLING_5H,
+        "{ name = \"5h\", duration = \"5h\", limit = 50, time_zone = \"Europe/Paris\" }",
+        1,
+    );
+    let e = error_of(&rolling);
+    assert_eq!(e.key, "plans.pro.layers[1].windows[0].time_zone", "{e}");
+    assert_eq!(e.line, Some(line_of(&rolling, "Europe/Paris")), "{e}");
+    let credits = EXAMPLE.replacen(
+        "kind = \"credits\"\n",
+        "kind = \"credits\"\ntime_zone = \"Europe/Paris\"\n",
+        1,
+    );
+    let e = error_of(&credits);
+    assert!(e.key.ends_with("].time_zone"), "{e}");
+    assert_eq!(e.line, Some(line_of(&credits, "Europe/Paris")), "{e}");
+}
+
+#[test]
+fn a_strict_plan_may_have_a_calendar_month_but_no_longer_rolling_window() {
+    let strict = EXAMPLE.replacen("strict = false", "strict = true", 1);
+    let monthly = strict.replacen(
+        ROLLING_5H,
+        "{ name = \"month\", reset = \"monthly\", limit = 50 }",
+        1,
+    );
+    Settings::parse(&monthly).expect("a calendar month fits the counters kept");
+    let long = strict.replacen(
+        ROLLING_5H,
+        "{ name = \"5h\", duration = \"32days\", limit = 50 }",
+        1,
+    );
+    assert_eq!(error_of(&long).key, "plans.pro.strict");
+}

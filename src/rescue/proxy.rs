@@ -122,6 +122,8 @@ fn retry_after(mut response: Response, seconds: u64) -> Response {
 pub struct WindowReport {
     layer: u8,
     name: std::sync::Arc<str>,
+    reset: &'static str,
+    time_zone: Option<&'static str>,
     limit: u64,
     used: u64,
     remaining: u64,
@@ -134,6 +136,8 @@ impl WindowReport {
         WindowReport {
             layer,
             name: status.window.name.clone(),
+            reset: status.window.reset_name(),
+            time_zone: status.window.zone().map(|z| z.name()),
             limit: status.window.limit,
             used: status.used,
             remaining: status.remaining,
@@ -170,6 +174,8 @@ impl DenialReport {
                         .map(|w| {
                             json!({
                                 "name": &*w.name,
+                                "reset": w.reset,
+                                "time_zone": w.time_zone,
                                 "limit": w.limit,
                                 "used": w.used,
                                 "remaining": w.remaining,

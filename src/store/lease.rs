@@ -9,13 +9,15 @@
 
 use smallvec::SmallVec;
 
-use crate::waterfall::{LeasePool, MINUTE_MS, Millis, Units};
+use crate::waterfall::{LeasePool, Millis, Units};
 
 /// What one pool's limit is, as the store checks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseLimit {
-    /// A usage-limit layer's windows: (minutes, limit) each; a unit needs room in all.
-    Windows(SmallVec<[(u32, Units); 2]>),
+    /// A usage-limit layer's windows: (the first instant it counts, limit) each, as the asking
+    /// replica computed them at the round's `now` (a rolling window's first minute, a calendar
+    /// window's period start in its zone); a unit needs room in all.
+    Windows(SmallVec<[(Millis, Units); 2]>),
     /// A free tier: its allowance in the period that starts at `period_start`.
     FreeTier {
         /// Units per period.
@@ -76,14 +78,13 @@ pub fn slice(want: u64, free: u64) -> u64 {
     free.min(want.max(free / 4))
 }
 
-/// Room left in a usage-limit layer's windows at `now`: the smallest over the windows of
-/// `limit − committed in the window`, before any lease. `counters` are (minute start in ms,
-/// units) of the layer.
-pub fn window_room(windows: &[(u32, Units)], counters: &[(Millis, u64)], now: Millis) -> u64 {
+/// Room left in a usage-limit layer's windows: the smallest over the windows of
+/// `limit − committed since the window's first instant`, before any lease. `counters` are
+/// (minute start in ms, units) of the layer.
+pub fn window_room(windows: &[(Millis, Units)], counters: &[(Millis, u64)]) -> u64 {
     windows
         .iter()
-        .map(|&(minutes, limit)| {
-            let first = (now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1) * MINUTE_MS;
+        .map(|&(first, limit)| {
             let used: u64 = counters
                 .iter()
                 .filter(|(at, _)| *at >= first)
@@ -95,13 +96,10 @@ pub fn window_room(windows: &[(u32, Units)], counters: &[(Millis, u64)], now: Mi
         .unwrap_or(0)
 }
 
-/// The earliest counter a limit needs at `now` (older ones cannot count).
-pub fn counters_since(limit: &LeaseLimit, now: Millis) -> Option<Millis> {
+/// The earliest counter a limit needs (older ones cannot count).
+pub fn counters_since(limit: &LeaseLimit) -> Option<Millis> {
     match limit {
-        LeaseLimit::Windows(w) => {
-            let longest = w.iter().map(|(m, _)| *m).max().unwrap_or(0);
-            Some((now.div_euclid(MINUTE_MS) - i64::from(longest) + 1) * MINUTE_MS)
-        }
+        LeaseLimit::Windows(w) => w.iter().map(|(first, _)| *first).min(),
         LeaseLimit::FreeTier { period_start, .. } => Some(*period_start),
         LeaseLimit::Grant => None,
     }
@@ -128,6 +126,7 @@ pub fn parse_pool_key(key: &str) -> Option<LeasePool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::waterfall::{MINUTE_MS, Period, Window};
 
     #[test]
     fn a_slice_is_the_want_or_a_quarter_of_what_is_free_never_more_than_free() {
@@ -138,19 +137,50 @@ mod tests {
         assert_eq!(slice(1, 3), 1);
     }
 
+    /// The limit of the windows of `w` at `now`, as a replica asks.
+    fn limit(w: &[Window], now: Millis) -> SmallVec<[(Millis, Units); 2]> {
+        w.iter().map(|w| (w.span(now).0, w.limit)).collect()
+    }
+
     #[test]
     fn window_room_counts_only_minutes_inside_each_window() {
         let now = 100 * MINUTE_MS + 30_000;
         // 5 units 10 minutes ago, 2 units this minute.
         let counters = [(90 * MINUTE_MS, 5), (100 * MINUTE_MS, 2)];
-        assert_eq!(window_room(&[(10, 20)], &counters, now), 18);
-        assert_eq!(window_room(&[(11, 20)], &counters, now), 13);
-        assert_eq!(window_room(&[(11, 20), (5, 3)], &counters, now), 1);
-        assert_eq!(window_room(&[(11, 4)], &counters, now), 0);
+        let room = |w: &[Window]| window_room(&limit(w, now), &counters);
+        assert_eq!(room(&[Window::rolling("a", 10, 20)]), 18);
+        assert_eq!(room(&[Window::rolling("a", 11, 20)]), 13);
+        let both = [Window::rolling("a", 11, 20), Window::rolling("b", 5, 3)];
+        assert_eq!(room(&both), 1);
+        assert_eq!(room(&[Window::rolling("a", 11, 4)]), 0);
         assert_eq!(
-            counters_since(&LeaseLimit::Windows([(11, 4)].into_iter().collect()), now),
+            counters_since(&LeaseLimit::Windows(limit(
+                &[Window::rolling("a", 11, 4)],
+                now
+            ))),
             Some(90 * MINUTE_MS)
         );
+    }
+
+    #[test]
+    fn a_calendar_windows_room_counts_from_its_local_midnight() {
+        // 2026-11-24 12:00 UTC is 07:00 in New York; its day began at 05:00 UTC.
+        let day = |h: i64| 1_795_478_400_000 + h * 3_600_000; // 2026-11-24 00:00 UTC + h
+        let now = day(12);
+        let counters = [(day(4), 5), (day(5), 2), (day(11), 1)];
+        let ny = [Window::calendar(
+            "day",
+            Period::Day,
+            chrono_tz::America::New_York,
+            10,
+        )];
+        assert_eq!(window_room(&limit(&ny, now), &counters), 7);
+        assert_eq!(
+            counters_since(&LeaseLimit::Windows(limit(&ny, now))),
+            Some(day(5))
+        );
+        let utc = [Window::calendar("day", Period::Day, chrono_tz::UTC, 10)];
+        assert_eq!(window_room(&limit(&utc, now), &counters), 2);
     }
 
     #[test]

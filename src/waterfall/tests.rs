@@ -18,11 +18,7 @@ fn t0() -> Millis {
 }
 
 fn window(name: &str, minutes: u32, limit: Units) -> Window {
-    Window {
-        name: name.into(),
-        minutes,
-        limit,
-    }
+    Window::rolling(name, minutes, limit)
 }
 
 fn layer(name: &str, kind: LayerKind) -> Layer {
@@ -62,6 +58,7 @@ fn plan() -> Plan {
                 LayerKind::FreeTier {
                     units: 2,
                     period: Period::Day,
+                    zone: Tz::UTC,
                 },
             ),
             layer("credits", LayerKind::Credits),
@@ -120,6 +117,7 @@ fn a_plan_keeps_its_state_layout_only_with_the_same_stateful_layers() {
     weekly.layers[1].kind = LayerKind::FreeTier {
         units: 2,
         period: Period::Week,
+        zone: Tz::UTC,
     };
     assert!(!pro.same_state_layout(&weekly));
     let mut swapped = plan();
@@ -158,6 +156,7 @@ fn stored_names_round_trip_and_tags_are_the_documented_ones() {
         LayerKind::FreeTier {
             units: 1,
             period: Period::Day,
+            zone: Tz::UTC,
         },
         LayerKind::Credits,
         LayerKind::Promotions,
@@ -189,7 +188,7 @@ fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
     let mut log = UsageLog::default();
     log.add(now_minute - 10, 1); // one minute before the window: not counted
     log.add(now_minute - 5, 3); // fills it
-    assert_eq!(log.used(10, t0()), 3);
+    assert_eq!(log.used(&w, t0()), 3);
     // One unit is free when the minute-5 usage slides out, not the minute-10 one.
     assert_eq!(log.free_at(&w, 1, t0()), Some(t0() + 5 * MIN));
 }
@@ -212,6 +211,7 @@ fn settling_last_periods_free_tier_leaves_this_periods_holds() {
             LayerKind::FreeTier {
                 units: 2,
                 period: Period::Day,
+                zone: Tz::UTC,
             },
         )],
         ..plan()
@@ -223,7 +223,7 @@ fn settling_last_periods_free_tier_leaves_this_periods_holds() {
     s.settled(&yesterday.draws);
     // Rebuilt from a store with nothing committed today: today's hold is still counted.
     s.resync_usage(&plan, &[], today);
-    assert_eq!(s.free_tier_used(0, Period::Day, today), 1);
+    assert_eq!(s.free_tier_used(0, Period::Day.bounds(Tz::UTC, today).0), 1);
 }
 
 #[test]
@@ -278,7 +278,7 @@ fn a_layer_used_up_says_when_it_has_room_again() {
     let d = admit(&plan, &mut s, TASK, 2, later);
     assert_eq!(d.layers[0].reset_at, Some(t0() + 300 * MIN));
     // The free tier: one of two left, then both used: free again at the day's end.
-    let day_end = Period::Day.bounds(later).1;
+    let day_end = Period::Day.bounds(Tz::UTC, later).1;
     let d = admit(&plan, &mut s, TASK, 1, later);
     assert_eq!((d.layers[1].gave_units, d.layers[1].reset_at), (1, None));
     let d = decide(&plan, &s, TASK, 1, later);
@@ -361,12 +361,19 @@ fn a_free_tier_resets_at_its_period_boundary() {
     ] {
         let end = end.single().expect("instant").timestamp_millis();
         let plan = Plan {
-            layers: vec![layer("free", LayerKind::FreeTier { units: 4, period })],
+            layers: vec![layer(
+                "free",
+                LayerKind::FreeTier {
+                    units: 4,
+                    period,
+                    zone: Tz::UTC,
+                },
+            )],
             ..plan()
         };
         let mut s = AccountState::new(&plan, vec![], t0());
         admit(&plan, &mut s, TASK, 4, t0());
-        assert_eq!(period.bounds(t0()).1, end, "{period:?}");
+        assert_eq!(period.bounds(Tz::UTC, t0()).1, end, "{period:?}");
         let d = decide(&plan, &s, TASK, 1, end - MIN);
         assert!(!d.admitted(), "{period:?}: the minute before the boundary");
         let d = admit(&plan, &mut s, TASK, 4, end);
@@ -726,6 +733,7 @@ fn another_replica_can_start_the_next_free_tier_period() {
             LayerKind::FreeTier {
                 units: 2,
                 period: Period::Day,
+                zone: Tz::UTC,
             },
         )],
         ..plan()
@@ -776,7 +784,14 @@ fn model() -> impl Strategy<Value = Model> {
             ));
         }
         if let Some((units, period)) = free {
-            layers.push(layer("free", LayerKind::FreeTier { units, period }));
+            layers.push(layer(
+                "free",
+                LayerKind::FreeTier {
+                    units,
+                    period,
+                    zone: Tz::UTC,
+                },
+            ));
         }
         layers.push(layer("credits", LayerKind::Credits));
         layers.push(layer("promotions", LayerKind::Promotions));
@@ -822,7 +837,9 @@ fn observable(plan: &Plan, s: &AccountState, now: Millis) -> (Vec<Units>, Vec<Gr
     for (i, l) in plan.layers.iter().enumerate() {
         match &l.kind {
             LayerKind::UsageLimit { .. } => used.extend(s.windows(plan, i, now).map(|w| w.used)),
-            LayerKind::FreeTier { period, .. } => used.push(s.free_tier_used(i, *period, now)),
+            LayerKind::FreeTier { period, zone, .. } => {
+                used.push(s.free_tier_used(i, period.bounds(*zone, now).0))
+            }
             _ => {}
         }
     }
@@ -906,9 +923,11 @@ fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> U
                 .map(|w| w.window.limit.saturating_sub(w.used))
                 .min()
                 .unwrap_or(0),
-            LayerKind::FreeTier { units, period } => {
-                units.saturating_sub(s.free_tier_used(i, *period, now))
-            }
+            LayerKind::FreeTier {
+                units,
+                period,
+                zone,
+            } => units.saturating_sub(s.free_tier_used(i, period.bounds(*zone, now).0)),
             LayerKind::Credits | LayerKind::Promotions => {
                 let kind = if matches!(l.kind, LayerKind::Credits) {
                     GrantKind::Credits
@@ -966,8 +985,8 @@ proptest! {
                             prop_assert!(w.used <= w.window.limit, "{} used {} of {}", w.window.name, w.used, w.window.limit);
                         }
                     }
-                    LayerKind::FreeTier { units, period } => {
-                        prop_assert!(s.free_tier_used(i, *period, now) <= *units);
+                    LayerKind::FreeTier { units, period, zone } => {
+                        prop_assert!(s.free_tier_used(i, period.bounds(*zone, now).0) <= *units);
                     }
                     _ => {}
                 }
@@ -1318,5 +1337,435 @@ proptest! {
         let drawn_credits: Credits = held.iter().flatten().map(|d| d.credits()).sum();
         prop_assert!(store.committed_units + drawn_units <= limit);
         prop_assert!(store.debited + drawn_credits <= balance);
+    }
+}
+
+// Calendar-aligned windows and free tiers in a time zone.
+
+use chrono_tz::{America, Europe, Pacific};
+
+/// The instant of a UTC wall-clock time.
+fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> Millis {
+    Utc.with_ymd_and_hms(y, mo, d, h, mi, 0)
+        .single()
+        .map(|t| t.timestamp_millis())
+        .expect("valid instant")
+}
+
+/// A plan of one usage-limit layer with `windows` and nothing after it.
+fn limits_only(windows: Vec<Window>) -> Plan {
+    Plan {
+        layers: vec![layer("limits", LayerKind::UsageLimit { windows })],
+        ..plan()
+    }
+}
+
+fn retry_at(d: &Decision) -> Option<Millis> {
+    match d.denial {
+        Some(Denial::UsageLimitReached { retry_at }) => Some(retry_at),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_day_runs_from_local_midnight_to_local_midnight_and_lasts_23_or_25_hours_when_clocks_change() {
+    let ny = America::New_York;
+    // An ordinary November day: EST, UTC−5.
+    assert_eq!(
+        Period::Day.bounds(ny, utc(2026, 11, 23, 10, 0)),
+        (utc(2026, 11, 23, 5, 0), utc(2026, 11, 24, 5, 0))
+    );
+    // 2026-03-08: the clocks go from 02:00 EST to 03:00 EDT; the day lasts 23 hours.
+    let spring = Period::Day.bounds(ny, utc(2026, 3, 8, 12, 0));
+    assert_eq!(spring, (utc(2026, 3, 8, 5, 0), utc(2026, 3, 9, 4, 0)));
+    // 2026-11-01: from 02:00 EDT back to 01:00 EST; 25 hours, the repeated hour included.
+    let autumn = (utc(2026, 11, 1, 4, 0), utc(2026, 11, 2, 5, 0));
+    for at in [
+        utc(2026, 11, 1, 4, 0),
+        utc(2026, 11, 1, 5, 30), // 01:30 EDT
+        utc(2026, 11, 1, 6, 30), // 01:30 EST, the second time
+        utc(2026, 11, 2, 5, 0) - 1,
+    ] {
+        assert_eq!(Period::Day.bounds(ny, at), autumn);
+    }
+    // The instant before a day starts belongs to the previous one.
+    assert_eq!(
+        Period::Day.bounds(ny, utc(2026, 11, 1, 4, 0) - 1).1,
+        autumn.0
+    );
+}
+
+#[test]
+fn a_midnight_the_clocks_skip_or_repeat_still_starts_exactly_one_day() {
+    // Santiago, 2026-09-06: at 04:00 UTC the clocks jump from 24:00 (−04) to 01:00 (−03),
+    // so Sunday starts at the jump and lasts 23 hours.
+    let cl = America::Santiago;
+    assert_eq!(
+        Period::Day.bounds(cl, utc(2026, 9, 6, 12, 0)),
+        (utc(2026, 9, 6, 4, 0), utc(2026, 9, 7, 3, 0))
+    );
+    assert_eq!(
+        Period::Day.bounds(cl, utc(2026, 9, 6, 4, 0) - 1).1,
+        utc(2026, 9, 6, 4, 0)
+    );
+    // 2026-04-05: at 03:00 UTC from 24:00 (−03) back to 23:00 (−04): Saturday lasts 25
+    // hours, its last one twice.
+    let saturday = (utc(2026, 4, 4, 3, 0), utc(2026, 4, 5, 4, 0));
+    assert_eq!(Period::Day.bounds(cl, utc(2026, 4, 5, 2, 30)), saturday);
+    assert_eq!(Period::Day.bounds(cl, utc(2026, 4, 5, 3, 30)), saturday);
+    assert_eq!(Period::Day.bounds(cl, utc(2026, 4, 5, 4, 0)).0, saturday.1);
+    // Samoa skipped 2011-12-30 altogether: the 29th ends when the 31st begins.
+    let ws = Pacific::Apia;
+    let end_of_29th = Period::Day.bounds(ws, utc(2011, 12, 30, 0, 0)).1;
+    assert_eq!(end_of_29th, utc(2011, 12, 30, 10, 0));
+    assert_eq!(Period::Day.bounds(ws, end_of_29th).0, end_of_29th);
+    assert_eq!(
+        Period::Day.bounds(ws, end_of_29th).1,
+        utc(2011, 12, 31, 10, 0)
+    );
+}
+
+#[test]
+fn weeks_start_on_monday_and_months_on_the_first_at_local_midnight() {
+    let paris = Europe::Paris;
+    // t0 is Monday 2026-11-23 11:00 in Paris (CET, UTC+1).
+    assert_eq!(
+        Period::Week.bounds(paris, t0()),
+        (utc(2026, 11, 22, 23, 0), utc(2026, 11, 29, 23, 0))
+    );
+    // Sunday 23:59 in Paris is still last week.
+    assert_eq!(
+        Period::Week.bounds(paris, utc(2026, 11, 22, 22, 59)).1,
+        utc(2026, 11, 22, 23, 0)
+    );
+    // The week of 2026-10-25 (back from CEST to CET) lasts 7 days and an hour.
+    assert_eq!(
+        Period::Week.bounds(paris, utc(2026, 10, 21, 12, 0)),
+        (utc(2026, 10, 18, 22, 0), utc(2026, 10, 25, 23, 0))
+    );
+    // New York's March 2026 starts in EST and ends in EDT; December ends the year.
+    let ny = America::New_York;
+    assert_eq!(
+        Period::Month.bounds(ny, utc(2026, 3, 15, 12, 0)),
+        (utc(2026, 3, 1, 5, 0), utc(2026, 4, 1, 4, 0))
+    );
+    assert_eq!(
+        Period::Month.bounds(ny, utc(2027, 1, 1, 4, 59)),
+        (utc(2026, 12, 1, 5, 0), utc(2027, 1, 1, 5, 0))
+    );
+    // 04:00 UTC on 1 March is still February in New York, March in UTC.
+    assert_eq!(
+        Period::Month.bounds(ny, utc(2026, 3, 1, 4, 0)).1,
+        utc(2026, 3, 1, 5, 0)
+    );
+    assert_eq!(
+        Period::Month.bounds(Tz::UTC, utc(2026, 3, 1, 4, 0)).0,
+        utc(2026, 3, 1, 0, 0)
+    );
+    // No period lasts longer than the history a window keeps for it.
+    for (period, at) in [
+        (Period::Day, utc(2026, 11, 1, 12, 0)),
+        (Period::Week, utc(2026, 10, 21, 12, 0)),
+        (Period::Month, utc(2026, 10, 21, 12, 0)),
+    ] {
+        let (start, end) = period.bounds(paris, at);
+        assert!(end - start <= i64::from(period.longest_minutes()) * MIN);
+    }
+}
+
+#[test]
+fn a_daily_window_in_new_york_resets_at_local_midnight_on_a_dst_day() {
+    let plan = limits_only(vec![Window::calendar(
+        "day",
+        Period::Day,
+        America::New_York,
+        3,
+    )]);
+    let mut s = AccountState::new(&plan, vec![], utc(2026, 3, 7, 12, 0));
+    // 23:59 EST on the 7th: yesterday, in New York.
+    admit(&plan, &mut s, TASK, 3, utc(2026, 3, 8, 4, 59));
+    // 00:00 EST on the 8th: a new day, the whole limit again.
+    let midnight = utc(2026, 3, 8, 5, 0);
+    admit(&plan, &mut s, TASK, 2, midnight);
+    admit(&plan, &mut s, TASK, 1, utc(2026, 3, 8, 12, 0));
+    // Used up until the next local midnight, 23 hours after this one (00:00 EDT).
+    let next = utc(2026, 3, 9, 4, 0);
+    assert_eq!(next - midnight, 23 * HOUR);
+    let d = decide(&plan, &s, TASK, 1, next - 1);
+    assert_eq!(retry_at(&d), Some(next));
+    assert_eq!(d.layers[0].reset_at, Some(next));
+    let status: Vec<(Units, Units, Millis)> = s
+        .windows(&plan, 0, utc(2026, 3, 8, 12, 0))
+        .map(|w| (w.used, w.remaining, w.reset_at))
+        .collect();
+    assert_eq!(status, vec![(3, 0, next)]);
+    let log = s.usage_log(0).expect("a usage log");
+    let w = &plan_windows(&plan)[0];
+    assert_eq!(log.free_at(w, 1, next - MIN), Some(next));
+    assert_eq!(log.free_at(w, 3, next - MIN), Some(next));
+    assert_eq!(log.free_at(w, 4, next - MIN), None);
+    assert_eq!(log.free_at(w, 1, next), Some(next));
+    // At local midnight: everything is free again, and the window resets at the next one.
+    assert!(decide(&plan, &s, TASK, 3, next).admitted());
+    assert!(!decide(&plan, &s, TASK, 4, next).admitted());
+    let status: Vec<(Units, Units, Millis)> = s
+        .windows(&plan, 0, next)
+        .map(|w| (w.used, w.remaining, w.reset_at))
+        .collect();
+    assert_eq!(status, vec![(0, 3, utc(2026, 3, 10, 4, 0))]);
+}
+
+fn plan_windows(plan: &Plan) -> &[Window] {
+    match &plan.layers[0].kind {
+        LayerKind::UsageLimit { windows } => windows,
+        _ => &[],
+    }
+}
+
+#[test]
+fn a_calendar_window_with_a_rolling_one_waits_for_whichever_frees_later() {
+    // 5 per rolling hour and 6 per New York day: the day is used up at 23:30, so waiting
+    // helps at local midnight, not when the hour has slid past.
+    let plan = limits_only(vec![
+        window("1h", 60, 5),
+        Window::calendar("day", Period::Day, America::New_York, 6),
+    ]);
+    let mut s = AccountState::new(&plan, vec![], t0());
+    let evening = utc(2026, 11, 24, 3, 0); // 22:00 EST on the 23rd
+    admit(&plan, &mut s, TASK, 5, evening);
+    admit(&plan, &mut s, TASK, 1, evening + 90 * MIN);
+    let d = decide(&plan, &s, TASK, 1, evening + 90 * MIN);
+    assert_eq!(retry_at(&d), Some(utc(2026, 11, 24, 5, 0)));
+    // Just after midnight the day has room, but the rolling hour still counts the 23:30 unit.
+    let after = utc(2026, 11, 24, 5, 0);
+    assert!(decide(&plan, &s, TASK, 4, after).admitted());
+    assert!(!decide(&plan, &s, TASK, 5, after).admitted());
+}
+
+#[test]
+fn weekly_and_monthly_windows_reset_at_their_local_boundaries() {
+    let paris = Europe::Paris;
+    let plan = limits_only(vec![
+        Window::calendar("week", Period::Week, paris, 2),
+        Window::calendar("month", Period::Month, paris, 3),
+    ]);
+    let mut s = AccountState::new(&plan, vec![], t0());
+    // Sunday 2026-11-22 23:59 in Paris: last week, but this month.
+    admit(&plan, &mut s, TASK, 1, utc(2026, 11, 22, 22, 59));
+    admit(&plan, &mut s, TASK, 2, t0());
+    let monday = utc(2026, 11, 29, 23, 0); // 2026-11-30 00:00 CET
+    let first = utc(2026, 11, 30, 23, 0); // 2026-12-01 00:00 CET
+    let status: Vec<(Units, Millis)> = s
+        .windows(&plan, 0, t0())
+        .map(|w| (w.used, w.reset_at))
+        .collect();
+    assert_eq!(status, vec![(2, monday), (3, first)]);
+    // Both full: the week frees first, but the month decides.
+    assert_eq!(retry_at(&decide(&plan, &s, TASK, 1, t0())), Some(first));
+    // The new week alone is not enough; the new month is.
+    assert!(!decide(&plan, &s, TASK, 1, monday).admitted());
+    assert!(decide(&plan, &s, TASK, 2, first).admitted());
+    assert!(!decide(&plan, &s, TASK, 3, first).admitted());
+    assert!(!decide(&plan, &s, TASK, 1, first - 1).admitted());
+}
+
+#[test]
+fn a_monthly_free_tier_in_a_zone_resets_at_its_local_first() {
+    let paris = Europe::Paris;
+    let plan = Plan {
+        layers: vec![layer(
+            "free",
+            LayerKind::FreeTier {
+                units: 2,
+                period: Period::Month,
+                zone: paris,
+            },
+        )],
+        ..plan()
+    };
+    let late = utc(2026, 11, 30, 22, 30); // 23:30 in Paris on the 30th
+    let mut s = AccountState::new(&plan, vec![], late);
+    let d = admit(&plan, &mut s, TASK, 2, late);
+    let first = utc(2026, 11, 30, 23, 0); // 2026-12-01 00:00 CET
+    assert_eq!(
+        d.draws[0].pool,
+        Pool::FreeTier {
+            period_start: utc(2026, 10, 31, 23, 0)
+        }
+    );
+    let d = decide(&plan, &s, TASK, 1, first - MIN);
+    assert!(!d.admitted());
+    assert_eq!(d.layers[0].reset_at, Some(first));
+    // In Paris December has begun; in UTC it is still November.
+    let d = admit(&plan, &mut s, TASK, 2, first);
+    assert_eq!(
+        d.draws[0].pool,
+        Pool::FreeTier {
+            period_start: first
+        }
+    );
+    assert_eq!(
+        Period::Month.bounds(Tz::UTC, first).1,
+        utc(2026, 12, 1, 0, 0)
+    );
+}
+
+#[test]
+fn a_calendar_window_keeps_the_history_of_its_longest_period() {
+    let plan = limits_only(vec![Window::calendar(
+        "month",
+        Period::Month,
+        America::New_York,
+        100,
+    )]);
+    assert_eq!(plan.longest_window_minutes(), 32 * 24 * 60);
+    let mut s = AccountState::new(&plan, vec![], utc(2026, 3, 1, 5, 0));
+    // The first minute of March in New York is still counted on the 31st at 23:59, after a
+    // later draw pruned the log.
+    admit(&plan, &mut s, TASK, 7, utc(2026, 3, 1, 5, 0));
+    admit(&plan, &mut s, TASK, 1, utc(2026, 4, 1, 3, 59));
+    let used: Vec<Units> = s
+        .windows(&plan, 0, utc(2026, 4, 1, 3, 59))
+        .map(|w| w.used)
+        .collect();
+    assert_eq!(used, vec![8]);
+    let used: Vec<Units> = s
+        .windows(&plan, 0, utc(2026, 4, 1, 4, 0))
+        .map(|w| w.used)
+        .collect();
+    assert_eq!(used, vec![0]);
+}
+
+#[test]
+fn a_window_changing_kind_or_zone_keeps_its_log_but_a_free_tier_in_another_zone_does_not() {
+    let rolling_week = limits_only(vec![window("week", 7 * 24 * 60, 10)]);
+    let daily_ny = limits_only(vec![Window::calendar(
+        "day",
+        Period::Day,
+        America::New_York,
+        10,
+    )]);
+    let daily_paris = limits_only(vec![Window::calendar(
+        "day",
+        Period::Day,
+        Europe::Paris,
+        10,
+    )]);
+    // A day's history is within the week's, and the same in any zone; not the other way round.
+    assert!(rolling_week.same_state_layout(&daily_ny));
+    assert!(daily_ny.same_state_layout(&daily_paris));
+    assert!(!daily_ny.same_state_layout(&rolling_week));
+    // The kept log counts right under the new kind: usage at 23:30 in Paris (17:30 in New York).
+    let mut s = AccountState::new(&rolling_week, vec![], t0());
+    admit(&rolling_week, &mut s, TASK, 4, utc(2026, 11, 23, 22, 30));
+    let at = utc(2026, 11, 23, 23, 30);
+    let used = |plan: &Plan| s.windows(plan, 0, at).map(|w| w.used).next();
+    assert_eq!(used(&daily_ny), Some(4));
+    assert_eq!(used(&daily_paris), Some(0));
+    // A free tier counts one period of one zone: another zone is another layout.
+    let free = |zone| Plan {
+        layers: vec![layer(
+            "free",
+            LayerKind::FreeTier {
+                units: 2,
+                period: Period::Month,
+                zone,
+            },
+        )],
+        ..plan()
+    };
+    assert!(free(Tz::UTC).same_state_layout(&free(Tz::UTC)));
+    assert!(!free(Tz::UTC).same_state_layout(&free(Europe::Paris)));
+}
+
+#[test]
+fn a_span_counts_the_minutes_that_start_within_it() {
+    // A calendar span that does not start on a minute (only zones' old local mean times do)
+    // counts the minutes that start at or after it.
+    let mut log = UsageLog::default();
+    log.add(9, 1);
+    log.add(10, 2);
+    assert_eq!(log.used_since(10 * MIN), 2);
+    assert_eq!(log.used_since(9 * MIN + 1), 2);
+    assert_eq!(log.used_since(9 * MIN), 3);
+    assert_eq!(log.used_since(-MIN + 1), 3);
+}
+
+/// Zones with an hour of DST either way, half- and quarter-hour offsets, a half-hour DST
+/// (Lord Howe) and midnight transitions (Santiago).
+fn zone() -> impl Strategy<Value = Tz> {
+    prop::sample::select(vec![
+        Tz::UTC,
+        America::New_York,
+        America::Santiago,
+        Europe::Paris,
+        chrono_tz::Asia::Kolkata,
+        chrono_tz::Asia::Kathmandu,
+        chrono_tz::Australia::Lord_Howe,
+        Pacific::Apia,
+    ])
+}
+
+fn period() -> impl Strategy<Value = Period> {
+    prop_oneof![Just(Period::Day), Just(Period::Week), Just(Period::Month)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Periods tile time: each holds its instant, starts where the previous one ended, and is
+    /// no longer than the history kept for it.
+    #[test]
+    fn calendar_periods_tile_time(zone in zone(), period in period(), at in utc(2009, 1, 1, 0, 0)..utc(2036, 1, 1, 0, 0)) {
+        let (start, end) = period.bounds(zone, at);
+        prop_assert!(start <= at && at < end, "{start} <= {at} < {end}");
+        prop_assert_eq!(period.bounds(zone, start), (start, end));
+        prop_assert_eq!(period.bounds(zone, end).0, end);
+        prop_assert_eq!(period.bounds(zone, start - 1).1, start);
+        prop_assert!(end - start <= i64::from(period.longest_minutes()) * MIN);
+        prop_assert!(end - start >= 23 * HOUR);
+    }
+
+    /// For random usage, a calendar window admits exactly what fits in the period it is in,
+    /// never more than its limit per period, and everything is free again at the period start.
+    #[test]
+    fn a_calendar_window_never_admits_more_than_its_limit_in_a_period(
+        zone in zone(),
+        period in period(),
+        limit in 1u64..20,
+        start in utc(2026, 1, 1, 0, 0)..utc(2027, 1, 1, 0, 0),
+        steps in prop::collection::vec((0i64..6 * 60 * 60_000, 1u64..6), 1..60),
+    ) {
+        let plan = limits_only(vec![Window::calendar("cal", period, zone, limit)]);
+        let mut s = AccountState::new(&plan, vec![], start);
+        let mut now = start;
+        let mut current = period.bounds(zone, now);
+        let mut admitted_in_period: Units = 0;
+        // A month's steps are stretched so that they cross boundaries too.
+        let stretch = match period { Period::Day => 1, Period::Week => 7, Period::Month => 30 };
+        for (advance, units) in steps {
+            now += advance * stretch;
+            let bounds = period.bounds(zone, now);
+            if bounds != current {
+                // The period start: nothing counts, the whole limit is free.
+                let fresh = bounds.0;
+                let w = s.windows(&plan, 0, fresh).next().expect("one window");
+                prop_assert_eq!((w.used, w.remaining, w.reset_at), (0, limit, bounds.1));
+                prop_assert!(decide(&plan, &s, TASK, limit, fresh).admitted());
+                current = bounds;
+                admitted_in_period = 0;
+            }
+            let d = decide(&plan, &s, TASK, units, now);
+            prop_assert_eq!(d.admitted(), admitted_in_period + units <= limit);
+            if d.admitted() {
+                reserve(&plan, &mut s, &d, now);
+                admitted_in_period += units;
+            } else {
+                prop_assert_eq!(retry_at(&d), (units <= limit).then_some(current.1));
+            }
+            prop_assert!(admitted_in_period <= limit);
+            let w = s.windows(&plan, 0, now).next().expect("one window");
+            prop_assert_eq!((w.used, w.reset_at), (admitted_in_period, current.1));
+        }
     }
 }

@@ -60,7 +60,7 @@ pub(super) async fn round(
         .collect();
     let since = asks
         .iter()
-        .filter_map(|a| lease::counters_since(&a.limit, now))
+        .filter_map(|a| lease::counters_since(&a.limit))
         .min();
     let mut counters: HashMap<i32, Vec<(Millis, u64)>> = HashMap::new();
     if let Some(since) = since {
@@ -112,7 +112,6 @@ pub(super) async fn round(
             (LeaseLimit::Windows(windows), LeasePool::Layer(i)) => lease::window_room(
                 windows,
                 counters.get(&i32::from(i)).map_or(&[][..], Vec::as_slice),
-                now,
             ),
             (
                 LeaseLimit::FreeTier {
