@@ -47,6 +47,9 @@ pub struct Metrics {
     pub lease_rounds: IntCounterVec,
     /// Time of one lease round (a request of a strict account waits for it).
     pub lease_round_seconds: Histogram,
+    /// From another replica's ledger commit to this replica applying it (clocks of two
+    /// machines: as good as their synchronisation).
+    pub replica_lag_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -182,6 +185,11 @@ impl Metrics {
             lease_round_seconds: histogram(
                 "flowgate_lease_round_duration_seconds",
                 "Time of one strict-mode lease round.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            replica_lag_seconds: histogram(
+                "flowgate_replica_notification_lag_seconds",
+                "From another replica's ledger commit to this replica applying it.",
                 LATENCY_BUCKETS.to_vec(),
             ),
             registry,

@@ -706,6 +706,27 @@ async fn a_window_counts_every_replicas_usage() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+    // The others measured how late replica 0's commits reached them.
+    for o in [1, 2] {
+        let metrics = r
+            .http
+            .get(format!("{}/metrics", r.nodes[o].base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let heard: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("flowgate_replica_notification_lag_seconds_count "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(
+            heard > 0,
+            "replica {o} measured no notification lag:\n{metrics}"
+        );
+    }
     // The window is full everywhere: the next task is paid by credits, wherever it goes.
     for o in [1, 2] {
         let resp = r

@@ -248,6 +248,12 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
                 .await
                 .map_err(Some),
             Change::Ledger(change) => {
+                if change.sent_at > 0 {
+                    let lag_ms = (clock.now_ms() - change.sent_at).max(0);
+                    app.metrics
+                        .replica_lag_seconds
+                        .observe(lag_ms as f64 / 1000.0);
+                }
                 let mut result = Ok(());
                 for id in accounts.apply(&change, clock.now_ms()) {
                     result = result.and(

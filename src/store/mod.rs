@@ -147,6 +147,8 @@ pub struct LedgerChange {
     pub used: Vec<(String, Draw)>,
     /// Window and free-tier usage a refund gave back, by account.
     pub refunded: Vec<(String, Draw)>,
+    /// When the sender made the change (its clock, ms; 0: not said), for the notification lag.
+    pub sent_at: Millis,
 }
 
 /// A change another writer (replica) committed, as [`Store::watch`] reports it.

@@ -246,6 +246,7 @@ impl PostgresStore {
                 })
                 .collect(),
             refunded: Vec::new(),
+            sent_at: now,
         };
         announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
@@ -325,6 +326,7 @@ impl PostgresStore {
             .collect();
         let change = LedgerChange {
             balances: expired.clone(),
+            sent_at: now,
             ..LedgerChange::default()
         };
         announce_ledger(&mut tx, &self.replica, &change).await?;
@@ -406,6 +408,7 @@ impl PostgresStore {
                 .filter(|d| counts_usage(d))
                 .map(|d| (account.clone(), *d))
                 .collect(),
+            sent_at: now,
         };
         announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;

@@ -32,6 +32,9 @@ const NOTIFY_BYTES_MAX: usize = 7000;
 struct Notice {
     /// The sending replica.
     r: String,
+    /// When it sent it (its clock, ms): the receiver measures the notification lag.
+    #[serde(default)]
+    t: i64,
     /// `(account, grant id, balance after)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     b: Vec<(String, i64, u64)>,
@@ -61,6 +64,7 @@ pub(super) async fn announce_ledger(
     let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("notice: {e}"));
     let mut notice = Notice {
         r: replica.to_owned(),
+        t: change.sent_at,
         ..Notice::default()
     };
     // Each item's JSON length, plus the envelope, bounds the payload's length.
@@ -187,6 +191,7 @@ pub(super) fn watch(
                                 .collect(),
                             used: notice.u,
                             refunded: notice.x,
+                            sent_at: notice.t,
                         }),
                         Err(e) => {
                             tracing::warn!(error = %e, "unreadable ledger notification");
