@@ -10,6 +10,7 @@
 # latency percentiles of replica 0 (µs), medians over ROUNDS. Then the same at a fixed RATE per
 # replica, for latency. Strict mode's lease rounds are read from the replicas' /metrics.
 # PG_URL (default postgres://postgres@127.0.0.1:5432/postgres) must be able to CREATE DATABASE.
+# MODES="true" runs strict only ("false": relaxed only); LOGS=dir keeps the replicas' logs.
 # Everything shares the machine: on 2 cores, compare the modes within one run.
 set -euo pipefail
 
@@ -32,6 +33,7 @@ pids=()
 stop_replicas() { for p in "${fg_pids[@]:-}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; fg_pids=(); }
 cleanup() {
   stop_replicas
+  if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS" && cp "$dir"/*.log "$LOGS"/ 2>/dev/null || true; fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql "$PG_URL" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
@@ -72,7 +74,7 @@ start_replicas() {
 listen = "127.0.0.1:$((BASE + i))"
 [log]
 format = "json"
-level = "warn"
+level = "${LOG_LEVEL:-warn}"
 [store]
 url = "$url"
 [identity]
@@ -132,7 +134,7 @@ rounds_of() { # lease rounds counted by every replica
 }
 
 printf '%-8s %-6s %10s %9s %9s %9s %7s %8s\n' mode case req/s p50_us p99_us p999_us errors rounds
-for strict in false true; do
+for strict in ${MODES:-false true}; do
   mode=$([ "$strict" = true ] && echo strict || echo relaxed)
   start_replicas "$strict"
   for c in max paced; do
