@@ -114,17 +114,20 @@ impl Plan {
                 .all(|(a, b)| kept(&a.kind) == kept(&b.kind))
     }
 
-    /// The price table in force at `now`, with its index in [`Plan::prices`].
+    /// The price table in force at `now`, with its index in [`Plan::prices`]. A plan without
+    /// tables (config never builds one) prices nothing.
     pub fn prices_at(&self, now: Millis) -> (u8, &PriceTable) {
+        static NONE: std::sync::LazyLock<PriceTable> =
+            std::sync::LazyLock::new(|| PriceTable::flat("", Vec::new()));
         let i = self
             .prices
             .iter()
             .rposition(|t| t.effective_from <= now)
             .unwrap_or(0);
-        (
-            i as u8,
-            &self.prices[i.min(self.prices.len().saturating_sub(1))],
-        )
+        match self.prices.get(i) {
+            Some(table) => (i as u8, table),
+            None => (0, &NONE),
+        }
     }
 
     /// Credits per unit of `feature` at `now`, or `None` when the plan does not include it.
