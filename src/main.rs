@@ -245,7 +245,7 @@ async fn reconcile(
             );
         }
         println!(
-            "checked {} grants, {} balance updates, {} monetization events ({} with a price version not in the config); {} differences",
+            "checked {} grants, {} balance updates, {} monetization events ({} with a price version neither the ledger nor the config has); {} differences",
             report.grants,
             report.balance_updates,
             report.monetization_events,

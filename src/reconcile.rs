@@ -45,7 +45,8 @@ pub struct Report {
     pub balance_updates: usize,
     /// Monetization events checked.
     pub monetization_events: usize,
-    /// Monetization events whose price version is not in the config (price not checked).
+    /// Monetization events whose price version neither the ledger nor the config has (price
+    /// not checked).
     pub unknown_price_versions: usize,
     /// Every difference found.
     pub differences: Vec<Difference>,
