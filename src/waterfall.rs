@@ -851,7 +851,8 @@ impl AccountState {
         }
     }
 
-    fn usage_log(&self, layer: usize) -> Option<&UsageLog> {
+    /// The per-minute usage of usage-limit layer `layer` (`None` for any other layer).
+    pub fn usage_log(&self, layer: usize) -> Option<&UsageLog> {
         match self.layers.get(layer) {
             Some(LayerState::UsageLimit { used, .. }) => Some(used),
             _ => None,
