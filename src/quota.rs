@@ -91,9 +91,22 @@ struct WindowQuota {
     length_s: u64,
 }
 
-/// A window's length in seconds.
-fn length_s(window: &Window) -> u64 {
-    u64::from(window.minutes) * (MINUTE_MS as u64 / 1000)
+/// A window's length in seconds at `now`: a rolling window's minutes, or the length of the
+/// calendar period `now` is in (a day can last 23 or 25 hours).
+fn length_s(window: &Window, now: Millis) -> u64 {
+    match window.span(now) {
+        (start, Some(end)) => ((end - start).max(0) as u64) / 1000,
+        (_, None) => u64::from(window.history_minutes()) * (MINUTE_MS as u64 / 1000),
+    }
+}
+
+/// When an unused window next gives units back: a rolling one a whole length from now, a
+/// calendar one at its period's end.
+fn fresh_in_s(window: &Window, now: Millis) -> u64 {
+    match window.span(now) {
+        (_, Some(end)) => seconds_until(end, now),
+        (_, None) => length_s(window, now),
+    }
 }
 
 /// Milliseconds from `now` to `at`, in whole seconds rounded up (0 if `at` has passed).
@@ -113,14 +126,15 @@ impl Quota {
             }
             let log = state.usage_log(i);
             for w in state.windows(plan, i, now) {
-                let length_s = length_s(w.window);
+                let length_s = length_s(w.window, now);
                 // When one unit more than is left is free. Nothing counted: nothing to give
-                // back, the whole limit for the window's whole length.
+                // back, the whole limit until the window next starts afresh.
+                let fresh_s = fresh_in_s(w.window, now);
                 let grows_in_s = match log {
                     Some(log) if w.used > 0 => log
                         .free_at(w.window, w.remaining + 1, now)
-                        .map_or(length_s, |at| seconds_until(at, now)),
-                    _ => length_s,
+                        .map_or(fresh_s, |at| seconds_until(at, now)),
+                    _ => fresh_s,
                 };
                 windows.push(WindowQuota {
                     name: w.window.name.clone(),

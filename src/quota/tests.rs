@@ -19,11 +19,7 @@ fn t0() -> Millis {
 }
 
 fn window(name: &str, minutes: u32, limit: Units) -> Window {
-    Window {
-        name: name.into(),
-        minutes,
-        limit,
-    }
+    Window::rolling(name, minutes, limit)
 }
 
 /// Tasks: a `5h` window of 3 and a `week` window of 10, then credits. Videos: credits only.
@@ -331,4 +327,37 @@ fn the_parameter_keys_are_sf_keys() {
     for key in ["q", "w", "r", "t", CREDITS_PARAM] {
         sfv::KeyRef::from_str(key).unwrap_or_else(|e| panic!("{key}: {e}"));
     }
+}
+
+#[test]
+fn a_calendar_window_offers_its_limit_until_the_period_ends() {
+    use crate::waterfall::{Period, Tz};
+    let mut plan = plan();
+    plan.layers[0].kind = LayerKind::UsageLimit {
+        windows: vec![Window::calendar("day", Period::Day, Tz::UTC, 4)],
+    };
+    let mut s = state(&plan, 0);
+    let ten_pm = t0() + 12 * 3_600_000; // 22:00 UTC
+    let h = headers(&plan, &s, TASK, ten_pm);
+    assert_eq!(
+        members(&list(&h, "ratelimit-policy")),
+        [("day".to_owned(), params(&[("q", 4), ("w", 86_400)]))]
+    );
+    assert_eq!(
+        members(&list(&h, "ratelimit")),
+        [(
+            "day".to_owned(),
+            params(&[("r", 4), ("t", 7_200), ("flowgate-credits", 0)])
+        )]
+    );
+    // Used: everything comes back at midnight, in two hours still.
+    take(&plan, &mut s, 3, ten_pm);
+    let h = headers(&plan, &s, TASK, ten_pm + 1_800_000);
+    assert_eq!(
+        members(&list(&h, "ratelimit")),
+        [(
+            "day".to_owned(),
+            params(&[("r", 1), ("t", 5_400), ("flowgate-credits", 0)])
+        )]
+    );
 }
