@@ -624,35 +624,48 @@ async fn charge(
     .into_iter()
     .collect();
 
-    // Every grant of every account charged in the batch, locked at once and in id order (two
+    // Every grant of every account the batch debits, locked at once and in id order (two
     // writers that lock the same grants lock them in the same order). Each balance below is
     // the committed one; a shortfall may move to the account's other grants (`debit::plan`).
+    // An account whose charges here drew no grant (its windows or free tier paid) is not
+    // locked: replicas charging one busy account's window do not queue on its grant rows.
     let accounts: Vec<&str> = charges
         .iter()
+        .filter(|r| {
+            r.entry
+                .decision
+                .draws
+                .iter()
+                .any(|d| matches!(d.pool, Pool::Grant { .. }))
+        })
         .map(|r| &*r.entry.account)
         .collect::<std::collections::BTreeSet<&str>>()
         .into_iter()
         .collect();
-    let mut locked: Vec<LockedGrant> = sqlx::query(&format!(
-        "{GRANT_COLUMNS} WHERE account_id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(&accounts)
-    .fetch_all(&mut **tx)
-    .await?
-    .iter()
-    .map(|r| {
-        let g = grant_from_row(r)?;
-        Ok(LockedGrant {
-            id: g.id,
-            account_id: r.get("account_id"),
-            kind: g.kind,
-            balance: to_bigint(g.balance, "grants.balance")?,
-            expires_at: g.expires_at,
-            priority: g.priority,
-            features: g.features,
+    let mut locked: Vec<LockedGrant> = if accounts.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(&format!(
+            "{GRANT_COLUMNS} WHERE account_id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&accounts)
+        .fetch_all(&mut **tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let g = grant_from_row(r)?;
+            Ok(LockedGrant {
+                id: g.id,
+                account_id: r.get("account_id"),
+                kind: g.kind,
+                balance: to_bigint(g.balance, "grants.balance")?,
+                expires_at: g.expires_at,
+                priority: g.priority,
+                features: g.features,
+            })
         })
-    })
-    .collect::<Result<_, StoreError>>()?;
+        .collect::<Result<_, StoreError>>()?
+    };
     let entries: Vec<&LedgerEntry> = charges.iter().map(|r| r.entry).collect();
     lease::commit_usage(tx, replica, &entries).await?;
 
