@@ -556,7 +556,7 @@ async fn charge(
         let mut postpaid = 0u64;
         for draw in &d.draws {
             match draw.pool {
-                Pool::Grant { .. } => grant_credits += draw.credits,
+                Pool::Grant { .. } | Pool::Workspace { .. } => grant_credits += draw.credits,
                 Pool::Postpaid => postpaid += draw.credits,
                 _ => {}
             }
@@ -633,10 +633,16 @@ async fn charge(
         .collect::<std::collections::BTreeSet<&str>>()
         .into_iter()
         .collect();
+    // With them, every grant of each workspace whose grants a member drew (the owner found by
+    // the drawn grant's id: a draw is debited where the engine took it).
+    let pool_grants = debit::pool_grant_ids(charges.iter().map(|r| r.entry));
     let mut locked: Vec<LockedGrant> = sqlx::query(&format!(
-        "{GRANT_COLUMNS} WHERE account_id = ANY($1) ORDER BY id FOR UPDATE"
+        "{GRANT_COLUMNS} WHERE account_id = ANY($1)
+             OR account_id IN (SELECT account_id FROM grants WHERE id = ANY($2))
+         ORDER BY id FOR UPDATE"
     ))
     .bind(&accounts)
+    .bind(&pool_grants)
     .fetch_all(&mut **tx)
     .await?
     .iter()
@@ -665,6 +671,9 @@ async fn charge(
             StoreError::Corrupt(format!("no monetization event for usage event {}", r.id))
         })?;
         for debit in debit::plan(r.entry, &mut locked)? {
+            let owner = debit::owner_of(&locked, debit.grant_id)
+                .unwrap_or(account)
+                .to_owned();
             let mut push = |reason: &'static str, delta: i64, forgiven: i64| {
                 updates.account_id.push(account.to_owned());
                 updates.grant_id.push(debit.grant_id);
@@ -683,7 +692,7 @@ async fn charge(
                 report.forgiven += to_unsigned(debit.forgiven, "forgiven")?;
             }
             changed.insert(debit.grant_id, debit.balance_after);
-            report.set_balance(account, debit.grant_id, debit.balance_after);
+            report.set_balance(&owner, debit.grant_id, debit.balance_after);
         }
     }
     if updates.grant_id.is_empty() {
