@@ -153,6 +153,24 @@ async fn members_share_the_pool_within_their_caps(store: StoreKind) {
     let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
     let report = flowgate::reconcile::check(&snapshot, &settings);
     assert!(report.differences.is_empty(), "{:?}", report.differences);
+
+    // A refund of m1's first charge credits the workspace's grant back, in the view too, and
+    // gives m1 its cap back.
+    let r = h
+        .admin(Method::POST, &format!("/admin/v1/decisions/{first}/refund"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.stored_balance("acme").await, 80);
+    assert_eq!(h.cached_credits("acme", "task"), 80);
+    let r = h.task("sk-m1", 2).await;
+    assert_eq!(r.status(), 200, "the refund gave m1 10 credits of its cap back");
+    r.text().await.unwrap();
+    assert_eq!(h.stored_balance("acme").await, 70);
+    let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
+    let report = flowgate::reconcile::check(&snapshot, &settings);
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
     h.gateway.take().expect("running").shutdown().await;
 }
 

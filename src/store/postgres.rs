@@ -367,7 +367,8 @@ impl PostgresStore {
         };
         // Credit back each debited grant (locked in id order, like every debit) with its
         // balance update, in one statement.
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        // The owner of each grant: the charged account, or the workspace whose pool it drew.
+        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
             "WITH debits AS (
                  SELECT grant_id, -delta AS taken FROM balance_updates
                  WHERE monetization_event_id = $1 AND reason = 'debit'
@@ -376,11 +377,13 @@ impl PostgresStore {
              ), credited AS (
                  UPDATE grants g SET balance = g.balance + d.taken
                  FROM debits d WHERE g.id = d.grant_id AND g.id IN (SELECT id FROM locked)
-                 RETURNING g.id, d.taken, g.balance
+                 RETURNING g.id, d.taken, g.balance, g.account_id
+             ), recorded AS (
+                 INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
+                 SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
+                 RETURNING grant_id
              )
-             INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
-             SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
-             RETURNING grant_id, delta, balance_after",
+             SELECT id, taken, balance, account_id FROM credited",
         )
         .bind(charge_id)
         .bind(&account)
@@ -389,10 +392,10 @@ impl PostgresStore {
         .await?;
         let mut credits = 0;
         let mut balances = Vec::with_capacity(rows.len());
-        for (grant_id, taken, after) in rows {
+        for (grant_id, taken, after, owner) in rows {
             credits += to_unsigned(taken, "refund")?;
             balances.push(GrantBalance {
-                account: account.clone(),
+                account: owner,
                 grant_id,
                 balance: to_unsigned(after, "grants.balance")?,
             });
