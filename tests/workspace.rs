@@ -165,7 +165,11 @@ async fn members_share_the_pool_within_their_caps(store: StoreKind) {
     assert_eq!(h.stored_balance("acme").await, 80);
     assert_eq!(h.cached_credits("acme", "task"), 80);
     let r = h.task("sk-m1", 2).await;
-    assert_eq!(r.status(), 200, "the refund gave m1 10 credits of its cap back");
+    assert_eq!(
+        r.status(),
+        200,
+        "the refund gave m1 10 credits of its cap back"
+    );
     r.text().await.unwrap();
     assert_eq!(h.stored_balance("acme").await, 70);
     let snapshot = h.store().await.snapshot(0).await.expect("snapshot");

@@ -397,4 +397,45 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
     }
+
+    #[test]
+    fn a_workspace_draw_is_debited_on_the_workspace_and_its_shortfall_stays_there() {
+        let ws = |id, balance| LockedGrant {
+            account_id: "ws".into(),
+            ..grant(id, GrantKind::Credits, balance)
+        };
+        let mut e = entry(&[(0, 1, 30)], 0);
+        e.decision.draws.push(Draw {
+            layer: 1,
+            pool: Pool::Workspace {
+                grant_id: 10,
+                period_start: 0,
+            },
+            units: 20,
+            credits: 20,
+        });
+        // The member's own grant is short by 10 and the member has nothing else: that is
+        // forgiven, never taken from the workspace; the workspace's short grant moves to its
+        // other grant, never to the member's.
+        let mut grants = [grant(1, GrantKind::Credits, 20), ws(10, 5), ws(11, 100)];
+        let debits = plan(&e, &mut grants).unwrap();
+        assert_eq!(
+            debits.as_slice(),
+            [
+                debit(1, 20, 10, 0),
+                debit(10, 5, 0, 0),
+                debit(11, 15, 0, 85)
+            ]
+        );
+        assert_eq!(owner_of(&grants, 11), Some("ws"));
+        // A workspace grant the commit did not read is an error, not a debit elsewhere.
+        let mut only_mine = [
+            grant(1, GrantKind::Credits, 50),
+            grant(10, GrantKind::Credits, 50),
+        ];
+        assert!(matches!(
+            plan(&e, &mut only_mine),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
 }
