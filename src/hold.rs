@@ -227,7 +227,7 @@ impl Hold {
         let feature = entry.decision.feature;
         let price = entry.decision.credits_per_unit;
         let draws = &mut entry.decision.draws;
-        let forgiven = self.account.with_states(|plan, state, mut pool| {
+        let forgiven = self.account.with_states(|plan, state, pool| {
             if used < estimate {
                 let released = waterfall::trim(draws, estimate - used, price);
                 waterfall::release_in(plan, state, pool, &released, now);
@@ -242,7 +242,7 @@ impl Hold {
                     now,
                 );
                 if let Some(extra) = extra {
-                    waterfall::reserve_in(plan, state, pool.as_deref_mut(), &extra, now);
+                    waterfall::reserve_in(plan, state, pool, &extra, now);
                     draws.extend(extra.draws);
                 }
                 uncovered

@@ -322,7 +322,7 @@ fn decide(
 ) -> Option<Decided> {
     let feature = route.feature;
     let started = Stopwatch::start();
-    let decided = account.with_states(|plan, state, mut pool| {
+    let decided = account.with_states(|plan, state, pool| {
         if lease_check
             && plan.strict
             && !waterfall::lease_wants(plan, state, feature, units, now).is_empty()
@@ -332,7 +332,7 @@ fn decide(
         let decision = waterfall::decide_in(plan, state, pool.as_deref(), feature, units, now);
         let denial = match decision.denial {
             None => {
-                waterfall::reserve_in(plan, state, pool.as_deref_mut(), &decision, now);
+                waterfall::reserve_in(plan, state, pool, &decision, now);
                 waterfall::start_request(plan, state, feature);
                 None
             }
