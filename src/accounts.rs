@@ -39,6 +39,11 @@ pub struct Account {
     /// account's successors ([`Accounts::change`]), so that a hold taken before a change of plan
     /// or suspension ends on the state the account has now.
     state: Arc<Mutex<AccountState>>,
+    /// The workspace whose pool the plan's `workspace` layers draw, if a member of one.
+    pub workspace: Option<AccountId>,
+    /// The workspace account's state (its grants are the pool), linked by
+    /// [`Accounts::link_workspaces`] once the workspace is in the view. Shared, never a copy.
+    pool: parking_lot::RwLock<Option<Arc<Mutex<AccountState>>>>,
 }
 
 impl Account {
@@ -49,12 +54,44 @@ impl Account {
             plan,
             suspended,
             state: Arc::new(Mutex::new(state)),
+            workspace: None,
+            pool: parking_lot::RwLock::new(None),
         }
+    }
+
+    /// The account as a member of `workspace` (its pool is linked once both are in the view).
+    #[must_use]
+    pub fn in_workspace(mut self, workspace: Option<AccountId>) -> Account {
+        self.workspace = workspace;
+        self
     }
 
     /// Runs `f` on the state under the account's lock. `f` must not block.
     pub fn with_state<R>(&self, f: impl FnOnce(&Plan, &mut AccountState) -> R) -> R {
         f(&self.plan, &mut self.state.lock())
+    }
+
+    /// Runs `f` on the state and, for a member of a workspace, on the workspace's state (the
+    /// pool), both locked: the member's first, then the workspace's (the lock order: a
+    /// workspace has no workspace, so no thread ever waits the other way round). `f` must not
+    /// block.
+    pub fn with_states<R>(
+        &self,
+        f: impl FnOnce(&Plan, &mut AccountState, Option<&mut AccountState>) -> R,
+    ) -> R {
+        let pool = self.pool.read().clone();
+        let mut state = self.state.lock();
+        match pool {
+            Some(pool) if !Arc::ptr_eq(&pool, &self.state) => {
+                f(&self.plan, &mut state, Some(&mut pool.lock()))
+            }
+            _ => f(&self.plan, &mut state, None),
+        }
+    }
+
+    /// Whether the account is linked to its workspace's pool.
+    pub fn has_pool(&self) -> bool {
+        self.pool.read().is_some()
     }
 }
 
@@ -149,15 +186,42 @@ impl Accounts {
             return;
         }
         if let Some(account) = self.get(id) {
-            account.with_state(|plan, state| waterfall::release(plan, state, draws, now));
+            account.with_states(|plan, state, pool| {
+                waterfall::release_in(plan, state, pool, draws, now)
+            });
         }
     }
 
-    /// Marks an entry's draws as debited by the store.
+    /// Marks an entry's draws as debited by the store (a member's draws from its workspace's
+    /// grants on the workspace's state).
     pub fn settled(&self, id: &str, draws: &[Draw]) {
         if let Some(account) = self.get(id) {
-            account.with_state(|_, state| state.settled(draws));
+            account.with_states(|_, state, pool| state.settled_in(pool, draws));
         }
+    }
+
+    /// Links every member account to its workspace's state (after a load, a refresh or a
+    /// resync added accounts). A workspace missing from the view leaves its members unlinked:
+    /// their workspace layers have nothing to give.
+    pub fn link_workspaces(&self) {
+        for (_, account) in self.by_id.iter() {
+            self.link(&account);
+        }
+    }
+
+    fn link(&self, account: &Account) {
+        let Some(ws) = &account.workspace else {
+            *account.pool.write() = None;
+            return;
+        };
+        let pool = self
+            .get(ws)
+            .filter(|w| w.workspace.is_none() && w.id != account.id)
+            .map(|w| w.state.clone());
+        if pool.is_none() {
+            tracing::warn!(account = %account.id, workspace = %ws, "workspace not in the view; its pool is not drawn");
+        }
+        *account.pool.write() = pool;
     }
 
     /// Takes the store's committed balances as the truth (see [`AccountState::sync_grant`]).
@@ -215,8 +279,12 @@ impl Accounts {
             }
             let state = AccountState::new(plan, grants, now);
             loaded.push(id.clone());
-            accounts.insert(Account::new(id, plan.clone(), stored.suspended, state));
+            accounts.insert(
+                Account::new(id, plan.clone(), stored.suspended, state)
+                    .in_workspace(stored.workspace.as_deref().map(AccountId::from)),
+            );
         }
+        accounts.link_workspaces();
         for (account, draws) in store.load_draws_since(since).await? {
             if let Some(a) = accounts.get(&account) {
                 a.with_state(|plan, state| {
@@ -279,6 +347,8 @@ impl Accounts {
                 plan,
                 suspended,
                 state: old.state.clone(),
+                workspace: old.workspace.clone(),
+                pool: parking_lot::RwLock::new(old.pool.read().clone()),
             }),
         );
         drop(state);
@@ -329,12 +399,14 @@ impl Accounts {
                     .await?
             }
         };
+        let workspace = row.workspace.as_deref().map(AccountId::from);
         match current {
             Some(a) => {
                 if !Arc::ptr_eq(&a.plan, plan) || a.suspended != row.suspended {
                     self.change(id, plan.clone(), row.suspended, &history, now);
                 }
                 a.with_state(|_, state| merge_grants(settings, state, &grants));
+                self.set_workspace(id, workspace);
             }
             None => {
                 let grants = grants.iter().map(|g| grant_of(settings, g)).collect();
@@ -342,10 +414,38 @@ impl Accounts {
                 for draw in &history {
                     state.observe(plan, draw, now);
                 }
-                self.insert(Account::new(id.into(), plan.clone(), row.suspended, state));
+                self.insert(
+                    Account::new(id.into(), plan.clone(), row.suspended, state)
+                        .in_workspace(workspace),
+                );
+                // Members may have waited for this workspace.
+                self.link_workspaces();
             }
         }
         Ok(())
+    }
+
+    /// Makes `id` a member of `workspace` (or of none) and links it to the pool. A member that
+    /// changes workspace keeps its state; holds on the old pool end there only if they end
+    /// before this (a rare operator change: they are released on the new pool, saturating).
+    fn set_workspace(&self, id: &str, workspace: Option<AccountId>) {
+        let Some(current) = self.get(id) else {
+            return;
+        };
+        if current.workspace != workspace {
+            let next = Account {
+                id: current.id.clone(),
+                plan: current.plan.clone(),
+                suspended: current.suspended,
+                state: current.state.clone(),
+                workspace,
+                pool: parking_lot::RwLock::new(None),
+            };
+            self.link(&next);
+            self.by_id.insert(current.id.clone(), Arc::new(next));
+        } else {
+            self.link(&current);
+        }
     }
 
     /// Maps the live keys of `id` to it and forgets its revoked ones.
@@ -437,20 +537,20 @@ impl Accounts {
                             state.resync_usage(plan, committed, now);
                         });
                     }
+                    self.set_workspace(&a.id, a.workspace.as_deref().map(AccountId::from));
                 }
                 None => {
                     let grants = a.grants.iter().map(|g| grant_of(settings, g)).collect();
                     let mut state = AccountState::new(plan, grants, now);
                     state.resync_usage(plan, committed, now);
-                    self.insert(Account::new(
-                        a.id.as_str().into(),
-                        plan.clone(),
-                        a.suspended,
-                        state,
-                    ));
+                    self.insert(
+                        Account::new(a.id.as_str().into(), plan.clone(), a.suspended, state)
+                            .in_workspace(a.workspace.as_deref().map(AccountId::from)),
+                    );
                 }
             }
         }
+        self.link_workspaces();
         tracing::info!(
             accounts = stored.accounts.len(),
             "account view re-read from the store"
@@ -520,6 +620,9 @@ pub fn history_start(plan: &Plan, now: Millis) -> Millis {
                 windows.iter().map(|w| w.span(now).0).min().unwrap_or(now)
             }
             waterfall::LayerKind::FreeTier { period, zone, .. } => period.bounds(*zone, now).0,
+            waterfall::LayerKind::Workspace {
+                member_cap: Some(cap),
+            } => cap.bounds(now).0,
             _ => now,
         })
         .min()

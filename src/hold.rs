@@ -189,8 +189,8 @@ impl Hold {
             }
         } else {
             let now = entry.completed_at;
-            self.account.with_state(|plan, state| {
-                waterfall::release(plan, state, &entry.decision.draws, now)
+            self.account.with_states(|plan, state, pool| {
+                waterfall::release_in(plan, state, pool, &entry.decision.draws, now)
             });
             self.key = None;
         }
@@ -227,16 +227,22 @@ impl Hold {
         let feature = entry.decision.feature;
         let price = entry.decision.credits_per_unit;
         let draws = &mut entry.decision.draws;
-        let forgiven = self.account.with_state(|plan, state| {
+        let forgiven = self.account.with_states(|plan, state, pool| {
             if used < estimate {
                 let released = waterfall::trim(draws, estimate - used, price);
-                waterfall::release(plan, state, &released, now);
+                waterfall::release_in(plan, state, pool, &released, now);
                 0
             } else {
-                let (extra, uncovered) =
-                    waterfall::cover_up_to(plan, state, feature, used - estimate, now);
+                let (extra, uncovered) = waterfall::cover_up_to_in(
+                    plan,
+                    state,
+                    pool.as_deref(),
+                    feature,
+                    used - estimate,
+                    now,
+                );
                 if let Some(extra) = extra {
-                    waterfall::reserve(plan, state, &extra, now);
+                    waterfall::reserve_in(plan, state, pool, &extra, now);
                     draws.extend(extra.draws);
                 }
                 uncovered

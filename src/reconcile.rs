@@ -217,7 +217,7 @@ pub fn check(snapshot: &LedgerSnapshot, settings: &Settings) -> Report {
         let mut by_layer: Vec<(u8, i64, i64)> = Vec::new();
         for d in &draws {
             match d.pool {
-                Pool::Grant { .. } => grant_credits += d.credits as i64,
+                Pool::Grant { .. } | Pool::Workspace { .. } => grant_credits += d.credits as i64,
                 Pool::Postpaid => postpaid += d.credits as i64,
                 _ => continue,
             }

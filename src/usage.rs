@@ -147,7 +147,7 @@ pub fn decision_json(plan: &Plan, decision: &Decision) -> serde_json::Value {
         .iter()
         .filter_map(|r| {
             let layer = plan.layers.get(r.layer as usize)?;
-            Some(serde_json::json!({
+            let mut v = serde_json::json!({
                 "layer": &*layer.name,
                 "kind": layer.kind.tag(),
                 "eligible": r.eligible,
@@ -156,7 +156,13 @@ pub fn decision_json(plan: &Plan, decision: &Decision) -> serde_json::Value {
                 "gave_units": r.gave_units,
                 "gave_credits": r.gave_credits,
                 "reset_at": r.reset_at.map(crate::clock::rfc3339),
-            }))
+            });
+            if let crate::waterfall::LayerKind::Workspace { member_cap } = &layer.kind {
+                v["pool_credits"] = serde_json::json!(r.pool_credits);
+                v["cap_left"] = serde_json::json!(r.cap_left);
+                v["member_cap"] = serde_json::json!(member_cap.map(|c| c.credits));
+            }
+            Some(v)
         })
         .collect();
     serde_json::json!({

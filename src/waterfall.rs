@@ -102,6 +102,9 @@ impl Plan {
                 LayerKind::UsageLimit { .. } => Some((0, None)),
                 LayerKind::FreeTier { period, zone, .. } => Some((1, Some((*period, *zone)))),
                 LayerKind::Concurrency { .. } => Some((2, None)),
+                LayerKind::Workspace { member_cap } => {
+                    Some((3, member_cap.map(|c| (c.period, c.zone))))
+                }
                 _ => None,
             }
         }
@@ -201,6 +204,37 @@ pub enum LayerKind {
         /// Requests allowed in flight at once.
         limit: u32,
     },
+    /// The credit grants of the account's workspace (organisation), shared by its members: the
+    /// pool's grants live in the workspace account's state, passed to [`decide_in`]; what a
+    /// member drew this period is kept in the member's state ([`LayerState::WorkspaceUse`]).
+    Workspace {
+        /// At most this many credits per member per period (`None`: the whole pool).
+        member_cap: Option<MemberCap>,
+    },
+}
+
+/// How much one member may draw of its workspace's pool per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberCap {
+    /// Credits per period.
+    pub credits: Credits,
+    /// The period after which the cap is whole again.
+    pub period: Period,
+    /// The time zone whose midnight starts a period.
+    pub zone: Tz,
+}
+
+impl MemberCap {
+    /// Start of the cap's period containing `now`, and its end.
+    pub fn bounds(&self, now: Millis) -> (Millis, Millis) {
+        self.period.bounds(self.zone, now)
+    }
+}
+
+/// The period start a workspace layer's use is counted in at `now` (0 without a cap: one
+/// period that never ends).
+fn workspace_period(member_cap: Option<MemberCap>, now: Millis) -> Millis {
+    member_cap.map_or(0, |c| c.bounds(now).0)
 }
 
 impl LayerKind {
@@ -224,6 +258,7 @@ impl LayerKind {
             LayerKind::Enterprise { postpaid: false } => "enterprise_pool",
             LayerKind::Enterprise { postpaid: true } => "enterprise_postpaid",
             LayerKind::Concurrency { .. } => "concurrency",
+            LayerKind::Workspace { .. } => "workspace",
         }
     }
 }
@@ -564,6 +599,15 @@ pub enum LayerState {
     },
     /// Requests in flight, for a concurrency layer.
     InFlight(u32),
+    /// Credits a member drew from its workspace's pool in the cap's current period.
+    WorkspaceUse {
+        /// Start of the period the count belongs to (0 when the layer has no cap).
+        period_start: Millis,
+        /// Credits drawn in that period: committed and unsettled.
+        used: Credits,
+        /// Of `used`, what this gateway has not committed yet.
+        unsettled: Credits,
+    },
     /// Grant-backed and postpaid layers keep their state in the grants.
     Stateless,
 }
@@ -672,6 +716,11 @@ impl AccountState {
                     unsettled: 0,
                 },
                 LayerKind::Concurrency { .. } => LayerState::InFlight(0),
+                LayerKind::Workspace { member_cap } => LayerState::WorkspaceUse {
+                    period_start: workspace_period(*member_cap, now),
+                    used: 0,
+                    unsettled: 0,
+                },
                 _ => LayerState::Stateless,
             })
             .collect();
@@ -700,7 +749,15 @@ impl AccountState {
     }
 
     /// Marks `draws` as committed by the store: they are no longer unsettled (they still count).
+    /// Draws from a workspace pool settle only the member's count here: see
+    /// [`AccountState::settled_in`].
     pub fn settled(&mut self, draws: &[Draw]) {
+        self.settled_in(None, draws);
+    }
+
+    /// [`AccountState::settled`] for a member whose workspace's state is `pool`: a draw from
+    /// the workspace's grants is settled there.
+    pub fn settled_in(&mut self, mut pool: Option<&mut AccountState>, draws: &[Draw]) {
         for draw in draws {
             if let (Some(leases), Some(pool)) = (&mut self.leases, draw.lease_pool()) {
                 leases.committed(pool, draw.lease_amount());
@@ -722,6 +779,28 @@ impl AccountState {
                         ..
                     }),
                 ) if *p == *period_start => *unsettled = unsettled.saturating_sub(draw.units),
+                (
+                    Pool::Workspace {
+                        grant_id,
+                        period_start: p,
+                    },
+                    layer,
+                ) => {
+                    if let Some(LayerState::WorkspaceUse {
+                        period_start,
+                        unsettled,
+                        ..
+                    }) = layer
+                        && *p == *period_start
+                    {
+                        *unsettled = unsettled.saturating_sub(draw.credits);
+                    }
+                    if let Some(pool) = pool.as_deref_mut()
+                        && let Some(grant) = pool.grants.iter_mut().find(|g| g.id == *grant_id)
+                    {
+                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                    }
+                }
                 _ => {}
             }
         }
@@ -774,6 +853,25 @@ impl AccountState {
                     *used += draw.units;
                 }
             }
+            (
+                Pool::Workspace {
+                    period_start: p, ..
+                },
+                Some(LayerState::WorkspaceUse {
+                    period_start,
+                    used,
+                    unsettled,
+                }),
+            ) => {
+                if *p > *period_start {
+                    *period_start = *p;
+                    *used = 0;
+                    *unsettled = 0;
+                }
+                if *p == *period_start {
+                    *used += draw.credits;
+                }
+            }
             _ => {}
         }
     }
@@ -790,6 +888,14 @@ impl AccountState {
                     period_start, used, ..
                 }),
             ) if *p == *period_start => *used = used.saturating_sub(draw.units),
+            (
+                Pool::Workspace {
+                    period_start: p, ..
+                },
+                Some(LayerState::WorkspaceUse {
+                    period_start, used, ..
+                }),
+            ) if *p == *period_start => *used = used.saturating_sub(draw.credits),
             _ => {}
         }
     }
@@ -813,6 +919,21 @@ impl AccountState {
                     },
                 ) => {
                     let current = period.bounds(*zone, now).0;
+                    if *period_start != current {
+                        *period_start = current;
+                        *unsettled = 0;
+                    }
+                    *used = *unsettled;
+                }
+                (
+                    LayerKind::Workspace { member_cap },
+                    LayerState::WorkspaceUse {
+                        period_start,
+                        used,
+                        unsettled,
+                    },
+                ) => {
+                    let current = workspace_period(*member_cap, now);
                     if *period_start != current {
                         *period_start = current;
                         *unsettled = 0;
@@ -845,6 +966,17 @@ impl AccountState {
     fn free_tier_used(&self, layer: usize, period_start_now: Millis) -> Units {
         match self.layers.get(layer) {
             Some(LayerState::FreeTier {
+                period_start, used, ..
+            }) if *period_start == period_start_now => *used,
+            _ => 0,
+        }
+    }
+
+    /// Credits drawn from the workspace pool by workspace layer `layer` in the period starting
+    /// at `period_start_now`.
+    pub fn workspace_used(&self, layer: usize, period_start_now: Millis) -> Credits {
+        match self.layers.get(layer) {
+            Some(LayerState::WorkspaceUse {
                 period_start, used, ..
             }) if *period_start == period_start_now => *used,
             _ => 0,
@@ -954,6 +1086,14 @@ pub enum Pool {
         /// The grant's store id.
         grant_id: i64,
     },
+    /// A credit grant of the account's workspace, counted against the member's cap in the
+    /// period starting at `period_start` (0: a layer without a cap).
+    Workspace {
+        /// The workspace grant's store id.
+        grant_id: i64,
+        /// Start of the cap's period, in ms.
+        period_start: Millis,
+    },
     /// Unlimited enterprise usage, billed afterwards.
     Postpaid,
     /// A feature whose price is 0, covered by a grant layer at no charge.
@@ -980,15 +1120,25 @@ impl Draw {
         match self.pool {
             Pool::Window { .. } | Pool::FreeTier { .. } => Some(LeasePool::Layer(self.layer)),
             Pool::Grant { grant_id } => Some(LeasePool::Grant(grant_id)),
-            Pool::Postpaid | Pool::NoCharge => None,
+            // Strict plans cannot have a workspace layer (config).
+            Pool::Workspace { .. } | Pool::Postpaid | Pool::NoCharge => None,
         }
     }
 
     /// What the draw takes of its leased pool: credits of a grant, units of anything else.
     pub fn lease_amount(&self) -> u64 {
         match self.pool {
-            Pool::Grant { .. } => self.credits,
+            Pool::Grant { .. } | Pool::Workspace { .. } => self.credits,
             _ => self.units,
+        }
+    }
+
+    /// The grant whose balance pays for this draw, if any (the account's own or its
+    /// workspace's).
+    pub fn grant_id(&self) -> Option<i64> {
+        match self.pool {
+            Pool::Grant { grant_id } | Pool::Workspace { grant_id, .. } => Some(grant_id),
+            _ => None,
         }
     }
 }
@@ -1008,8 +1158,12 @@ pub struct LayerReport {
     pub gave_units: Units,
     /// Credits it gave to this request.
     pub gave_credits: Credits,
-    /// When the layer next has more room (windows, free tier), if it is short.
+    /// When the layer next has more room (windows, free tier, a member cap), if it is short.
     pub reset_at: Option<Millis>,
+    /// A workspace layer: the credits the workspace's pool held for the feature.
+    pub pool_credits: Option<Credits>,
+    /// A workspace layer with a member cap: the credits of the cap left this period.
+    pub cap_left: Option<Credits>,
 }
 
 /// Why a request was denied.
@@ -1081,7 +1235,21 @@ pub fn decide(
     units: Units,
     now: Millis,
 ) -> Decision {
-    walk(plan, state, feature, units, now, Caps::Leased)
+    walk(plan, state, None, feature, units, now, Caps::Leased)
+}
+
+/// [`decide`] for a member of a workspace whose state (and grants, the pool) is `pool`: the
+/// plan's workspace layers draw from the pool's credit grants, within the member's cap. With
+/// `None` a workspace layer has nothing to give.
+pub fn decide_in(
+    plan: &Plan,
+    state: &AccountState,
+    pool: Option<&AccountState>,
+    feature: FeatureId,
+    units: Units,
+    now: Millis,
+) -> Decision {
+    walk(plan, state, pool, feature, units, now, Caps::Leased)
 }
 
 /// What a strict account must lease before [`decide`] can be trusted to walk the waterfall in
@@ -1099,7 +1267,7 @@ pub fn lease_wants(
     let Some(leases) = &state.leases else {
         return wants;
     };
-    let wished = walk(plan, state, feature, units, now, Caps::Wanting);
+    let wished = walk(plan, state, None, feature, units, now, Caps::Wanting);
     if !wished.admitted() {
         return wants;
     }
@@ -1143,6 +1311,7 @@ impl AccountState {
 fn walk(
     plan: &Plan,
     state: &AccountState,
+    pool: Option<&AccountState>,
     feature: FeatureId,
     units: Units,
     now: Millis,
@@ -1192,6 +1361,8 @@ fn walk(
             gave_units: 0,
             gave_credits: 0,
             reset_at: None,
+            pool_credits: None,
+            cap_left: None,
         };
         if !report.eligible {
             decision.layers.push(report);
@@ -1249,6 +1420,67 @@ fn walk(
                         units: give,
                         credits: 0,
                     });
+                }
+                left -= give;
+            }
+            LayerKind::Workspace { member_cap } => {
+                let period_start = workspace_period(*member_cap, now);
+                let usable = |g: &&Grant| g.usable(GrantKind::Credits, feature, now);
+                let held: Credits = pool.map_or(0, |p| {
+                    p.grants.iter().filter(usable).map(|g| g.balance).sum()
+                });
+                let cap_left = member_cap.map(|c| {
+                    c.credits
+                        .saturating_sub(state.workspace_used(index, period_start))
+                });
+                let spendable = cap_left.map_or(held, |c| c.min(held));
+                let coverable = spendable.checked_div(price).unwrap_or(left);
+                let give = coverable.min(left);
+                report.pool_credits = Some(held);
+                report.cap_left = cap_left;
+                report.available_credits = Some(spendable);
+                report.available_units = coverable;
+                report.gave_units = give;
+                report.gave_credits = give * price;
+                if let (Some(cap), Some(c)) = (member_cap, cap_left)
+                    && c < held
+                    && give == coverable
+                {
+                    // The cap, not the pool, is what runs out: it is whole again next period.
+                    report.reset_at = Some(cap.bounds(now).1);
+                }
+                if price == 0 {
+                    if give > 0 {
+                        decision.draws.push(Draw {
+                            layer: idx,
+                            pool: Pool::NoCharge,
+                            units: give,
+                            credits: 0,
+                        });
+                    }
+                } else if let Some(pool) = pool {
+                    let mut owed = give * price;
+                    for grant in pool.grants.iter().filter(usable) {
+                        if owed == 0 {
+                            break;
+                        }
+                        let take = grant.balance.min(owed);
+                        if take == 0 {
+                            continue;
+                        }
+                        owed -= take;
+                        decision.draws.push(Draw {
+                            layer: idx,
+                            pool: Pool::Workspace {
+                                grant_id: grant.id,
+                                period_start,
+                            },
+                            units: 0,
+                            credits: take,
+                        });
+                    }
+                    debug_assert_eq!(owed, 0, "the pool held less than it reported");
+                    attribute_units(&mut decision.draws, idx, give, price);
                 }
                 left -= give;
             }
@@ -1400,7 +1632,14 @@ fn deny_reason(
         Some(retry_at) if retry_at > now => Denial::UsageLimitReached { retry_at },
         _ => Denial::InsufficientCredits {
             needed_credits: short.saturating_mul(price),
-            available_credits: state.spendable_credits(feature, now),
+            available_credits: state.spendable_credits(feature, now)
+                + plan
+                    .layers
+                    .iter()
+                    .zip(&decision.layers)
+                    .filter(|(l, r)| r.eligible && matches!(l.kind, LayerKind::Workspace { .. }))
+                    .filter_map(|(_, r)| r.available_credits)
+                    .sum::<Credits>(),
         },
     }
 }
@@ -1481,7 +1720,20 @@ pub fn cover_up_to(
     extra: Units,
     now: Millis,
 ) -> (Option<Decision>, Units) {
-    let full = decide(plan, state, feature, extra, now);
+    cover_up_to_in(plan, state, None, feature, extra, now)
+}
+
+/// [`cover_up_to`] for a member of a workspace whose state is `pool` (see [`decide_in`]).
+pub fn cover_up_to_in(
+    plan: &Plan,
+    state: &AccountState,
+    pool: Option<&AccountState>,
+    feature: FeatureId,
+    extra: Units,
+    now: Millis,
+) -> (Option<Decision>, Units) {
+    let decide = |units| decide_in(plan, state, pool, feature, units, now);
+    let full = decide(extra);
     if full.admitted() {
         return (Some(full), 0);
     }
@@ -1489,7 +1741,7 @@ pub fn cover_up_to(
     let (mut lo, mut hi) = (0, extra);
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
-        if decide(plan, state, feature, mid, now).admitted() {
+        if decide(mid).admitted() {
             lo = mid;
         } else {
             hi = mid - 1;
@@ -1498,23 +1750,62 @@ pub fn cover_up_to(
     if lo == 0 {
         return (None, extra);
     }
-    (Some(decide(plan, state, feature, lo, now)), extra - lo)
+    (Some(decide(lo)), extra - lo)
 }
 
 /// Applies an admitted decision's draws to the state: the hold.
 pub fn reserve(plan: &Plan, state: &mut AccountState, decision: &Decision, now: Millis) {
+    reserve_in(plan, state, None, decision, now);
+}
+
+/// [`reserve`] for a member of a workspace whose state is `pool`: draws from the pool's grants
+/// are taken there, and counted against the member's cap in `state`.
+pub fn reserve_in(
+    plan: &Plan,
+    state: &mut AccountState,
+    mut pool: Option<&mut AccountState>,
+    decision: &Decision,
+    now: Millis,
+) {
     debug_assert!(decision.admitted());
-    let mut hint = 0;
+    let mut hints = (0, 0);
     for draw in &decision.draws {
-        apply_draw(plan, state, draw, now, Direction::Take, &mut hint);
+        apply_draw(
+            plan,
+            state,
+            pool.as_deref_mut(),
+            draw,
+            now,
+            Direction::Take,
+            &mut hints,
+        );
     }
 }
 
 /// Gives `draws` back to exactly the pools that paid them (a released hold, a refund).
 pub fn release(plan: &Plan, state: &mut AccountState, draws: &[Draw], now: Millis) {
-    let mut hint = 0;
+    release_in(plan, state, None, draws, now);
+}
+
+/// [`release`] for a member of a workspace whose state is `pool`.
+pub fn release_in(
+    plan: &Plan,
+    state: &mut AccountState,
+    mut pool: Option<&mut AccountState>,
+    draws: &[Draw],
+    now: Millis,
+) {
+    let mut hints = (0, 0);
     for draw in draws {
-        apply_draw(plan, state, draw, now, Direction::Give, &mut hint);
+        apply_draw(
+            plan,
+            state,
+            pool.as_deref_mut(),
+            draw,
+            now,
+            Direction::Give,
+            &mut hints,
+        );
     }
 }
 
@@ -1530,10 +1821,11 @@ enum Direction {
 fn apply_draw(
     plan: &Plan,
     state: &mut AccountState,
+    pool: Option<&mut AccountState>,
     draw: &Draw,
     now: Millis,
     dir: Direction,
-    hint: &mut usize,
+    hints: &mut (usize, usize),
 ) {
     if let (Some(leases), Some(pool)) = (&mut state.leases, draw.lease_pool()) {
         match dir {
@@ -1582,28 +1874,78 @@ fn apply_draw(
             }
         }
         (Pool::Grant { grant_id }, _) => {
-            let grants = &mut state.grants;
-            let start = (*hint).min(grants.len());
-            let found = (start..grants.len())
-                .chain(0..start)
-                .find(|&i| grants[i].id == *grant_id);
-            if let Some(i) = found {
-                *hint = i + 1;
-                let grant = &mut grants[i];
+            apply_grant(
+                &mut state.grants,
+                *grant_id,
+                draw.credits,
+                dir,
+                &mut hints.0,
+            );
+        }
+        (
+            Pool::Workspace {
+                grant_id,
+                period_start: p,
+            },
+            layer,
+        ) => {
+            if let Some(LayerState::WorkspaceUse {
+                period_start,
+                used,
+                unsettled,
+            }) = layer
+            {
                 match dir {
                     Direction::Take => {
-                        debug_assert!(grant.balance >= draw.credits, "overdrawn grant");
-                        grant.balance = grant.balance.saturating_sub(draw.credits);
-                        grant.unsettled += draw.credits;
+                        if *period_start != *p {
+                            *period_start = *p;
+                            *used = 0;
+                            *unsettled = 0;
+                        }
+                        *used += draw.credits;
+                        *unsettled += draw.credits;
                     }
-                    Direction::Give => {
-                        grant.balance += draw.credits;
-                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                    // A hold released after its period ended has no cap left to give back.
+                    Direction::Give if *period_start == *p => {
+                        *used = used.saturating_sub(draw.credits);
+                        *unsettled = unsettled.saturating_sub(draw.credits);
                     }
+                    Direction::Give => {}
                 }
+            }
+            if let Some(pool) = pool {
+                apply_grant(&mut pool.grants, *grant_id, draw.credits, dir, &mut hints.1);
             }
         }
         _ => {}
+    }
+}
+
+fn apply_grant(
+    grants: &mut [Grant],
+    grant_id: i64,
+    credits: Credits,
+    dir: Direction,
+    hint: &mut usize,
+) {
+    let start = (*hint).min(grants.len());
+    let found = (start..grants.len())
+        .chain(0..start)
+        .find(|&i| grants[i].id == grant_id);
+    if let Some(i) = found {
+        *hint = i + 1;
+        let grant = &mut grants[i];
+        match dir {
+            Direction::Take => {
+                debug_assert!(grant.balance >= credits, "overdrawn grant");
+                grant.balance = grant.balance.saturating_sub(credits);
+                grant.unsettled += credits;
+            }
+            Direction::Give => {
+                grant.balance += credits;
+                grant.unsettled = grant.unsettled.saturating_sub(credits);
+            }
+        }
     }
 }
 

@@ -627,6 +627,24 @@ fn plans(
                 }
                 "credits" => LayerKind::Credits,
                 "promotions" => LayerKind::Promotions,
+                "workspace" => {
+                    let member_cap = match &l.member_cap {
+                        None => None,
+                        Some(cap) if *cap.get_ref() == 0 || *cap.get_ref() > i64::MAX as u64 => {
+                            return cx.err(key("member_cap"), Some(cap.span()), "must be a positive integer (credits per member per period)");
+                        }
+                        Some(cap) => {
+                            let period = match l.period.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+                                Some(("day", _)) => Period::Day,
+                                Some(("week", _)) => Period::Week,
+                                Some(("month", _)) | None => Period::Month,
+                                Some((_, span)) => return cx.err(key("period"), Some(span), "must be \"day\", \"week\" or \"month\""),
+                            };
+                            Some(waterfall::MemberCap { credits: *cap.get_ref(), period, zone: time_zone(cx, key("time_zone"), l.time_zone.as_ref())? })
+                        }
+                    };
+                    LayerKind::Workspace { member_cap }
+                }
                 "enterprise" => LayerKind::Enterprise { postpaid: l.postpaid },
                 "concurrency" => {
                     let Some(limit) = l.limit.filter(|n| *n > 0) else {
@@ -634,9 +652,26 @@ fn plans(
                     };
                     LayerKind::Concurrency { limit }
                 }
-                other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise, concurrency)")),
+                other => return cx.err(key("kind"), Some(l.kind.span()), format!("unknown layer kind {other:?} (usage_limit, free_tier, credits, promotions, enterprise, concurrency, workspace)")),
             };
-            if let (Some(tz), false) = (&l.time_zone, matches!(kind, LayerKind::FreeTier { .. })) {
+            if let (Some(cap), false) = (&l.member_cap, matches!(kind, LayerKind::Workspace { .. }))
+            {
+                return cx.err(
+                    key("member_cap"),
+                    Some(cap.span()),
+                    "only a workspace layer has a member_cap",
+                );
+            }
+            if let (Some(tz), false) = (
+                &l.time_zone,
+                matches!(
+                    kind,
+                    LayerKind::FreeTier { .. }
+                        | LayerKind::Workspace {
+                            member_cap: Some(_)
+                        }
+                ),
+            ) {
                 return cx.err(key("time_zone"), Some(tz.span()), "only a free_tier layer has a time zone (a calendar window takes its own, in windows)");
             }
             let name = l.name.clone().unwrap_or_else(|| kind.tag().to_string());
@@ -671,6 +706,19 @@ fn plans(
                 format!("plans.{plan_name}.strict"),
                 None,
                 "a strict plan's rolling windows are at most 31 days long (a calendar month is fine)",
+            );
+        }
+        // Leases do not cover a workspace's pool: a strict member could overspend it.
+        if plan.strict
+            && plan
+                .layers
+                .iter()
+                .any(|l| matches!(l.kind, LayerKind::Workspace { .. }))
+        {
+            return cx.err(
+                format!("plans.{plan_name}.strict"),
+                None,
+                "strict plans cannot draw a workspace pool yet",
             );
         }
         plans.insert(plan_name.clone(), Arc::new(plan));
@@ -782,10 +830,30 @@ fn accounts(
                 features,
             });
         }
+        if let Some(ws) = &a.workspace {
+            let Some(owner) = raw_accounts.iter().find(|o| o.id.get_ref() == ws.get_ref()) else {
+                return cx.err(
+                    key("workspace"),
+                    Some(ws.span()),
+                    format!(
+                        "unknown account {:?}: a workspace is another configured account",
+                        ws.get_ref()
+                    ),
+                );
+            };
+            if owner.id.get_ref() == id || owner.workspace.is_some() {
+                return cx.err(
+                    key("workspace"),
+                    Some(ws.span()),
+                    format!("account {:?} cannot be a workspace: a workspace is another account and has no workspace itself", ws.get_ref()),
+                );
+            }
+        }
         accounts.push(AccountSeed {
             id: id.clone(),
             plan: a.plan.get_ref().clone(),
             suspended: a.suspended,
+            workspace: a.workspace.as_ref().map(|w| w.get_ref().clone()),
             keys: a.api_keys.iter().map(|k| KeySeed::of(k)).collect(),
             grants,
         });

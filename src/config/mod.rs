@@ -510,6 +510,8 @@ struct RawLayer {
     postpaid: bool,
     /// A concurrency layer's requests at once.
     limit: Option<u32>,
+    /// A workspace layer's credits per member per `period`.
+    member_cap: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -532,6 +534,8 @@ struct RawAccount {
     plan: Spanned<String>,
     #[serde(default)]
     suspended: bool,
+    /// The account whose pool this member draws from in `workspace` layers.
+    workspace: Option<Spanned<String>>,
     #[serde(default)]
     api_keys: Vec<String>,
     #[serde(default)]
@@ -619,6 +623,9 @@ pub struct AccountSeed {
     pub plan: String,
     /// Whether its requests are refused.
     pub suspended: bool,
+    /// The configured account whose pool its `workspace` layers draw from (checked to exist
+    /// and to have no workspace itself).
+    pub workspace: Option<String>,
     /// Its API keys, as stored (the keys themselves are not kept).
     pub keys: Vec<KeySeed>,
     /// Grants to give it once.

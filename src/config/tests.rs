@@ -391,3 +391,71 @@ fn a_strict_plan_may_have_a_calendar_month_but_no_longer_rolling_window() {
     );
     assert_eq!(error_of(&long).key, "plans.pro.strict");
 }
+
+#[test]
+fn a_workspace_layer_and_members_are_compiled() {
+    let s = Settings::parse(EXAMPLE).expect("example config parses");
+    let team = &s.plans["team"];
+    let crate::waterfall::LayerKind::Workspace {
+        member_cap: Some(cap),
+    } = &team.layers[1].kind
+    else {
+        panic!("{:?}", team.layers[1].kind);
+    };
+    assert_eq!(
+        (cap.credits, cap.period),
+        (500, crate::waterfall::Period::Month)
+    );
+    let ana = s
+        .accounts
+        .iter()
+        .find(|a| a.id == "initech-ana")
+        .expect("member");
+    assert_eq!(ana.workspace.as_deref(), Some("initech"));
+}
+
+#[test]
+fn a_workspace_must_be_another_account_without_a_workspace() {
+    for (workspace, message) in [
+        ("nobody", "unknown account"),
+        ("initech-ana", "cannot be a workspace"),
+    ] {
+        let bad = EXAMPLE.replacen(
+            "workspace = \"initech\"",
+            &format!("workspace = \"{workspace}\""),
+            1,
+        );
+        let e = error_of(&bad);
+        assert!(e.key.ends_with(".workspace"), "{e}");
+        assert_eq!(
+            e.line,
+            Some(line_of(&bad, &format!("workspace = \"{workspace}\""))),
+            "{e}"
+        );
+        assert!(e.message.contains(message), "{e}");
+    }
+    // A member of a member: the workspace has a workspace of its own.
+    let bad = EXAMPLE.replacen(
+        "id = \"initech\"\nplan = \"pro\"",
+        "id = \"initech\"\nplan = \"pro\"\nworkspace = \"acme-dev\"",
+        1,
+    );
+    let e = error_of(&bad);
+    assert!(e.message.contains("cannot be a workspace"), "{e}");
+}
+
+#[test]
+fn a_strict_plan_cannot_draw_a_workspace_pool_and_caps_are_checked() {
+    let bad = EXAMPLE.replacen("[plans.team]\n", "[plans.team]\nstrict = true\n", 1);
+    let e = error_of(&bad);
+    assert_eq!(e.key, "plans.team.strict", "{e}");
+    assert!(
+        e.message
+            .contains("strict plans cannot draw a workspace pool yet"),
+        "{e}"
+    );
+    let bad = EXAMPLE.replacen("member_cap = 500", "member_cap = 0", 1);
+    let e = error_of(&bad);
+    assert!(e.key.ends_with(".member_cap"), "{e}");
+    assert_eq!(e.line, Some(line_of(&bad, "member_cap = 0")), "{e}");
+}

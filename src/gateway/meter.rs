@@ -322,17 +322,17 @@ fn decide(
 ) -> Option<Decided> {
     let feature = route.feature;
     let started = Stopwatch::start();
-    let decided = account.with_state(|plan, state| {
+    let decided = account.with_states(|plan, state, pool| {
         if lease_check
             && plan.strict
             && !waterfall::lease_wants(plan, state, feature, units, now).is_empty()
         {
             return None;
         }
-        let decision = waterfall::decide(plan, state, feature, units, now);
+        let decision = waterfall::decide_in(plan, state, pool.as_deref(), feature, units, now);
         let denial = match decision.denial {
             None => {
-                waterfall::reserve(plan, state, &decision, now);
+                waterfall::reserve_in(plan, state, pool, &decision, now);
                 waterfall::start_request(plan, state, feature);
                 None
             }

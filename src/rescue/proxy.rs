@@ -167,6 +167,11 @@ impl DenialReport {
                 if let Some(at) = r.reset_at {
                     v["reset_at"] = json!(crate::clock::rfc3339(at));
                 }
+                if let crate::waterfall::LayerKind::Workspace { member_cap } = &layer.kind {
+                    v["pool_credits"] = json!(r.pool_credits);
+                    v["cap_left"] = json!(r.cap_left);
+                    v["member_cap"] = json!(member_cap.map(|c| c.credits));
+                }
                 if let crate::waterfall::LayerKind::UsageLimit { .. } = layer.kind {
                     v["windows"] = windows
                         .iter()

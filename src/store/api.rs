@@ -21,6 +21,8 @@ pub struct AccountRow {
     pub created_at: Millis,
     /// How many API keys it has.
     pub api_keys: i64,
+    /// The workspace whose pool it draws from, if it is a member of one.
+    pub workspace: Option<String>,
 }
 
 /// An API key as listed: never the key, only its prefix and dates.

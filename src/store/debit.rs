@@ -41,31 +41,44 @@ pub(super) struct Debit {
 }
 
 /// Plans the debits of one charged entry against `grants` (which include every grant of the
-/// entry's account) and applies them to those balances, so that the next charge of the same
-/// batch sees them. Debits come out one per grant, in the order first touched.
+/// entry's account, and of the workspace whose grants it drew) and applies them to those
+/// balances, so that the next charge of the same batch sees them. Debits come out one per
+/// grant, in the order first touched.
+///
+/// A draw keeps the owner the engine chose: a shortfall of the account's own grant moves only
+/// to the account's other grants, one of a workspace grant ([`Pool::Workspace`]) only to that
+/// workspace's other credit grants; the member's cap counted the credits, not the grant.
 pub(super) fn plan(
     entry: &LedgerEntry,
     grants: &mut [LockedGrant],
 ) -> Result<SmallVec<[Debit; 2]>, StoreError> {
     let mut debits: SmallVec<[Debit; 2]> = SmallVec::new();
     for draw in &entry.decision.draws {
-        let Pool::Grant { grant_id } = draw.pool else {
-            continue;
+        let (grant_id, in_pool) = match draw.pool {
+            Pool::Grant { grant_id } => (grant_id, false),
+            Pool::Workspace { grant_id, .. } => (grant_id, true),
+            _ => continue,
         };
         let owed = i64::try_from(draw.credits)
             .map_err(|_| StoreError::Corrupt(format!("draw of {} credits", draw.credits)))?;
         let index = grants
             .iter()
-            .position(|g| g.id == grant_id && *g.account_id == *entry.account)
+            .position(|g| g.id == grant_id && (*g.account_id == *entry.account) != in_pool)
             .ok_or_else(|| {
                 StoreError::Corrupt(format!(
-                    "grant {grant_id} of account {} is missing",
+                    "grant {grant_id} {} account {} is missing",
+                    if in_pool { "of the workspace of" } else { "of" },
                     entry.account
                 ))
             })?;
         let mut short = owed - take(&mut debits, &mut grants[index], owed);
         if short > 0 {
-            for fallback in fallbacks(entry, draw.layer as usize, grants) {
+            let order = if in_pool {
+                pool_fallbacks(entry, &grants[index].account_id.clone(), grants)
+            } else {
+                fallbacks(entry, draw.layer as usize, grants)
+            };
+            for fallback in order {
                 short -= take(&mut debits, &mut grants[fallback], short);
                 if short == 0 {
                     break;
@@ -110,6 +123,48 @@ fn record(
             balance_after,
         }),
     }
+}
+
+/// The workspace `owner`'s credit grants that could have paid for the entry, in spend order.
+fn pool_fallbacks(entry: &LedgerEntry, owner: &str, grants: &[LockedGrant]) -> Vec<usize> {
+    let mut usable: Vec<(usize, (i32, Millis, i64))> = grants
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| {
+            *g.account_id == *owner
+                && g.kind == GrantKind::Credits
+                && g.balance > 0
+                && g.expires_at.is_none_or(|at| entry.decided_at < at)
+                && g.features
+                    .as_ref()
+                    .is_none_or(|f| f.iter().any(|name| **name == *entry.feature))
+        })
+        .map(|(i, g)| (i, (g.priority, g.expires_at.unwrap_or(Millis::MAX), g.id)))
+        .collect();
+    usable.sort_unstable_by_key(|(_, order)| *order);
+    usable.into_iter().map(|(i, _)| i).collect()
+}
+
+/// The grants that own `debits`, by grant id: the account for a balance a commit reports.
+pub(super) fn owner_of(grants: &[LockedGrant], grant_id: i64) -> Option<&str> {
+    grants
+        .iter()
+        .find(|g| g.id == grant_id)
+        .map(|g| g.account_id.as_str())
+}
+
+/// The ids of the workspace grants `entries` drew (their owners' grants must be read too).
+pub(super) fn pool_grant_ids<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> Vec<i64> {
+    let mut ids: Vec<i64> = entries
+        .flat_map(|e| e.decision.draws.iter())
+        .filter_map(|d| match d.pool {
+            Pool::Workspace { grant_id, .. } => Some(grant_id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The account's grants that could have paid for the entry at and after plan layer `from`, in
@@ -339,6 +394,47 @@ mod tests {
         let mut grants = [grant(1, GrantKind::Credits, 10)];
         assert!(matches!(
             plan(&entry(&[(0, 9, 1)], 0), &mut grants),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_workspace_draw_is_debited_on_the_workspace_and_its_shortfall_stays_there() {
+        let ws = |id, balance| LockedGrant {
+            account_id: "ws".into(),
+            ..grant(id, GrantKind::Credits, balance)
+        };
+        let mut e = entry(&[(0, 1, 30)], 0);
+        e.decision.draws.push(Draw {
+            layer: 1,
+            pool: Pool::Workspace {
+                grant_id: 10,
+                period_start: 0,
+            },
+            units: 20,
+            credits: 20,
+        });
+        // The member's own grant is short by 10 and the member has nothing else: that is
+        // forgiven, never taken from the workspace; the workspace's short grant moves to its
+        // other grant, never to the member's.
+        let mut grants = [grant(1, GrantKind::Credits, 20), ws(10, 5), ws(11, 100)];
+        let debits = plan(&e, &mut grants).unwrap();
+        assert_eq!(
+            debits.as_slice(),
+            [
+                debit(1, 20, 10, 0),
+                debit(10, 5, 0, 0),
+                debit(11, 15, 0, 85)
+            ]
+        );
+        assert_eq!(owner_of(&grants, 11), Some("ws"));
+        // A workspace grant the commit did not read is an error, not a debit elsewhere.
+        let mut only_mine = [
+            grant(1, GrantKind::Credits, 50),
+            grant(10, GrantKind::Credits, 50),
+        ];
+        assert!(matches!(
+            plan(&e, &mut only_mine),
             Err(StoreError::Corrupt(_))
         ));
     }

@@ -171,6 +171,8 @@ pub struct StoredAccount {
     pub plan: String,
     /// Whether it is suspended.
     pub suspended: bool,
+    /// The workspace whose pool it draws from, if it is a member of one.
+    pub workspace: Option<String>,
     /// Hashes of its API keys.
     pub key_hashes: Vec<String>,
     /// Its grants, with their current balances.

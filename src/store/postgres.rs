@@ -367,7 +367,8 @@ impl PostgresStore {
         };
         // Credit back each debited grant (locked in id order, like every debit) with its
         // balance update, in one statement.
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        // The owner of each grant: the charged account, or the workspace whose pool it drew.
+        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
             "WITH debits AS (
                  SELECT grant_id, -delta AS taken FROM balance_updates
                  WHERE monetization_event_id = $1 AND reason = 'debit'
@@ -376,11 +377,13 @@ impl PostgresStore {
              ), credited AS (
                  UPDATE grants g SET balance = g.balance + d.taken
                  FROM debits d WHERE g.id = d.grant_id AND g.id IN (SELECT id FROM locked)
-                 RETURNING g.id, d.taken, g.balance
+                 RETURNING g.id, d.taken, g.balance, g.account_id
+             ), recorded AS (
+                 INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
+                 SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
+                 RETURNING grant_id
              )
-             INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
-             SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
-             RETURNING grant_id, delta, balance_after",
+             SELECT id, taken, balance, account_id FROM credited",
         )
         .bind(charge_id)
         .bind(&account)
@@ -389,10 +392,10 @@ impl PostgresStore {
         .await?;
         let mut credits = 0;
         let mut balances = Vec::with_capacity(rows.len());
-        for (grant_id, taken, after) in rows {
+        for (grant_id, taken, after, owner) in rows {
             credits += to_unsigned(taken, "refund")?;
             balances.push(GrantBalance {
-                account: account.clone(),
+                account: owner,
                 grant_id,
                 balance: to_unsigned(after, "grants.balance")?,
             });
@@ -556,7 +559,7 @@ async fn charge(
         let mut postpaid = 0u64;
         for draw in &d.draws {
             match draw.pool {
-                Pool::Grant { .. } => grant_credits += draw.credits,
+                Pool::Grant { .. } | Pool::Workspace { .. } => grant_credits += draw.credits,
                 Pool::Postpaid => postpaid += draw.credits,
                 _ => {}
             }
@@ -642,13 +645,19 @@ async fn charge(
         .collect::<std::collections::BTreeSet<&str>>()
         .into_iter()
         .collect();
-    let mut locked: Vec<LockedGrant> = if accounts.is_empty() {
+    // With them, every grant of each workspace whose grants a member drew (the owner found by
+    // the drawn grant's id: a draw is debited where the engine took it).
+    let pool_grants = debit::pool_grant_ids(charges.iter().map(|r| r.entry));
+    let mut locked: Vec<LockedGrant> = if accounts.is_empty() && pool_grants.is_empty() {
         Vec::new()
     } else {
         sqlx::query(&format!(
-            "{GRANT_COLUMNS} WHERE account_id = ANY($1) ORDER BY id FOR UPDATE"
+            "{GRANT_COLUMNS} WHERE account_id = ANY($1)
+                 OR account_id IN (SELECT account_id FROM grants WHERE id = ANY($2))
+             ORDER BY id FOR UPDATE"
         ))
         .bind(&accounts)
+        .bind(&pool_grants)
         .fetch_all(&mut **tx)
         .await?
         .iter()
@@ -678,6 +687,9 @@ async fn charge(
             StoreError::Corrupt(format!("no monetization event for usage event {}", r.id))
         })?;
         for debit in debit::plan(r.entry, &mut locked)? {
+            let owner = debit::owner_of(&locked, debit.grant_id)
+                .unwrap_or(account)
+                .to_owned();
             let mut push = |reason: &'static str, delta: i64, forgiven: i64| {
                 updates.account_id.push(account.to_owned());
                 updates.grant_id.push(debit.grant_id);
@@ -696,7 +708,7 @@ async fn charge(
                 report.forgiven += to_unsigned(debit.forgiven, "forgiven")?;
             }
             changed.insert(debit.grant_id, debit.balance_after);
-            report.set_balance(account, debit.grant_id, debit.balance_after);
+            report.set_balance(&owner, debit.grant_id, debit.balance_after);
         }
     }
     if updates.grant_id.is_empty() {

@@ -15,7 +15,7 @@
 /// Expands the API statements as methods of `$store` (see the module documentation).
 macro_rules! api_statements {
     ($store:ty) => {
-        const ACCOUNT: &str = "SELECT id, plan, suspended, created_at,
+        const ACCOUNT: &str = "SELECT id, plan, suspended, created_at, workspace,
                 (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id AND k.revoked_at IS NULL) AS api_keys
              FROM accounts a WHERE id = $1";
 
@@ -92,13 +92,15 @@ macro_rules! api_statements {
                 let mut tx = self.begin_write().await?;
                 for seed in seeds {
                     sqlx::query(
-                        "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended",
+                        "INSERT INTO accounts (id, plan, suspended, created_at, workspace) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended,
+                             workspace = excluded.workspace",
                     )
                     .bind(&seed.id)
                     .bind(&seed.plan)
                     .bind(seed.suspended)
                     .bind(now)
+                    .bind(seed.workspace.as_deref())
                     .execute(&mut *tx)
                     .await?;
                     // A configured key revoked through the API stays revoked.
@@ -387,7 +389,7 @@ macro_rules! api_statements {
         impl $store {
         pub(in crate::store) async fn load_accounts(&self) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
             let mut accounts: Vec<crate::store::StoredAccount> =
-                sqlx::query("SELECT id, plan, suspended FROM accounts ORDER BY id")
+                sqlx::query("SELECT id, plan, suspended, workspace FROM accounts ORDER BY id")
                     .fetch_all(&self.pool)
                     .await?
                     .into_iter()
@@ -395,6 +397,7 @@ macro_rules! api_statements {
                         id: r.get("id"),
                         plan: r.get("plan"),
                         suspended: r.get("suspended"),
+                        workspace: r.get("workspace"),
                         key_hashes: Vec::new(),
                         grants: Vec::new(),
                     })

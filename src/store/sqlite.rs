@@ -159,8 +159,9 @@ impl SqliteStore {
         let mut balances = Vec::with_capacity(debits.len());
         let mut credits = 0;
         for (grant_id, taken) in debits {
-            let after: i64 = sqlx::query_scalar(
-                "UPDATE grants SET balance = balance + ? WHERE id = ? RETURNING balance",
+            // The grant's owner: the charged account, or the workspace whose pool it drew.
+            let (after, owner): (i64, String) = sqlx::query_as(
+                "UPDATE grants SET balance = balance + ? WHERE id = ? RETURNING balance, account_id",
             )
             .bind(taken)
             .bind(grant_id)
@@ -180,7 +181,7 @@ impl SqliteStore {
             .await?;
             credits += taken as u64;
             balances.push(GrantBalance {
-                account: account.clone(),
+                account: owner,
                 grant_id,
                 balance: after as u64,
             });

@@ -1769,3 +1769,241 @@ proptest! {
         }
     }
 }
+
+// ---- Workspace pools -------------------------------------------------------------------------
+
+/// A member's plan: own credits first, then the workspace's pool (at most `cap` credits per
+/// member per day, when given); a task costs 5 credits.
+fn member_plan(cap: Option<Credits>) -> Plan {
+    Plan {
+        name: "member".into(),
+        layers: vec![
+            layer("credits", LayerKind::Credits),
+            layer(
+                "team",
+                LayerKind::Workspace {
+                    member_cap: cap.map(|credits| MemberCap {
+                        credits,
+                        period: Period::Day,
+                        zone: Tz::UTC,
+                    }),
+                },
+            ),
+        ],
+        prices: vec![PriceTable::flat("v1", vec![Some(5), Some(2)])],
+        strict: false,
+    }
+}
+
+/// The workspace account's own plan: its grants are the pool.
+fn pool_state(balances: &[Credits]) -> AccountState {
+    let grants = balances
+        .iter()
+        .enumerate()
+        .map(|(i, b)| grant(100 + i as i64, GrantKind::Credits, *b))
+        .collect();
+    AccountState::new(&plan(), grants, t0())
+}
+
+fn pool_left(pool: &AccountState) -> Credits {
+    pool.grants().iter().map(|g| g.balance).sum()
+}
+
+#[test]
+fn a_member_draws_the_workspace_pool_after_its_own_credits() {
+    let plan = member_plan(None);
+    let mut member = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 10)], t0());
+    let mut pool = pool_state(&[12, 100]);
+    let d = decide_in(&plan, &member, Some(&pool), TASK, 4, t0());
+    assert!(d.admitted(), "{:?}", d.denial);
+    // 2 tasks from own credits (10), 2 from the pool: 12 from the first grant... in spend order.
+    assert_eq!(
+        d.draws.as_slice(),
+        [
+            Draw {
+                layer: 0,
+                pool: Pool::Grant { grant_id: 1 },
+                units: 2,
+                credits: 10
+            },
+            Draw {
+                layer: 1,
+                pool: Pool::Workspace {
+                    grant_id: 100,
+                    period_start: 0
+                },
+                units: 2,
+                credits: 10
+            },
+        ]
+    );
+    let report = d.layers[1];
+    assert_eq!(
+        (
+            report.pool_credits,
+            report.cap_left,
+            report.available_credits
+        ),
+        (Some(112), None, Some(112))
+    );
+    reserve_in(&plan, &mut member, Some(&mut pool), &d, t0());
+    assert_eq!(pool_left(&pool), 102);
+    assert_eq!(pool.grants()[0].unsettled, 10);
+    assert_eq!(member.workspace_used(1, 0), 10);
+    release_in(&plan, &mut member, Some(&mut pool), &d.draws, t0());
+    assert_eq!(pool_left(&pool), 112);
+    assert_eq!(pool.grants()[0].unsettled, 0);
+    assert_eq!(member.workspace_used(1, 0), 0);
+    assert_eq!(member.grants()[0].balance, 10);
+}
+
+#[test]
+fn a_member_cap_stops_one_member_and_resets_next_period() {
+    let plan = member_plan(Some(12));
+    let now = t0();
+    let mut alice = AccountState::new(&plan, vec![], now);
+    let mut bob = AccountState::new(&plan, vec![], now);
+    let mut pool = pool_state(&[100]);
+    let d = decide_in(&plan, &alice, Some(&pool), TASK, 2, now);
+    assert!(d.admitted());
+    reserve_in(&plan, &mut alice, Some(&mut pool), &d, now);
+    // 10 of 12 used: a third task (5) does not fit the cap, whatever the pool holds.
+    let denied = decide_in(&plan, &alice, Some(&pool), TASK, 1, now);
+    assert_eq!(
+        denied.denial,
+        Some(Denial::InsufficientCredits {
+            needed_credits: 5,
+            available_credits: 2
+        })
+    );
+    let report = denied.layers[1];
+    assert_eq!(report.pool_credits, Some(90));
+    assert_eq!(report.cap_left, Some(2));
+    assert_eq!(report.reset_at, Some(Period::Day.bounds(Tz::UTC, now).1));
+    // Bob has his own cap.
+    let b = decide_in(&plan, &bob, Some(&pool), TASK, 2, now);
+    assert!(b.admitted());
+    reserve_in(&plan, &mut bob, Some(&mut pool), &b, now);
+    assert_eq!(pool_left(&pool), 80);
+    // The next day Alice's cap is whole again.
+    let tomorrow = now + 24 * HOUR;
+    assert!(decide_in(&plan, &alice, Some(&pool), TASK, 2, tomorrow).admitted());
+}
+
+#[test]
+fn without_its_pool_a_workspace_layer_gives_nothing() {
+    let plan = member_plan(Some(50));
+    let member = AccountState::new(&plan, vec![], t0());
+    let d = decide(&plan, &member, TASK, 1, t0());
+    assert!(!d.admitted());
+    assert_eq!(d.layers[1].pool_credits, Some(0));
+}
+
+#[test]
+fn settling_a_workspace_draw_settles_the_pool_and_the_cap() {
+    let plan = member_plan(Some(50));
+    let now = t0();
+    let mut member = AccountState::new(&plan, vec![], now);
+    let mut pool = pool_state(&[100]);
+    let d = decide_in(&plan, &member, Some(&pool), TASK, 3, now);
+    reserve_in(&plan, &mut member, Some(&mut pool), &d, now);
+    member.settled_in(Some(&mut pool), &d.draws);
+    assert_eq!(pool.grants()[0].unsettled, 0);
+    assert!(pool.sync_grant(100, 85));
+    assert_eq!(pool_left(&pool), 85);
+    // Still counted against the cap after the commit, and after a rebuild from the ledger.
+    let start = Period::Day.bounds(Tz::UTC, now).0;
+    assert_eq!(member.workspace_used(1, start), 15);
+    let mut rebuilt = AccountState::new(&plan, vec![], now);
+    for draw in &d.draws {
+        rebuilt.observe(&plan, draw, now);
+    }
+    assert_eq!(rebuilt.workspace_used(1, start), 15);
+    member.resync_usage(&plan, &d.draws, now);
+    assert_eq!(member.workspace_used(1, start), 15);
+}
+
+#[test]
+fn settling_above_the_estimate_covers_from_the_pool_within_the_cap() {
+    let plan = member_plan(Some(20));
+    let now = t0();
+    let mut member = AccountState::new(&plan, vec![], now);
+    let mut pool = pool_state(&[100]);
+    let d = decide_in(&plan, &member, Some(&pool), TASK, 2, now);
+    reserve_in(&plan, &mut member, Some(&mut pool), &d, now);
+    let (extra, forgiven) = cover_up_to_in(&plan, &member, Some(&pool), TASK, 5, now);
+    assert_eq!(forgiven, 3, "the cap leaves 10 credits: 2 more tasks");
+    let extra = extra.expect("two tasks covered");
+    assert_eq!(extra.credits(), 10);
+    reserve_in(&plan, &mut member, Some(&mut pool), &extra, now);
+    assert_eq!(pool_left(&pool), 80);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Two members of one workspace request and release in any order: the pool never gives
+    /// more than its balance, a member never more than its cap in a period, and releasing
+    /// everything restores every number exactly.
+    #[test]
+    fn members_never_overdraw_the_pool_or_their_caps(
+        cap in 0u64..60,
+        balances in prop::collection::vec(0u64..40, 0..4),
+        steps in prop::collection::vec((0usize..2, 0u8..3, 0u64..6, 0u32..600), 1..80),
+    ) {
+        let plan = member_plan(Some(cap));
+        let mut now = t0();
+        let start_total: Credits = balances.iter().sum();
+        let mut pool = pool_state(&balances);
+        let mut members = [AccountState::new(&plan, vec![], now), AccountState::new(&plan, vec![], now)];
+        let mut held: [Vec<(Decision, Millis)>; 2] = [Vec::new(), Vec::new()];
+        for (m, op, units, wait) in steps {
+            now += Millis::from(wait) * MIN;
+            match op {
+                0 | 1 => {
+                    let d = decide_in(&plan, &members[m], Some(&pool), TASK, units, now);
+                    if !d.admitted() {
+                        // Justified: neither the pool nor the cap left room.
+                        let start = Period::Day.bounds(Tz::UTC, now).0;
+                        let room = cap.saturating_sub(members[m].workspace_used(1, start)).min(pool_left(&pool));
+                        prop_assert!(units * 5 > room);
+                        continue;
+                    }
+                    reserve_in(&plan, &mut members[m], Some(&mut pool), &d, now);
+                    held[m].push((d, now));
+                }
+                _ => {
+                    if let Some((d, _)) = held[m].pop() {
+                        release_in(&plan, &mut members[m], Some(&mut pool), &d.draws, now);
+                    }
+                }
+            }
+            // The pool gives what it has and no more; every credit is accounted for.
+            let out: Credits = held.iter().flatten().map(|(d, _)| d.credits()).sum();
+            prop_assert_eq!(pool_left(&pool) + out, start_total);
+            // Per member and period, what is held never exceeds the cap.
+            for h in &held {
+                let mut by_period: Vec<(Millis, Credits)> = Vec::new();
+                for (d, at) in h {
+                    let p = Period::Day.bounds(Tz::UTC, *at).0;
+                    match by_period.iter_mut().find(|(q, _)| *q == p) {
+                        Some((_, c)) => *c += d.credits(),
+                        None => by_period.push((p, d.credits())),
+                    }
+                }
+                for (_, c) in by_period {
+                    prop_assert!(c <= cap, "{} credits drawn against a cap of {}", c, cap);
+                }
+            }
+        }
+        for m in 0..2 {
+            while let Some((d, _)) = held[m].pop() {
+                release_in(&plan, &mut members[m], Some(&mut pool), &d.draws, now);
+            }
+            let start = Period::Day.bounds(Tz::UTC, now).0;
+            prop_assert_eq!(members[m].workspace_used(1, start), 0);
+        }
+        prop_assert_eq!(pool_left(&pool), start_total);
+        prop_assert!(pool.grants().iter().all(|g| g.unsettled == 0));
+    }
+}

@@ -50,7 +50,9 @@ struct Notice {
 pub(super) fn counts_usage(draw: &Draw) -> bool {
     matches!(
         draw.pool,
-        crate::waterfall::Pool::Window { .. } | crate::waterfall::Pool::FreeTier { .. }
+        crate::waterfall::Pool::Window { .. }
+            | crate::waterfall::Pool::FreeTier { .. }
+            | crate::waterfall::Pool::Workspace { .. }
     )
 }
 

@@ -113,7 +113,21 @@ pub(super) async fn commit(
 
     // The charges: debits against the grants as committed, read once per account.
     let charges: Vec<&UsageRow<'_>> = usage.iter().filter(|r| r.charge_key.is_some()).collect();
-    let mut grants = grants_of(&mut tx, charges.iter().map(|r| &*r.entry.account)).await?;
+    // The workspaces whose grants the charges drew are read too (their owners by grant id,
+    // whatever a member's workspace is now).
+    let owners = owners_of(
+        &mut tx,
+        &debit::pool_grant_ids(charges.iter().map(|r| r.entry)),
+    )
+    .await?;
+    let mut grants = grants_of(
+        &mut tx,
+        charges
+            .iter()
+            .map(|r| &*r.entry.account)
+            .chain(owners.iter().map(String::as_str)),
+    )
+    .await?;
     let mut next_id = max_id(&mut tx, "monetization_events").await? + 1;
     let mut monetization = Vec::with_capacity(charges.len());
     let mut updates = Vec::new();
@@ -124,7 +138,7 @@ pub(super) async fn commit(
         let (mut credits, mut postpaid) = (0, 0);
         for draw in &d.draws {
             match draw.pool {
-                Pool::Grant { .. } => credits += draw.credits,
+                Pool::Grant { .. } | Pool::Workspace { .. } => credits += draw.credits,
                 Pool::Postpaid => postpaid += draw.credits,
                 _ => {}
             }
@@ -138,10 +152,35 @@ pub(super) async fn commit(
             postpaid,
             draws: serde_json::to_string(&d.draws).unwrap_or_else(|_| "[]".into()),
         });
-        let account_grants = grants
-            .get_mut(&*entry.account)
-            .map_or(&mut [][..], |g| g.as_mut_slice());
-        for debit in debit::plan(entry, account_grants)? {
+        // The entry's own grants, with those of the workspaces it drew: one slice to plan on.
+        let mut account_grants = grants.remove(&*entry.account).unwrap_or_default();
+        let drawn = debit::pool_grant_ids(std::iter::once(entry));
+        let pools: Vec<String> = owners
+            .iter()
+            .filter(|o| **o != *entry.account)
+            .filter(|o| {
+                grants
+                    .get(o.as_str())
+                    .is_some_and(|g| g.iter().any(|g| drawn.contains(&g.id)))
+            })
+            .cloned()
+            .collect();
+        for owner in &pools {
+            account_grants.extend(grants.remove(owner.as_str()).unwrap_or_default());
+        }
+        let planned = debit::plan(entry, &mut account_grants);
+        let mut owner_of = HashMap::new();
+        for g in &account_grants {
+            owner_of.insert(g.id, g.account_id.clone());
+        }
+        for g in account_grants {
+            grants.entry(g.account_id.clone()).or_default().push(g);
+        }
+        for debit in planned? {
+            let owner = owner_of
+                .get(&debit.grant_id)
+                .map_or(&*entry.account, String::as_str)
+                .to_owned();
             let update = |reason, delta, forgiven| UpdateRow {
                 account: &entry.account,
                 grant_id: debit.grant_id,
@@ -160,7 +199,7 @@ pub(super) async fn commit(
                 report.forgiven += debit.forgiven as u64;
             }
             balances.insert(debit.grant_id, debit.balance_after);
-            report.set_balance(&entry.account, debit.grant_id, debit.balance_after);
+            report.set_balance(&owner, debit.grant_id, debit.balance_after);
         }
         next_id += 1;
     }
@@ -227,6 +266,30 @@ async fn max_id(tx: &mut Transaction<'_, Sqlite>, table: &str) -> Result<i64, St
         .fetch_one(&mut **tx)
         .await?;
     Ok(max.unwrap_or(0))
+}
+
+/// The accounts owning the given grants.
+async fn owners_of(
+    tx: &mut Transaction<'_, Sqlite>,
+    grant_ids: &[i64],
+) -> Result<Vec<String>, StoreError> {
+    let mut owners: Vec<String> = Vec::new();
+    for chunk in grant_ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            QueryBuilder::<Sqlite>::new("SELECT DISTINCT account_id FROM grants WHERE id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        for r in q.build().fetch_all(&mut **tx).await? {
+            let owner: String = r.try_get(0)?;
+            if !owners.contains(&owner) {
+                owners.push(owner);
+            }
+        }
+    }
+    Ok(owners)
 }
 
 /// Every grant of the given accounts, by account.
