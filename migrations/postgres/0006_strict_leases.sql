@@ -3,22 +3,27 @@
 --
 -- usage_counters: the committed units of every window minute and free-tier period, per account
 -- and layer (index in the plan), kept by the commit that charges them and the refund that
--- gives them back. A lease reads them instead of re-reading every monetization event.
+-- gives them back. A lease reads them instead of re-reading every monetization event. Each
+-- writer (replica) keeps rows of its own, so that replicas charging one busy account never
+-- wait on each other's counter row; a bucket's usage is the sum over writers (a refund takes
+-- from its own writer's row, which may go below zero; the sum never does).
 CREATE TABLE usage_counters (
     account_id  TEXT NOT NULL,
     layer       INTEGER NOT NULL CHECK (layer >= 0),
     at_ms       BIGINT NOT NULL,          -- a window's minute start, or a free tier's period start
-    units       BIGINT NOT NULL CHECK (units >= 0),
-    PRIMARY KEY (account_id, layer, at_ms)
+    writer      TEXT NOT NULL,            -- the replica that wrote it ('migration': backfilled)
+    units       BIGINT NOT NULL,
+    PRIMARY KEY (account_id, layer, at_ms, writer)
 );
 CREATE INDEX usage_counters_by_time ON usage_counters (at_ms);
 
 -- What was committed before this migration, for the last 40 days (the longest free-tier period
 -- and every window the example configs use fit in it).
-INSERT INTO usage_counters (account_id, layer, at_ms, units)
+INSERT INTO usage_counters (account_id, layer, at_ms, writer, units)
 SELECT m.account_id, (d->>'layer')::int,
        CASE d->>'pool' WHEN 'window' THEN (d->>'minute')::bigint * 60000
                        ELSE (d->>'period_start')::bigint END,
+       'migration',
        SUM((d->>'units')::bigint)
 FROM monetization_events m, jsonb_array_elements(m.draws::jsonb) AS d
 WHERE m.refunded_at IS NULL

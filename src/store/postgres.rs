@@ -402,7 +402,7 @@ impl PostgresStore {
         }
         let draws: Vec<crate::waterfall::Draw> = serde_json::from_str(&draws)
             .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
-        lease::refund_usage(&mut tx, &account, &draws).await?;
+        lease::refund_usage(&mut tx, &self.replica, &account, &draws).await?;
         let change = LedgerChange {
             balances: balances.clone(),
             used: Vec::new(),

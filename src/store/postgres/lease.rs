@@ -65,8 +65,9 @@ pub(super) async fn round(
     let mut counters: HashMap<i32, Vec<(Millis, u64)>> = HashMap::new();
     if let Some(since) = since {
         let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
-            "SELECT layer, at_ms, units FROM usage_counters
-             WHERE account_id = $1 AND layer = ANY($2) AND at_ms >= $3",
+            "SELECT layer, at_ms, SUM(units)::bigint FROM usage_counters
+             WHERE account_id = $1 AND layer = ANY($2) AND at_ms >= $3
+             GROUP BY layer, at_ms",
         )
         .bind(account)
         .bind(&layers)
@@ -74,10 +75,11 @@ pub(super) async fn round(
         .fetch_all(&mut *tx)
         .await?;
         for (layer, at, units) in rows {
+            // Writers' rows sum to what was committed: never below zero.
             counters
                 .entry(layer)
                 .or_default()
-                .push((at, to_unsigned(units, "usage_counters.units")?));
+                .push((at, to_unsigned(units.max(0), "usage_counters.units")?));
         }
     }
     let grant_ids: Vec<i64> = asks
@@ -274,7 +276,7 @@ pub(super) async fn commit_usage(
             .execute(&mut **tx)
             .await?;
     }
-    // Sorted, so that two writers adding to the same counters take their locks in one order.
+    // Sorted, so that one writer's rows are always locked in one order.
     let mut used: std::collections::BTreeMap<(&str, i32, Millis), u64> = Default::default();
     let mut taken: std::collections::BTreeMap<(&str, String), u64> = Default::default();
     for e in charges {
@@ -310,15 +312,17 @@ pub(super) async fn commit_usage(
             units.push(to_bigint(u, "usage_counters.units")?);
         }
         sqlx::query(
-            "INSERT INTO usage_counters (account_id, layer, at_ms, units)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])
-             ON CONFLICT (account_id, layer, at_ms)
+            "INSERT INTO usage_counters (account_id, layer, at_ms, writer, units)
+             SELECT a, l, t, $5, u FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])
+                 AS n(a, l, t, u)
+             ON CONFLICT (account_id, layer, at_ms, writer)
              DO UPDATE SET units = usage_counters.units + EXCLUDED.units",
         )
         .bind(account)
         .bind(layer)
         .bind(at_ms)
         .bind(units)
+        .bind(replica)
         .execute(&mut **tx)
         .await?;
     }
@@ -346,9 +350,11 @@ pub(super) async fn commit_usage(
     Ok(())
 }
 
-/// A refund gives its window and free-tier units back to the counters.
+/// A refund gives its window and free-tier units back to the counters (from this writer's
+/// rows: the bucket's sum drops by exactly the refund).
 pub(super) async fn refund_usage(
     tx: &mut Transaction<'_, Postgres>,
+    replica: &str,
     account: &str,
     draws: &[crate::waterfall::Draw],
 ) -> Result<(), StoreError> {
@@ -367,15 +373,18 @@ pub(super) async fn refund_usage(
         return Ok(());
     }
     sqlx::query(
-        "UPDATE usage_counters c SET units = GREATEST(c.units - n.u, 0)
-         FROM (SELECT l, t, SUM(u)::bigint AS u FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS x(l, t, u)
-               GROUP BY l, t) AS n
-         WHERE c.account_id = $1 AND c.layer = n.l AND c.at_ms = n.t",
+        "INSERT INTO usage_counters (account_id, layer, at_ms, writer, units)
+         SELECT $1, l, t, $5, -SUM(u)::bigint
+         FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS x(l, t, u)
+         GROUP BY l, t
+         ON CONFLICT (account_id, layer, at_ms, writer)
+         DO UPDATE SET units = usage_counters.units + EXCLUDED.units",
     )
     .bind(account)
     .bind(layer)
     .bind(at_ms)
     .bind(units)
+    .bind(replica)
     .execute(&mut **tx)
     .await?;
     Ok(())
