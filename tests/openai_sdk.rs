@@ -10,14 +10,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{PgDatabase, StoreKind};
+use common::StoreKind;
 use flowgate::clock::Clock;
-use flowgate::config::Settings;
-use flowgate::demo::openai::MockOpenAi;
-use flowgate::gateway::Gateway;
 use flowgate::store::Store;
-
-const EXAMPLE: &str = include_str!("../config/examples/openai.toml");
 
 /// A plan with a 50-credit window and no credits, for the denials.
 const TINY: &str = r#"
@@ -56,30 +51,8 @@ fn python() -> String {
 
 async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
     let python = python();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pg = match kind {
-        StoreKind::Sqlite => None,
-        StoreKind::Postgres => Some(PgDatabase::create().await),
-    };
-    let store_url = match &pg {
-        None => format!("sqlite://{}", dir.path().join("ledger.db").display()),
-        Some(db) => db.url.clone(),
-    };
-    let mock = MockOpenAi::start("127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("mock");
-    let config = format!("{EXAMPLE}{TINY}")
-        .replace("127.0.0.1:8090", "127.0.0.1:0")
-        .replace("sqlite://openai-gateway.db", &store_url)
-        .replace("http://127.0.0.1:9100", &mock.url());
-    let settings = Settings::parse(&config).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = Gateway::start(settings.clone(), listener, Clock::System)
-        .await
-        .expect("gateway");
-    let base = format!("http://{}", gateway.addr());
+    let g = common::openai::start(kind, Clock::System, TINY).await;
+    let base = g.base.clone();
     let script = format!("{}/tests/openai_sdk/check.py", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
@@ -99,7 +72,8 @@ async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
     let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("its JSON");
     assert_eq!(seen["window"]["status"], 429, "{seen}");
     assert_eq!(seen["no_credits"]["status"], 429, "{seen}");
-    gateway.shutdown().await; // commits everything queued
+    let (settings, store_url) = (g.settings.clone(), g.store_url.clone());
+    g.gateway.shutdown().await; // commits everything queued
 
     let snapshot = Store::open(&store_url)
         .await
@@ -127,7 +101,6 @@ async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
     );
     let report = flowgate::reconcile::check(&snapshot, &settings);
     assert!(report.differences.is_empty(), "{:?}", report.differences);
-    drop(pg);
 }
 
 store_tests!(the_openai_sdk_works_through_the_example_gateway);

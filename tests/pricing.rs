@@ -7,68 +7,30 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PgDatabase, StoreKind};
+use common::StoreKind;
 use flowgate::clock::Clock;
 use flowgate::config::Settings;
-use flowgate::demo::openai::MockOpenAi;
 use flowgate::gateway::Gateway;
 use flowgate::store::{MonetizationRow, Store};
 use serde_json::{Value, json};
 
-const EXAMPLE: &str = include_str!("../config/examples/openai.toml");
-
+/// The example gateway and a client for it.
 struct OpenAiGateway {
-    _mock: MockOpenAi,
-    gateway: Gateway,
-    base: String,
-    store_url: String,
+    g: common::openai::OpenAiGateway,
     http: reqwest::Client,
-    config: String,
-    _pg: Option<PgDatabase>,
-    _dir: tempfile::TempDir,
 }
 
-/// The example's config, on a store of `kind` and the mock upstream.
 async fn start(kind: StoreKind, clock: Clock) -> OpenAiGateway {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pg = match kind {
-        StoreKind::Sqlite => None,
-        StoreKind::Postgres => Some(PgDatabase::create().await),
-    };
-    let store_url = match &pg {
-        None => format!("sqlite://{}", dir.path().join("ledger.db").display()),
-        Some(db) => db.url.clone(),
-    };
-    let mock = MockOpenAi::start("127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("mock upstream");
-    let config = EXAMPLE
-        .replace("127.0.0.1:8090", "127.0.0.1:0")
-        .replace("sqlite://openai-gateway.db", &store_url)
-        .replace("http://127.0.0.1:9100", &mock.url());
-    let settings = Settings::parse(&config).expect("the example parses");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = Gateway::start(settings, listener, clock)
-        .await
-        .expect("gateway starts");
     OpenAiGateway {
-        _mock: mock,
-        base: format!("http://{}", gateway.addr()),
-        gateway,
-        store_url,
+        g: common::openai::start(kind, clock, "").await,
         http: reqwest::Client::new(),
-        config,
-        _pg: pg,
-        _dir: dir,
     }
 }
 
 impl OpenAiGateway {
     async fn post(&self, path: &str, body: Value, cached: u64) -> reqwest::Response {
         self.http
-            .post(format!("{}{path}", self.base))
+            .post(format!("{}{path}", self.g.base))
             .bearer_auth("sk-demo")
             .header("x-mock-cached-tokens", cached)
             .json(&body)
@@ -79,7 +41,7 @@ impl OpenAiGateway {
 
     /// Waits for the ledger, then reads its charges, oldest first.
     async fn charges(&self) -> Vec<MonetizationRow> {
-        let app = self.gateway.app();
+        let app = self.g.gateway.app();
         for _ in 0..500 {
             if app.ledger.depth() == 0 {
                 break;
@@ -95,7 +57,7 @@ impl OpenAiGateway {
     }
 
     async fn store(&self) -> Store {
-        Store::open(&self.store_url).await.expect("store")
+        Store::open(&self.g.store_url).await.expect("store")
     }
 }
 
@@ -203,11 +165,11 @@ async fn chat_is_charged_per_model_and_dimension_plain_and_streamed(kind: StoreK
     // The included window paid: nothing came out of the credits.
     assert!(charges.iter().all(|m| m.credits == 0));
     let snapshot = g.store().await.snapshot(0).await.expect("snapshot");
-    let settings = Settings::parse(&g.config).expect("config");
+    let settings = Settings::parse(&g.g.config).expect("config");
     let report = flowgate::reconcile::check(&snapshot, &settings);
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     assert_eq!(report.unknown_price_versions, 0);
-    g.gateway.shutdown().await;
+    g.g.gateway.shutdown().await;
 }
 
 async fn a_price_change_applies_from_its_date_and_every_charge_keeps_its_version(kind: StoreKind) {
@@ -232,7 +194,7 @@ async fn a_price_change_applies_from_its_date_and_every_charge_keeps_its_version
 
     // Later the config lists only a third version: reconcile still checks both charges
     // against the versions the ledger stored.
-    let later = g.config.replace(
+    let later = g.g.config.replace(
         "price_version = \"2026-12-openai-1\"",
         "price_version = \"2027-06-openai-3\"",
     );
@@ -257,16 +219,16 @@ async fn a_price_change_applies_from_its_date_and_every_charge_keeps_its_version
         "UPDATE monetization_events SET dimensions = '{tampered}' WHERE id = {}",
         charges[1].id
     );
-    execute(&g.store_url, &sql).await;
+    execute(&g.g.store_url, &sql).await;
     let report = flowgate::reconcile::check(&store.snapshot(0).await.expect("snapshot"), &settings);
     let found: Vec<&str> = report.differences.iter().map(|d| d.check).collect();
     assert_eq!(found, ["dimension_price"], "{:?}", report.differences);
 
     // A version stored before cannot silently change its prices: start-up refuses.
-    g.gateway.shutdown().await;
-    let changed = g
-        .config
-        .replace("output_tokens = 8000000", "output_tokens = 7000000");
+    g.g.gateway.shutdown().await;
+    let changed =
+        g.g.config
+            .replace("output_tokens = 8000000", "output_tokens = 7000000");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

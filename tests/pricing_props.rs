@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
-use flowgate::store::{Store, StoredPriceTable};
+use flowgate::store::Store;
 use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall::{self, Quantities};
 use proptest::prelude::*;
@@ -64,21 +64,6 @@ plan = "p"
     )
 }
 
-fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
-    settings
-        .plans
-        .iter()
-        .flat_map(|(name, plan)| {
-            plan.prices.iter().map(move |t| StoredPriceTable {
-                plan: name.clone(),
-                version: t.version.to_string(),
-                effective_from: t.effective_from,
-                prices: serde_json::to_string(&t.document(&settings.features)).expect("json"),
-            })
-        })
-        .collect()
-}
-
 const START: i64 = 1_800_000_000_000;
 
 proptest! {
@@ -101,7 +86,7 @@ proptest! {
             let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
             let store = Store::open(&url).await.expect("store");
             store.migrate().await.expect("migrate");
-            store.seed_prices(&price_tables(&settings)).await.expect("prices");
+            store.seed_prices(&flowgate::gateway::price_tables(&settings)).await.expect("prices");
             store.seed(&settings.accounts, START).await.expect("seed");
             let accounts = Accounts::load(&store, &settings, START).await.expect("view");
             let account = accounts.get("acct").expect("account");

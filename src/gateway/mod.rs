@@ -217,7 +217,7 @@ impl Gateway {
 
 /// Every price version of every plan, as the ledger stores them (sorted, so that replicas
 /// starting together write them in one order).
-fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
+pub fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
     let mut tables: Vec<StoredPriceTable> = settings
         .plans
         .iter()

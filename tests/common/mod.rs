@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod openai;
 pub mod process;
 
 use std::time::Duration;
