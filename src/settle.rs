@@ -56,6 +56,8 @@ enum Target {
     One(String),
     /// Each dimension's integer.
     Dimensions(Vec<(Arc<str>, DimensionPointer)>),
+    /// Nothing: the route does not settle; the stream is only watched for its `[DONE]`.
+    Nothing,
 }
 
 #[derive(Debug)]
@@ -103,6 +105,7 @@ impl Target {
     /// What `doc` reports, or `None` if it has none of it (an event without usage).
     fn read(&self, doc: &serde_json::Value) -> Option<Result<Measured, SettleError>> {
         match self {
+            Target::Nothing => None,
             Target::One(pointer) => {
                 doc.pointer(pointer)?;
                 Some(units_at(doc, pointer).map(Measured::Units))
@@ -140,6 +143,7 @@ impl Target {
 
     fn describe(&self) -> String {
         match self {
+            Target::Nothing => "nothing".into(),
             Target::One(p) => p.clone(),
             Target::Dimensions(d) => d.iter().map(|(n, _)| &**n).collect::<Vec<_>>().join(", "),
         }
@@ -239,6 +243,25 @@ impl SettleReader {
                 }
             }
         }
+    }
+
+    /// For a route that does not settle: watches an event stream for its `[DONE]` only (see
+    /// [`SettleReader::delivered`]); `None` for any other response.
+    pub fn done_watcher(headers: &HeaderMap) -> Option<SettleReader> {
+        is_event_stream(headers).then(|| SettleReader {
+            state: State::sse(Target::Nothing),
+        })
+    }
+
+    /// Whether the reader settles the cost (`false` for a [`SettleReader::done_watcher`]).
+    pub fn settles(&self) -> bool {
+        !matches!(
+            self.state,
+            State::Sse {
+                target: Target::Nothing,
+                ..
+            }
+        )
     }
 
     /// Whether an event stream's terminal event (`data: [DONE]`, as OpenAI-style streams end)
@@ -389,6 +412,19 @@ mod tests {
             read(&rule, &h, &[b"data: {\"text\":\"no usage\"}\n\n"]),
             Err(SettleError::Missing(_))
         ));
+    }
+
+    #[test]
+    fn a_route_without_settle_watches_only_an_event_streams_done() {
+        let mut sse = HeaderMap::new();
+        sse.insert("content-type", "text/event-stream".parse().unwrap());
+        let mut w = SettleReader::done_watcher(&sse).expect("an event stream is watched");
+        assert!(!w.settles());
+        w.observe(b"data: {\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n");
+        assert!(w.delivered());
+        assert!(SettleReader::done_watcher(&HeaderMap::new()).is_none());
+        let settling = SettleReader::new(&SettleRule::Sse("/n".into()), &sse);
+        assert!(settling.settles());
     }
 
     #[test]

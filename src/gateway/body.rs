@@ -88,6 +88,7 @@ where
         {
             if outcome == Outcome::Completed
                 && let Some(reader) = this.settle.take()
+                && reader.settles()
             {
                 hold.settle(reader.finish());
             }
@@ -119,7 +120,9 @@ impl<B: Body> Drop for MeteredBody<B> {
         if let Some(mut hold) = self.hold.take() {
             match self.settle.take() {
                 Some(reader) if reader.delivered() => {
-                    hold.settle(reader.finish());
+                    if reader.settles() {
+                        hold.settle(reader.finish());
+                    }
                     // Nobody is left to wait for a strict commit: the client has gone.
                     let _ = hold.end(Outcome::Completed);
                 }

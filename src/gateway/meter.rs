@@ -464,12 +464,14 @@ where
         hold.end(Outcome::UpstreamError);
         Body::new(body)
     } else {
-        let settle = route
-            .settle
-            .as_ref()
-            .map(|rule| SettleReader::new(rule, &parts.headers));
+        // A route that does not settle still watches a stream for its `[DONE]`: a client that
+        // closes after it got the whole response (`MeteredBody`'s `Drop`).
+        let settle = match &route.settle {
+            Some(rule) => Some(SettleReader::new(rule, &parts.headers)),
+            None => SettleReader::done_watcher(&parts.headers),
+        };
         if body.is_end_stream() {
-            if let Some(reader) = settle {
+            if let Some(reader) = settle.filter(SettleReader::settles) {
                 hold.settle(reader.finish());
             }
             if let Some(commit) = hold.end(Outcome::Completed) {
