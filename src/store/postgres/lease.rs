@@ -276,22 +276,16 @@ pub(super) async fn commit_usage(
             .execute(&mut **tx)
             .await?;
     }
-    // Sorted, so that one writer's rows are always locked in one order.
-    let mut used: std::collections::BTreeMap<(&str, i32, Millis), u64> = Default::default();
+    let mut used: Counters<'_> = Counters::new();
     let mut taken: std::collections::BTreeMap<(&str, String), u64> = Default::default();
     for e in charges {
         for d in &e.decision.draws {
-            let at = match d.pool {
-                Pool::Window { minute } => Some(minute * MINUTE_MS),
-                Pool::FreeTier { period_start } => Some(period_start),
-                _ => None,
-            };
-            if let Some(at) = at
+            if let Some(at) = bucket(d)
                 && d.units > 0
             {
                 *used
                     .entry((&e.account, i32::from(d.layer), at))
-                    .or_default() += d.units;
+                    .or_default() += i128::from(d.units);
             }
             if e.plan.strict
                 && let Some(pool) = d.lease_pool()
@@ -300,32 +294,7 @@ pub(super) async fn commit_usage(
             }
         }
     }
-    if !used.is_empty() {
-        let mut account = Vec::with_capacity(used.len());
-        let mut layer = Vec::with_capacity(used.len());
-        let mut at_ms = Vec::with_capacity(used.len());
-        let mut units = Vec::with_capacity(used.len());
-        for ((a, l, at), u) in used {
-            account.push(a);
-            layer.push(l);
-            at_ms.push(at);
-            units.push(to_bigint(u, "usage_counters.units")?);
-        }
-        sqlx::query(
-            "INSERT INTO usage_counters (account_id, layer, at_ms, writer, units)
-             SELECT a, l, t, $5, u FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])
-                 AS n(a, l, t, u)
-             ON CONFLICT (account_id, layer, at_ms, writer)
-             DO UPDATE SET units = usage_counters.units + EXCLUDED.units",
-        )
-        .bind(account)
-        .bind(layer)
-        .bind(at_ms)
-        .bind(units)
-        .bind(replica)
-        .execute(&mut **tx)
-        .await?;
-    }
+    add_to_counters(tx, replica, used).await?;
     if !taken.is_empty() {
         let mut account = Vec::with_capacity(taken.len());
         let mut key = Vec::with_capacity(taken.len());
@@ -358,25 +327,57 @@ pub(super) async fn refund_usage(
     account: &str,
     draws: &[crate::waterfall::Draw],
 ) -> Result<(), StoreError> {
-    let (mut layer, mut at_ms, mut units) = (Vec::new(), Vec::new(), Vec::new());
+    let mut given: Counters<'_> = Counters::new();
     for d in draws {
-        let at = match d.pool {
-            Pool::Window { minute } => minute * MINUTE_MS,
-            Pool::FreeTier { period_start } => period_start,
-            _ => continue,
-        };
-        layer.push(i32::from(d.layer));
-        at_ms.push(at);
-        units.push(to_bigint(d.units, "usage_counters.units")?);
+        if let Some(at) = bucket(d) {
+            *given.entry((account, i32::from(d.layer), at)).or_default() -= i128::from(d.units);
+        }
     }
-    if layer.is_empty() {
+    add_to_counters(tx, replica, given).await
+}
+
+/// Deltas to `usage_counters` by (account, layer, bucket). Sorted, so that one writer's rows
+/// are always locked in one order.
+type Counters<'a> = std::collections::BTreeMap<(&'a str, i32, Millis), i128>;
+
+/// The counter bucket a draw counts in: a window's minute start, a free tier's period start.
+fn bucket(d: &crate::waterfall::Draw) -> Option<Millis> {
+    match d.pool {
+        Pool::Window { minute } => Some(minute * MINUTE_MS),
+        Pool::FreeTier { period_start } => Some(period_start),
+        _ => None,
+    }
+}
+
+/// Adds `deltas` to this writer's counter rows, in one statement.
+async fn add_to_counters(
+    tx: &mut Transaction<'_, Postgres>,
+    replica: &str,
+    deltas: Counters<'_>,
+) -> Result<(), StoreError> {
+    if deltas.is_empty() {
         return Ok(());
+    }
+    let n = deltas.len();
+    let (mut account, mut layer, mut at_ms, mut units) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((a, l, at), u) in deltas {
+        account.push(a);
+        layer.push(l);
+        at_ms.push(at);
+        units.push(
+            i64::try_from(u)
+                .map_err(|_| StoreError::Corrupt(format!("usage_counters.units delta {u}")))?,
+        );
     }
     sqlx::query(
         "INSERT INTO usage_counters (account_id, layer, at_ms, writer, units)
-         SELECT $1, l, t, $5, -SUM(u)::bigint
-         FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS x(l, t, u)
-         GROUP BY l, t
+         SELECT a, l, t, $5, u FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])
+             AS n(a, l, t, u)
          ON CONFLICT (account_id, layer, at_ms, writer)
          DO UPDATE SET units = usage_counters.units + EXCLUDED.units",
     )
