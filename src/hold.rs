@@ -40,6 +40,8 @@ pub struct Hold {
     captured: bytes::BytesMut,
     /// Strict durability: a charge's ending hands back a [`Commit`] to wait on.
     strict: bool,
+    /// Units held beyond the decision's estimate, as a watched stream grew ([`Hold::grow`]).
+    grown: waterfall::Units,
 }
 
 /// A charged entry's commit, to wait on before the response completes (strict durability).
@@ -73,6 +75,7 @@ impl Hold {
             capture: None,
             captured: bytes::BytesMut::new(),
             strict: false,
+            grown: 0,
         }
     }
 
@@ -218,13 +221,13 @@ impl Hold {
     /// of an estimate goes back to exactly the pools that held it (last drawn first); a
     /// shortfall is covered by the waterfall now, and what nobody can pay is forgiven.
     fn adjust(&self, entry: &mut LedgerEntry, used: waterfall::Units) {
-        let estimate = entry.decision.units;
+        let estimate = entry.decision.units + self.grown; // what the draws hold
         let now = entry.completed_at;
         entry.used_units = used;
         if used == estimate {
             return;
         }
-        let feature = entry.decision.feature;
+        let ongoing = entry.decision.ongoing();
         let price = entry.decision.credits_per_unit;
         let draws = &mut entry.decision.draws;
         let forgiven = self.account.with_states(|plan, state, pool| {
@@ -237,7 +240,7 @@ impl Hold {
                     plan,
                     state,
                     pool.as_deref(),
-                    feature,
+                    ongoing,
                     used - estimate,
                     now,
                 );
@@ -252,6 +255,67 @@ impl Hold {
             tracing::warn!(decision_id = %entry.decision_id, units = forgiven, "settled above what the account could pay; forgiven");
         }
         entry.forgiven_units = forgiven;
+    }
+}
+
+/// How a hold grew when its request asked for more (a watched stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Growth {
+    /// All of it is held now.
+    Held,
+    /// The account could pay only part: that part is held, this many units are not (the
+    /// `finish` policy: they are forgiven when the stream settles, if still unpaid).
+    Partly(waterfall::Units),
+    /// The account cannot pay for all of it: nothing more is held (the `stop` policy).
+    Refused(waterfall::Denial),
+}
+
+impl Hold {
+    /// Holds `more` units for the running request, at once, in the account's view: other
+    /// requests of the account see them from now on. `whole`: all or nothing; otherwise as
+    /// much as the account can pay.
+    pub fn grow(&mut self, more: waterfall::Units, whole: bool) -> Growth {
+        let Some(entry) = self.entry.as_mut() else {
+            return Growth::Held; // already ended: nothing left to hold
+        };
+        if more == 0 {
+            return Growth::Held;
+        }
+        let now = self.clock.now_ms();
+        let ongoing = entry.decision.ongoing();
+        let (extra, growth) = self.account.with_states(|plan, state, pool| {
+            let (extra, growth) = if whole {
+                let d = waterfall::extend_in(plan, state, pool.as_deref(), ongoing, more, now);
+                match d.denial {
+                    None => (Some(d), Growth::Held),
+                    Some(denial) => (None, Growth::Refused(denial)),
+                }
+            } else {
+                match waterfall::cover_up_to_in(plan, state, pool.as_deref(), ongoing, more, now) {
+                    (extra, 0) => (extra, Growth::Held),
+                    (extra, uncovered) => (extra, Growth::Partly(uncovered)),
+                }
+            };
+            if let Some(extra) = &extra {
+                waterfall::reserve_in(plan, state, pool, extra, now);
+            }
+            (extra, growth)
+        });
+        if let Some(extra) = extra {
+            // The decision keeps its estimate (the ledger's `estimated_units`); the draws
+            // hold the estimate and the growth.
+            self.grown += extra.units;
+            entry.used_units = entry.decision.units + self.grown;
+            entry.decision.draws.extend(extra.draws);
+        }
+        growth
+    }
+
+    /// The units held for the request now (its estimate and what it grew by).
+    pub fn units(&self) -> waterfall::Units {
+        self.entry
+            .as_ref()
+            .map_or(0, |e| e.decision.units + self.grown)
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`config`]: the TOML file, validated into [`config::Settings`] (errors name key and line).
 //! - [`cost`]: a request's cost in units (fixed, a header, a JSON field).
 //! - [`settle`]: the true cost read from the response as it streams.
+//! - [`watch`]: a watched stream's progress, event by event, and what may pass.
 //! - [`usage`]: [`usage::LedgerEntry`], what one request did; made by the gateway, committed by
 //!   the store.
 //! - [`store`]: the ledger's SQL, one module per dialect, behind one interface.
@@ -63,4 +64,5 @@ pub mod settle;
 pub mod store;
 pub mod strict;
 pub mod usage;
+pub mod watch;
 pub mod waterfall;

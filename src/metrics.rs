@@ -47,6 +47,9 @@ pub struct Metrics {
     pub lease_rounds: IntCounterVec,
     /// Time of one lease round (a request of a strict account waits for it).
     pub lease_round_seconds: Histogram,
+    /// Watched streams by how they ended (`paid`, `forgiven`: ran past what the account could
+    /// pay, `stopped`: ended by the gateway).
+    pub watched_streams: IntCounterVec,
     /// From another replica's ledger commit to this replica applying it (clocks of two
     /// machines: as good as their synchronisation).
     pub replica_lag_seconds: Histogram,
@@ -186,6 +189,11 @@ impl Metrics {
                 "flowgate_lease_round_duration_seconds",
                 "Time of one strict-mode lease round.",
                 LATENCY_BUCKETS.to_vec(),
+            ),
+            watched_streams: counter_vec(
+                "flowgate_watched_streams_total",
+                "Watched streams by how they ended.",
+                &["ending"],
             ),
             replica_lag_seconds: histogram(
                 "flowgate_replica_notification_lag_seconds",

@@ -151,7 +151,7 @@ impl Target {
 }
 
 /// Whether the response is a server-sent event stream.
-fn is_event_stream(headers: &HeaderMap) -> bool {
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

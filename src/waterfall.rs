@@ -120,17 +120,19 @@ impl Plan {
     /// The price table in force at `now`, with its index in [`Plan::prices`]. A plan without
     /// tables (config never builds one) prices nothing.
     pub fn prices_at(&self, now: Millis) -> (u8, &PriceTable) {
-        static NONE: std::sync::LazyLock<PriceTable> =
-            std::sync::LazyLock::new(|| PriceTable::flat("", Vec::new()));
         let i = self
             .prices
             .iter()
             .rposition(|t| t.effective_from <= now)
             .unwrap_or(0);
-        match self.prices.get(i) {
-            Some(table) => (i as u8, table),
-            None => (0, &NONE),
-        }
+        (i as u8, self.table(i as u8))
+    }
+
+    /// The price table at `index` in [`Plan::prices`]; one that prices nothing if there is none.
+    pub fn table(&self, index: u8) -> &PriceTable {
+        static NONE: std::sync::LazyLock<PriceTable> =
+            std::sync::LazyLock::new(|| PriceTable::flat("", Vec::new()));
+        self.prices.get(index as usize).unwrap_or(&NONE)
     }
 
     /// Credits per unit of `feature` at `now`, or `None` when the plan does not include it.
@@ -1222,6 +1224,44 @@ impl Decision {
     pub fn credits(&self) -> Credits {
         self.draws.iter().map(|d| d.credits).sum()
     }
+
+    /// The request this decision admitted, for asking the waterfall for more of it.
+    pub fn ongoing(&self) -> Ongoing {
+        Ongoing {
+            feature: self.feature,
+            price_table: self.price_table,
+        }
+    }
+}
+
+/// An admitted request that needs more units than it was given (a response that settles above
+/// its estimate, a watched stream that grows): the waterfall covers more of the same feature at
+/// the price version it was decided under, and does not gate it again on concurrency (it is
+/// already running, in its own slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ongoing {
+    /// The feature asked for.
+    pub feature: FeatureId,
+    /// The price table the request was decided under.
+    pub price_table: u8,
+}
+
+/// What a walk of the waterfall covers.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    /// A new request of a feature: priced at `now`, gated on concurrency.
+    New(FeatureId),
+    /// More for a running request.
+    More(Ongoing),
+}
+
+impl Start {
+    fn feature(self) -> FeatureId {
+        match self {
+            Start::New(f) => f,
+            Start::More(o) => o.feature,
+        }
+    }
 }
 
 /// Decides how `units` of `feature` are covered for an account in `state` at `now`.
@@ -1235,7 +1275,15 @@ pub fn decide(
     units: Units,
     now: Millis,
 ) -> Decision {
-    walk(plan, state, None, feature, units, now, Caps::Leased)
+    walk(
+        plan,
+        state,
+        None,
+        Start::New(feature),
+        units,
+        now,
+        Caps::Leased,
+    )
 }
 
 /// [`decide`] for a member of a workspace whose state (and grants, the pool) is `pool`: the
@@ -1249,7 +1297,15 @@ pub fn decide_in(
     units: Units,
     now: Millis,
 ) -> Decision {
-    walk(plan, state, pool, feature, units, now, Caps::Leased)
+    walk(
+        plan,
+        state,
+        pool,
+        Start::New(feature),
+        units,
+        now,
+        Caps::Leased,
+    )
 }
 
 /// What a strict account must lease before [`decide`] can be trusted to walk the waterfall in
@@ -1267,7 +1323,15 @@ pub fn lease_wants(
     let Some(leases) = &state.leases else {
         return wants;
     };
-    let wished = walk(plan, state, None, feature, units, now, Caps::Wanting);
+    let wished = walk(
+        plan,
+        state,
+        None,
+        Start::New(feature),
+        units,
+        now,
+        Caps::Wanting,
+    );
     if !wished.admitted() {
         return wants;
     }
@@ -1312,11 +1376,12 @@ fn walk(
     plan: &Plan,
     state: &AccountState,
     pool: Option<&AccountState>,
-    feature: FeatureId,
+    start: Start,
     units: Units,
     now: Millis,
     caps: Caps,
 ) -> Decision {
+    let feature = start.feature();
     let mut decision = Decision {
         feature,
         units,
@@ -1326,7 +1391,10 @@ fn walk(
         draws: SmallVec::new(),
         layers: SmallVec::new(),
     };
-    let (table, prices) = plan.prices_at(now);
+    let (table, prices) = match start {
+        Start::New(_) => plan.prices_at(now),
+        Start::More(ongoing) => (ongoing.price_table, plan.table(ongoing.price_table)),
+    };
     decision.price_table = table;
     let Some(price) = prices.price(feature) else {
         decision.denial = Some(Denial::NotEntitled);
@@ -1335,6 +1403,9 @@ fn walk(
     decision.credits_per_unit = price;
     // Concurrency gates first: a request that could not start now is not priced at all.
     for (index, layer) in plan.layers.iter().enumerate() {
+        if matches!(start, Start::More(_)) {
+            break; // already running, in a slot of its own
+        }
         if let LayerKind::Concurrency { limit } = layer.kind
             && layer.features.contains(feature)
         {
@@ -1709,18 +1780,18 @@ pub fn trim(
     released
 }
 
-/// Covers as much of `extra` units as the account can pay now: the admitted decision for the
-/// largest amount the waterfall allows (to [`reserve`]), and what is left uncovered. Used when
-/// a response settles above its estimate: the request already ran, so it is not denied; what
-/// nobody can pay is forgiven.
+/// Covers as much of `extra` more units of an `ongoing` request as the account can pay now:
+/// the admitted decision for the largest amount the waterfall allows (to [`reserve`]), and
+/// what is left uncovered. Used when a response settles above its estimate: the request
+/// already ran, so it is not denied; what nobody can pay is forgiven.
 pub fn cover_up_to(
     plan: &Plan,
     state: &AccountState,
-    feature: FeatureId,
+    ongoing: Ongoing,
     extra: Units,
     now: Millis,
 ) -> (Option<Decision>, Units) {
-    cover_up_to_in(plan, state, None, feature, extra, now)
+    cover_up_to_in(plan, state, None, ongoing, extra, now)
 }
 
 /// [`cover_up_to`] for a member of a workspace whose state is `pool` (see [`decide_in`]).
@@ -1728,11 +1799,11 @@ pub fn cover_up_to_in(
     plan: &Plan,
     state: &AccountState,
     pool: Option<&AccountState>,
-    feature: FeatureId,
+    ongoing: Ongoing,
     extra: Units,
     now: Millis,
 ) -> (Option<Decision>, Units) {
-    let decide = |units| decide_in(plan, state, pool, feature, units, now);
+    let decide = |units| extend_in(plan, state, pool, ongoing, units, now);
     let full = decide(extra);
     if full.admitted() {
         return (Some(full), 0);
@@ -1751,6 +1822,28 @@ pub fn cover_up_to_in(
         return (None, extra);
     }
     (Some(decide(lo)), extra - lo)
+}
+
+/// Decides how `extra` more units of an `ongoing` request are covered, all or nothing (a
+/// watched stream that must stop when the account cannot pay for what comes next). Like
+/// [`decide_in`], but at the request's price version and without a concurrency gate.
+pub fn extend_in(
+    plan: &Plan,
+    state: &AccountState,
+    pool: Option<&AccountState>,
+    ongoing: Ongoing,
+    extra: Units,
+    now: Millis,
+) -> Decision {
+    walk(
+        plan,
+        state,
+        pool,
+        Start::More(ongoing),
+        extra,
+        now,
+        Caps::Leased,
+    )
 }
 
 /// Applies an admitted decision's draws to the state: the hold.

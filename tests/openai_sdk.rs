@@ -34,23 +34,8 @@ plan = "tiny"
 api_keys = ["sk-tiny"]
 "#;
 
-fn python() -> String {
-    let python = std::env::var("FLOWGATE_TEST_PYTHON")
-        .unwrap_or_else(|_| format!("{}/target/sdk-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
-    let has_sdk = Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has_sdk,
-        "{python} cannot import openai: run ./scripts/test (it makes target/sdk-venv), \
-         or set FLOWGATE_TEST_PYTHON to a Python with `pip install openai`"
-    );
-    python
-}
-
 async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
-    let python = python();
+    let python = common::openai::python();
     let g = common::openai::start(kind, Clock::System, TINY).await;
     let base = g.base.clone();
     let script = format!("{}/tests/openai_sdk/check.py", env!("CARGO_MANIFEST_DIR"));

@@ -300,6 +300,10 @@ fn routes(
                 "must be one of the dimensions the route settles (settle = { dimensions = … })",
             );
         }
+        let watch = match &r.watch {
+            None => None,
+            Some(w) => Some(watch_rule(w.get_ref(), cx, &key("watch"), w.span())?),
+        };
         routes.push(Route {
             method,
             path: r.path.get_ref().clone(),
@@ -314,9 +318,39 @@ fn routes(
                 .as_ref()
                 .map(|d| d.get_ref().as_str().into()),
             idempotency: r.idempotency,
+            watch,
         });
     }
     Ok((features, routes))
+}
+
+/// A route's `watch`: exactly one way to measure progress, each a usable number.
+fn watch_rule(
+    w: &RawWatch,
+    cx: &Ctx<'_>,
+    key: &str,
+    span: std::ops::Range<usize>,
+) -> Result<WatchRule, ConfigError> {
+    let err = |msg: &str| cx.err(key, Some(span.clone()), msg);
+    let progress = match (&w.sse, w.bytes_per_unit, &w.time_per_unit) {
+        (Some(p), None, None) if p.starts_with('/') => Progress::Sse(p.clone()),
+        (Some(_), None, None) => {
+            return err("sse: a JSON pointer starts with '/', e.g. \"/usage/seconds\"");
+        }
+        (None, Some(0), None) => return err("bytes_per_unit must be at least 1"),
+        (None, Some(n), None) => Progress::Bytes(n),
+        (None, None, Some(t)) => match humantime::parse_duration(t) {
+            Ok(d) if d.as_millis() >= 1 && d.as_millis() <= u64::MAX as u128 => {
+                Progress::Time(d.as_millis() as u64)
+            }
+            _ => return err("time_per_unit: a duration of at least 1ms, e.g. \"1s\""),
+        },
+        _ => return err("give exactly one of sse, bytes_per_unit, time_per_unit"),
+    };
+    Ok(WatchRule {
+        progress,
+        on_exhausted: w.on_exhausted,
+    })
 }
 
 /// The set of the features `list` names (all when absent); an unknown name is an error at `key`.

@@ -370,6 +370,53 @@ struct RawRoute {
     cost_dimension: Option<Spanned<String>>,
     #[serde(default)]
     idempotency: IdempotencyMode,
+    /// Watches an event stream while it flows (see [`WatchRule`]).
+    watch: Option<Spanned<RawWatch>>,
+}
+
+/// `watch = { sse = "/usage/units" | bytes_per_unit = N | time_per_unit = "1s", on_exhausted }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    sse: Option<String>,
+    bytes_per_unit: Option<u64>,
+    time_per_unit: Option<String>,
+    #[serde(default)]
+    on_exhausted: OnExhausted,
+}
+
+/// A route whose event streams are watched while they flow: the hold grows with the stream's
+/// progress, so the account pays as it goes and other requests see it at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchRule {
+    /// How the stream's progress, in the feature's units, is read.
+    pub progress: Progress,
+    /// What happens when the account cannot pay for the progress.
+    pub on_exhausted: OnExhausted,
+}
+
+/// How a watched stream's progress (units used so far) is measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The integer at this JSON pointer of the latest event's `data` that has it: the units
+    /// used so far, as the upstream reports them (e.g. seconds rendered).
+    Sse(String),
+    /// One unit per this many bytes of events delivered (a proxy for tokens).
+    Bytes(u64),
+    /// One unit per this many milliseconds since the response began, read as events arrive.
+    Time(u64),
+}
+
+/// What a watched stream does when the account can no longer pay for its progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Lets it finish; what nobody could pay is forgiven and recorded as such.
+    #[default]
+    Finish,
+    /// Ends it cleanly: a last event in the error shape, then the end of the stream; the
+    /// account is charged what was delivered.
+    Stop,
 }
 
 /// What a route does with a client's `Idempotency-Key`.
@@ -612,6 +659,8 @@ pub struct Route {
     pub cost_dimension: Option<Arc<str>>,
     /// What it does with a client's `Idempotency-Key`.
     pub idempotency: IdempotencyMode,
+    /// Watches its event streams while they flow, if set.
+    pub watch: Option<WatchRule>,
 }
 
 /// An account declared in the config.

@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use tower::{Layer, Service, ServiceExt};
 use uuid::Uuid;
 
-use super::body::MeteredBody;
+use super::body::{MeteredBody, Watching};
 use super::layers::{
     Answer, Attribution, DecisionId, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, LogFields, LogOutcome,
     POOLS, REPLAY_OF, refused,
@@ -32,6 +32,7 @@ use crate::quota::Quota;
 use crate::rescue::{DenialReport, GatewayError, WindowReport};
 use crate::settle::SettleReader;
 use crate::usage::{LedgerEntry, Outcome};
+use crate::watch::Watcher;
 use crate::waterfall::{self, Decision, LayerKind, Millis};
 
 /// Decides how much of the request is allowed and from which pools, holds it while the inner
@@ -480,7 +481,18 @@ where
             Body::new(body)
         } else {
             hold.on_drop(Outcome::ClientAborted);
-            Body::new(MeteredBody::new(body, hold, settle))
+            // A watched route watches its event streams; any other body settles as usual.
+            let watch = route
+                .watch
+                .as_ref()
+                .filter(|_| crate::settle::is_event_stream(&parts.headers))
+                .map(|rule| Watching {
+                    watcher: Watcher::new(rule, app.clock.now_ms()),
+                    feature: app.settings.features[route.feature.0 as usize].clone(),
+                    clock: app.clock.clone(),
+                    metrics: app.metrics.clone(),
+                });
+            Body::new(MeteredBody::new(body, hold, settle, watch))
         }
     };
     Ok(Response::from_parts(parts, body))

@@ -424,3 +424,29 @@ impl IntoResponse for DenialReport {
         }
     }
 }
+
+/// The last event of a watched stream the gateway stopped because the account could not pay
+/// for what came next: the error body's shape as an SSE `data:` event (OpenAI's SDKs raise an
+/// event carrying `error` as an `APIError`), then the stream ends.
+pub fn stream_stopped_event(feature: &str, delivered: u64, denial: &Denial) -> bytes::Bytes {
+    let (kind, why) = match denial {
+        Denial::UsageLimitReached { .. } => ("usage_limit_reached", "its usage limit is reached"),
+        Denial::InsufficientCredits { .. } => (
+            "insufficient_credits",
+            "the account has no credits left to pay for more",
+        ),
+        Denial::NotEntitled => ("permission_error", "the plan does not include it"),
+        Denial::ConcurrencyLimit { .. } => ("rate_limit_error", "too many requests are running"),
+    };
+    let error = json!({
+        "error": {
+            "type": kind,
+            "code": "stream_stopped",
+            "message": format!(
+                "the stream was stopped after {delivered} units of {feature}: {why}; those {delivered} units were charged"
+            ),
+            "units_delivered": delivered,
+        }
+    });
+    bytes::Bytes::from(format!("data: {error}\n\n"))
+}

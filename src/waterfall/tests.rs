@@ -641,6 +641,52 @@ impl FromIterator<Draw> for Decision {
     }
 }
 
+fn ongoing() -> Ongoing {
+    Ongoing {
+        feature: TASK,
+        price_table: 0,
+    }
+}
+
+/// More units for a running request: at the price version it was decided under (not the one
+/// in force now), all or nothing, and not refused by the concurrency slot it holds itself.
+#[test]
+fn an_ongoing_request_extends_at_its_own_price_past_its_own_slot() {
+    let mut plan = Plan {
+        layers: vec![
+            layer("gate", LayerKind::Concurrency { limit: 1 }),
+            layer("credits", LayerKind::Credits),
+        ],
+        ..plan()
+    };
+    let mut later = PriceTable::flat("v2", vec![Some(7), Some(2)]);
+    later.effective_from = t0() + HOUR;
+    plan.prices.push(later);
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 40)], t0());
+    let d = admit(&plan, &mut s, TASK, 2, t0());
+    start_request(&plan, &mut s, TASK);
+    assert!(
+        !decide(&plan, &s, TASK, 1, t0()).admitted(),
+        "the slot is taken"
+    );
+    let more = extend_in(&plan, &s, None, d.ongoing(), 3, t0() + 2 * HOUR);
+    assert!(more.admitted(), "{:?}", more.denial);
+    assert_eq!(
+        (more.price_table, more.credits()),
+        (0, 15),
+        "priced at v1's 5"
+    );
+    reserve(&plan, &mut s, &more, t0() + 2 * HOUR);
+    // 15 credits left: 4 more units cost 20, refused whole; cover_up_to gives the 3 it can.
+    let refused = extend_in(&plan, &s, None, d.ongoing(), 4, t0() + 2 * HOUR);
+    assert!(matches!(
+        refused.denial,
+        Some(Denial::InsufficientCredits { .. })
+    ));
+    let (part, uncovered) = cover_up_to(&plan, &s, d.ongoing(), 4, t0() + 2 * HOUR);
+    assert_eq!((part.map(|p| p.units), uncovered), (Some(3), 1));
+}
+
 #[test]
 fn cover_up_to_covers_what_it_can_and_reports_the_rest() {
     let plan = Plan {
@@ -648,13 +694,13 @@ fn cover_up_to_covers_what_it_can_and_reports_the_rest() {
         ..plan()
     };
     let s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 23)], t0());
-    let (d, uncovered) = cover_up_to(&plan, &s, TASK, 10, t0());
+    let (d, uncovered) = cover_up_to(&plan, &s, ongoing(), 10, t0());
     assert_eq!(d.map(|d| d.credits()), Some(20));
     assert_eq!(uncovered, 6);
-    let (d, uncovered) = cover_up_to(&plan, &s, TASK, 2, t0());
+    let (d, uncovered) = cover_up_to(&plan, &s, ongoing(), 2, t0());
     assert_eq!((d.map(|d| d.units), uncovered), (Some(2), 0));
     let empty = AccountState::new(&plan, vec![], t0());
-    assert_eq!(cover_up_to(&plan, &empty, TASK, 3, t0()).1, 3);
+    assert_eq!(cover_up_to(&plan, &empty, ongoing(), 3, t0()).1, 3);
 }
 
 #[test]
@@ -1931,7 +1977,7 @@ fn settling_above_the_estimate_covers_from_the_pool_within_the_cap() {
     let mut pool = pool_state(&[100]);
     let d = decide_in(&plan, &member, Some(&pool), TASK, 2, now);
     reserve_in(&plan, &mut member, Some(&mut pool), &d, now);
-    let (extra, forgiven) = cover_up_to_in(&plan, &member, Some(&pool), TASK, 5, now);
+    let (extra, forgiven) = cover_up_to_in(&plan, &member, Some(&pool), d.ongoing(), 5, now);
     assert_eq!(forgiven, 3, "the cap leaves 10 credits: 2 more tasks");
     let extra = extra.expect("two tasks covered");
     assert_eq!(extra.credits(), 10);

@@ -65,3 +65,20 @@ pub async fn start(kind: StoreKind, clock: Clock, extra: &str) -> OpenAiGateway 
         _dir: dir,
     }
 }
+
+/// A Python interpreter that has the official `openai` package: FLOWGATE_TEST_PYTHON, or the
+/// venv `./scripts/test` makes. Fails the test, saying what to do, when there is none.
+pub fn python() -> String {
+    let python = std::env::var("FLOWGATE_TEST_PYTHON")
+        .unwrap_or_else(|_| format!("{}/target/sdk-venv/bin/python", env!("CARGO_MANIFEST_DIR")));
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_sdk,
+        "{python} cannot import openai: run ./scripts/test (it makes target/sdk-venv), \
+         or set FLOWGATE_TEST_PYTHON to a Python with `pip install openai`"
+    );
+    python
+}
