@@ -125,6 +125,49 @@ fn a_cost_default_needs_a_stated_cost_and_stays_in_range() {
     assert!(settings.routes.iter().any(|r| r.cost_default == Some(8)));
 }
 
+#[test]
+fn a_watch_measures_progress_exactly_one_way_and_errors_name_its_key() {
+    let settings = Settings::parse(EXAMPLE).expect("valid");
+    let video = settings
+        .routes
+        .iter()
+        .find(|r| r.path == "/v1/videos")
+        .expect("the video route");
+    assert_eq!(
+        video.watch,
+        Some(WatchRule {
+            progress: Progress::Sse("/rendered_seconds".into()),
+            on_exhausted: OnExhausted::Stop,
+        })
+    );
+    let example = r#"watch = { sse = "/rendered_seconds", on_exhausted = "stop" }"#;
+    for (bad, says) in [
+        ("watch = { bytes_per_unit = 0 }", "at least 1"),
+        (r#"watch = { sse = "rendered" }"#, "JSON pointer"),
+        (
+            r#"watch = { sse = "/a", bytes_per_unit = 3 }"#,
+            "exactly one",
+        ),
+        ("watch = {}", "exactly one"),
+        (r#"watch = { time_per_unit = "soon" }"#, "duration"),
+    ] {
+        let text = EXAMPLE.replacen(example, bad, 1);
+        let e = error_of(&text);
+        assert!(e.key.ends_with("].watch"), "{bad}: {e}");
+        assert_eq!(e.line, Some(line_of(&text, bad)), "{bad}: {e}");
+        assert!(e.message.contains(says), "{bad}: {e}");
+    }
+    let e = error_of(&EXAMPLE.replacen(example, r#"watch = { sse = "/a", on = "stop" }"#, 1));
+    assert!(e.message.contains("unknown field"), "{e}");
+    let timed = EXAMPLE.replacen(example, r#"watch = { time_per_unit = "500ms" }"#, 1);
+    let settings = Settings::parse(&timed).expect("valid");
+    assert!(settings.routes.iter().any(|r| r.watch
+        == Some(WatchRule {
+            progress: Progress::Time(500),
+            on_exhausted: OnExhausted::Finish,
+        })));
+}
+
 const OPENAI: &str = include_str!("../../config/examples/openai.toml");
 
 #[test]
