@@ -182,8 +182,8 @@ async fn the_page_shows_the_apis_numbers_and_follows_requests(store: StoreKind) 
     assert!(reason.contains("Not enough credits"), "{reason}");
     assert!(
         reason.contains(&format!(
-            "needed {} credits beyond your limits and you had {}",
-            denial["needed_credits"], denial["available_credits"]
+            "the {} credits you have; they would need {} more credits",
+            denial["available_credits"], denial["needed_credits"]
         )),
         "the API's numbers explain it: {reason}"
     );

@@ -312,6 +312,15 @@ struct StoredDraw {
     credits: u64,
 }
 
+/// ", 5 credits", or nothing for none.
+fn and_credits(n: u64) -> String {
+    if n > 0 {
+        format!(", {n} credits")
+    } else {
+        String::new()
+    }
+}
+
 fn units(n: u64) -> String {
     if n == 1 {
         "1 unit".to_owned()
@@ -349,9 +358,7 @@ fn decision(event: &LedgerEventBody, now: Millis) -> DecisionView {
             .iter()
             .filter(|l| l.gave_units > 0)
             .map(|l| {
-                let credits = (l.gave_credits > 0)
-                    .then(|| format!(", {} credits", l.gave_credits))
-                    .unwrap_or_default();
+                let credits = and_credits(l.gave_credits);
                 format!("{}: {}{credits}", l.layer, units(l.gave_units))
             })
             .collect(),
@@ -396,9 +403,15 @@ fn decision(event: &LedgerEventBody, now: Millis) -> DecisionView {
                 Some(Denial::InsufficientCredits {
                     needed_credits,
                     available_credits,
-                }) => format!(
-                    "Not enough credits: this request needed {needed_credits} credits beyond your limits and you had {available_credits}. Waiting will not help; adding credits will."
-                ),
+                }) => {
+                    let price = d["credits_per_unit"].as_u64().unwrap_or(0);
+                    let short = needed_credits.checked_div(price).unwrap_or(0);
+                    format!(
+                        "Not enough credits: {} of the {} asked for are covered neither by your limits nor by the {available_credits} credits you have; they would need {needed_credits} more credits ({price} per unit). Waiting will not help; adding credits will.",
+                        units(short),
+                        units(usage.units.max(0) as u64),
+                    )
+                }
                 Some(Denial::NotEntitled) => {
                     format!("Your plan ({plan}) does not include {feature}.")
                 }
@@ -451,9 +464,7 @@ fn paid(draw: &StoredDraw, layers: &[CheckedLayer]) -> String {
     let name = layers
         .get(draw.layer)
         .map_or_else(|| format!("layer {}", draw.layer), |l| l.layer.clone());
-    let credits = (draw.credits > 0)
-        .then(|| format!(", {} credits", draw.credits))
-        .unwrap_or_default();
+    let credits = and_credits(draw.credits);
     let from = match (draw.pool.as_str(), draw.grant_id) {
         ("postpaid", _) => " (billed afterwards)".to_owned(),
         (_, Some(id)) => format!(" (grant {id})"),
