@@ -502,7 +502,8 @@ mod tests {
     #[test]
     fn countdowns_count_to_the_instant() {
         let now = parse_instant("2026-01-01T00:00:00Z").unwrap();
-        assert_eq!(until(now, "2026-01-01T05:00:00Z"), "in 5h 0m");
+        assert_eq!(until(now, "2026-01-01T05:00:00Z"), "in 5h");
+        assert_eq!(until(now, "2026-01-01T00:01:30Z"), "in 1m 30s");
         assert_eq!(until(now, "2025-12-31T23:00:00Z"), "now");
         assert_eq!(until(now, "not a time"), "");
     }
