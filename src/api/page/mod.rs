@@ -105,7 +105,7 @@ async fn show(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         let (account, can_sign_out) = match visitor(&app, &headers).await? {
             Visitor::Trusted(account) => (account, false),
             Visitor::Session(account) => (account, true),
-            Visitor::Anonymous { ended } => return sign_in_form(&app, ended),
+            Visitor::Anonymous { ended } => return sign_in_form(&app, &headers, ended),
         };
         let view = view(&app, &account).await?;
         let page = FullPage {
@@ -258,17 +258,18 @@ async fn view(app: &App, account: &Account) -> Result<PageView, PageError> {
     Ok(view::page(usage, events))
 }
 
-fn sign_in_form(app: &App, ended: bool) -> Result<Response, PageError> {
+/// The sign-in form; `ended`: the browser's session is no longer valid, and its cookie is
+/// replaced (with the `Secure` it was set with, or the browser would keep it).
+fn sign_in_form(app: &App, headers: &HeaderMap, ended: bool) -> Result<Response, PageError> {
     let form = SignIn {
         message: ended.then_some("Your session has ended. Sign in again."),
         session_hours: app.settings.usage_page.session_ttl_s.div_ceil(3600),
     };
     let page = html(form.render())?;
     Ok(if ended {
-        let headers = HeaderMap::new();
         with_cookie(
             page,
-            &ended_cookie(app.settings.usage_page.secure_cookie, &headers),
+            &ended_cookie(app.settings.usage_page.secure_cookie, headers),
         )
     } else {
         page.into_response()
