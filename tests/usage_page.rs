@@ -10,8 +10,10 @@ use std::path::PathBuf;
 
 use common::api::with_admin;
 use common::browser::Browser;
-use common::{Harness, StoreKind};
+use common::process::ChildGateway;
+use common::{Harness, PgDatabase, StoreKind};
 use flowgate::clock::Clock;
+use flowgate::demo::backend::MockBackend;
 use reqwest::Method;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
@@ -20,6 +22,7 @@ store_tests!(
     the_page_shows_the_apis_numbers_and_follows_requests,
     sessions_are_signed_cookies_that_end_with_their_key_or_time,
     a_trusted_header_identifies_the_page_as_it_does_the_api,
+    a_configured_secret_keeps_sessions_across_processes_and_out_of_the_logs,
 );
 
 /// Reads the page's numbers from its DOM, in the shape of `/v1/me/usage`'s.
@@ -566,4 +569,82 @@ async fn screenshots_at_phone_and_desktop_sizes() {
         eprintln!("screenshot: {}", path.display());
     }
     browser.close().await;
+}
+
+/// `flowgate serve` itself, with `session_secret_file`: a session made by one process is
+/// accepted by the next (SQLite: after a restart) or by another replica (PostgreSQL), and
+/// neither the key nor the cookie is ever in the log.
+async fn a_configured_secret_keeps_sessions_across_processes_and_out_of_the_logs(store: StoreKind) {
+    let backend = MockBackend::start().await.expect("backend");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = match store {
+        StoreKind::Sqlite => None,
+        StoreKind::Postgres => Some(PgDatabase::create().await),
+    };
+    let store_url = match &pg {
+        None => format!("sqlite://{}", dir.path().join("ledger.db").display()),
+        Some(db) => db.url.clone(),
+    };
+    let secret = dir.path().join("usage-secret");
+    std::fs::write(&secret, "4f2c6a1e9b7d30585e1a2c4b6d8f0e1a3c5b7d9f\n").expect("secret");
+    let config = format!(
+        "{}\n[usage_page]\nsession_secret_file = {:?}\n",
+        common::CONFIG
+            .replace("127.0.0.1:0", "__LISTEN__")
+            .replace("__STORE__", &store_url)
+            .replace("__BACKEND__", &backend.url()),
+        secret.display().to_string()
+    );
+    let mut first = ChildGateway::start(dir.path(), "first", &config).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/usage/session", first.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("key=sk-alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = cookie_pair(&r);
+    let live = |base: &str| {
+        http.get(format!("{base}/usage/live"))
+            .header(COOKIE, &cookie)
+            .send()
+    };
+    assert_eq!(live(&first.base).await.unwrap().status(), 200);
+    let r = http
+        .post(format!("{}/usage/session", first.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("key=sk-wrong-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let second = match store {
+        // One process at a time on a SQLite file: the next one, after a restart.
+        StoreKind::Sqlite => {
+            assert!(first.terminate().await.success());
+            ChildGateway::start(dir.path(), "second", &config).await
+        }
+        // Another replica on the same database, beside the first.
+        StoreKind::Postgres => ChildGateway::start(dir.path(), "second", &config).await,
+    };
+    let r = live(&second.base).await.unwrap();
+    assert_eq!(r.status(), 200, "the other process accepts the session");
+    assert!(r.text().await.unwrap().contains("data-window=\"5h\""));
+
+    let token = cookie.split_once('=').unwrap().1.to_owned();
+    for log in [first.log(), second.log()] {
+        assert!(!log.is_empty(), "the processes log");
+        for secret in ["sk-alice", "sk-wrong-key", token.as_str()] {
+            assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+        }
+    }
+    drop(second);
+    drop(first);
+    drop(pg);
 }
