@@ -60,6 +60,28 @@ fn api_numbers(usage: &Value) -> Value {
     json!({ "windows": windows, "pools": usage["pools"], "grants": grants })
 }
 
+/// The page shows the API's windows and grants, and each pool it shows at the API's number:
+/// those of the plan's layers (alice's plan has no enterprise pool, empty, not shown).
+fn assert_same(page: &Value, api: &Value) {
+    assert_eq!(
+        page["windows"], api["windows"],
+        "windows as /v1/me/usage shows them"
+    );
+    assert_eq!(
+        page["grants"], api["grants"],
+        "grants as /v1/me/usage shows them"
+    );
+    let pools = page["pools"].as_object().unwrap();
+    assert!(
+        pools.contains_key("credits") && pools.contains_key("promotion"),
+        "{pools:?}"
+    );
+    assert!(!pools.contains_key("enterprise"), "{pools:?}");
+    for (pool, credits) in pools {
+        assert_eq!(credits, &api["pools"][pool], "pool {pool}");
+    }
+}
+
 async fn my_usage(h: &Harness, key: &str) -> Value {
     h.get_as("/v1/me/usage", key)
         .send()
@@ -112,7 +134,7 @@ async fn the_page_shows_the_apis_numbers_and_follows_requests(store: StoreKind) 
     // The numbers are the API's.
     let page = browser.eval(READ_NUMBERS).await;
     let api = api_numbers(&my_usage(&h, "sk-alice").await);
-    assert_eq!(page, api, "the page shows what /v1/me/usage shows");
+    assert_same(&page, &api);
     assert_eq!(page["windows"]["5h"]["used"], 2);
     assert_eq!(page["pools"]["promotion"], 30);
     let text = browser.eval("document.body.innerText").await;
@@ -160,7 +182,7 @@ async fn the_page_shows_the_apis_numbers_and_follows_requests(store: StoreKind) 
     );
     h.settle_ledger().await;
     let page = browser.eval(READ_NUMBERS).await;
-    assert_eq!(page, api_numbers(&my_usage(&h, "sk-alice").await));
+    assert_same(&page, &api_numbers(&my_usage(&h, "sk-alice").await));
 
     // A denial: the 5-hour window is full, and 50 units cost more credits than alice has.
     let r = h.task("sk-alice", 50).await;
@@ -460,15 +482,19 @@ async fn a_trusted_header_identifies_the_page_as_it_does_the_api(store: StoreKin
         )
     })
     .await;
-    let r = h
-        .post("/v1/tasks", "")
-        .header("x-account", "carol")
-        .header("x-units", "1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap();
+    // carol's plan allows 2 units per 5 hours and nothing after: the third is refused.
+    for (units, status) in [(1, 200), (1, 200), (1, 429)] {
+        let r = h
+            .post("/v1/tasks", "")
+            .header("x-account", "carol")
+            .header("x-units", units)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        r.text().await.unwrap();
+    }
+    h.settle_ledger().await;
     let get = |path: &str| h.http.get(format!("{}{path}", h.base));
     let api: Value = get("/v1/me/usage")
         .header("x-account", "carol")
@@ -492,6 +518,13 @@ async fn a_trusted_header_identifies_the_page_as_it_does_the_api(store: StoreKin
         window["remaining"], window["limit"]
     )));
     assert!(!html.contains("/usage/sign-out"), "nothing to sign out of");
+    // The refusal, explained: which limit, and when more is allowed.
+    assert!(
+        html.contains("Usage limit reached: your limits are used up and no pool after them could pay. More is allowed in ")
+            && (html.contains("allowed in 4h") || html.contains("allowed in 5h")),
+        "{html}"
+    );
+    assert!(html.contains(r#"data-outcome="denied""#) && html.contains("limits: 1 unit"));
     let r = get("/usage").send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(

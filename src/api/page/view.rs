@@ -151,23 +151,32 @@ pub fn page(usage: UsageBody, events: Vec<LedgerEventBody>) -> PageView {
     let now = parse_instant(&usage.as_of).unwrap_or_default();
     PageView {
         layers: usage.layers.iter().map(|l| layer(l, now)).collect(),
-        pools: vec![
-            PoolView {
-                kind: "credits",
-                label: "Credits",
-                credits: usage.pools.credits,
-            },
-            PoolView {
-                kind: "promotion",
-                label: "Promotions",
-                credits: usage.pools.promotion,
-            },
-            PoolView {
-                kind: "enterprise",
-                label: "Enterprise",
-                credits: usage.pools.enterprise,
-            },
-        ],
+        // A pool the plan has no layer for is shown only when it holds something.
+        pools: [
+            ("credits", "Credits", usage.pools.credits, "credits"),
+            (
+                "promotion",
+                "Promotions",
+                usage.pools.promotion,
+                "promotions",
+            ),
+            (
+                "enterprise",
+                "Enterprise",
+                usage.pools.enterprise,
+                "enterprise_pool",
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, _, credits, layer)| {
+            *credits > 0 || usage.layers.iter().any(|l| l.kind == *layer)
+        })
+        .map(|(kind, label, credits, _)| PoolView {
+            kind,
+            label,
+            credits,
+        })
+        .collect(),
         grants: usage
             .grants
             .into_iter()
