@@ -205,7 +205,7 @@ fn layer(body: &LayerBody, now: Millis) -> LayerView {
         kind: kind_label(&body.kind),
         named: !kind_label(&body.kind)
             .to_lowercase()
-            .contains(&body.name.to_lowercase()),
+            .contains(&body.name.to_lowercase().replace('_', " ")),
         features: body.features.as_ref().map(|f| f.join(", ")),
         windows: body
             .windows
@@ -506,6 +506,167 @@ mod tests {
         assert_eq!(percent(4, 3), 100, "over the limit (replicas) shows full");
         assert_eq!(percent(0, 0), 100);
         assert_eq!(percent(u64::MAX, u64::MAX), 100);
+    }
+
+    fn event(outcome: &str, decision: serde_json::Value) -> LedgerEventBody {
+        use crate::api::model::UsageEventBody;
+        LedgerEventBody {
+            usage_event: UsageEventBody {
+                id: 1,
+                decision_id: "d-1".into(),
+                account: "alice".into(),
+                feature: "task".into(),
+                units: 3,
+                outcome: outcome.into(),
+                code: None,
+                upstream_status: Some(503),
+                idempotency_key: "k".into(),
+                decision,
+                decided_at: "2026-01-01T00:00:00Z".into(),
+                completed_at: "2026-01-01T00:00:00Z".into(),
+                recorded_at: "2026-01-01T00:00:00Z".into(),
+            },
+            monetization_event: None,
+            balance_updates: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_outcome_is_explained() {
+        let now = parse_instant("2026-01-01T00:00:00Z").unwrap();
+        let layers = serde_json::json!([
+            { "layer": "limits", "kind": "usage_limit", "eligible": true, "available_units": 2,
+              "available_credits": null, "gave_units": 2, "gave_credits": 0 },
+            { "layer": "credits", "kind": "credits", "eligible": true, "available_units": 4,
+              "available_credits": 20, "gave_units": 1, "gave_credits": 5 },
+            { "layer": "promo", "kind": "promotions", "eligible": false, "available_units": 0,
+              "available_credits": 0, "gave_units": 0, "gave_credits": 0 },
+        ]);
+        let allowed = decision(
+            &event(
+                "completed",
+                serde_json::json!({ "plan": "pro", "layers": layers }),
+            ),
+            now,
+        );
+        assert_eq!(allowed.tone, "ok");
+        assert_eq!(
+            allowed.paid_by,
+            ["limits: 2 units", "credits: 1 unit, 5 credits"]
+        );
+        assert_eq!(
+            allowed.checked,
+            [
+                "limits (Usage limits): had 2 units left",
+                "credits (Credits): had 20 credits",
+                "promo (Promotions): does not pay for this feature",
+            ]
+        );
+        let failed = decision(&event("upstream_error", serde_json::json!({})), now);
+        assert_eq!((failed.tone, failed.paid_by.len()), ("neutral", 0));
+        assert_eq!(
+            failed.reason.as_deref(),
+            Some("The product answered 503: not charged.")
+        );
+        let limit = decision(
+            &event(
+                "denied",
+                serde_json::json!({ "denial": { "reason": "usage_limit_reached", "retry_at": now + 90_000 } }),
+            ),
+            now,
+        );
+        assert_eq!(limit.tone, "denied");
+        assert!(
+            limit
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("More is allowed in 1m 30s (2026-01-01T00:01:30Z)"),
+            "{limit:?}"
+        );
+        let plan = decision(
+            &event(
+                "denied",
+                serde_json::json!({ "plan": "lite", "denial": { "reason": "not_entitled" } }),
+            ),
+            now,
+        );
+        assert_eq!(
+            plan.reason.as_deref(),
+            Some("Your plan (lite) does not include task.")
+        );
+        let busy = decision(
+            &event(
+                "denied",
+                serde_json::json!({ "denial": { "reason": "concurrency_limit", "limit": 2, "running": 2 } }),
+            ),
+            now,
+        );
+        assert!(
+            busy.reason
+                .as_deref()
+                .unwrap()
+                .starts_with("2 of the 2 task requests")
+        );
+        let unknown = decision(&event("something_new", serde_json::json!(null)), now);
+        assert_eq!(
+            unknown.reason.as_deref(),
+            Some("Ended as something_new: not charged.")
+        );
+    }
+
+    #[test]
+    fn a_free_tier_and_the_pools_of_the_plan_are_shown_as_the_api_has_them() {
+        use crate::api::model::{FreeTierBody, PoolsBody};
+        let layer = |kind: &str, free_tier| LayerBody {
+            name: kind.into(),
+            kind: kind.into(),
+            features: None,
+            windows: None,
+            free_tier,
+            credits: None,
+        };
+        let usage = UsageBody {
+            account: "alice".into(),
+            plan: "pro".into(),
+            suspended: false,
+            as_of: "2026-01-10T12:00:00Z".into(),
+            layers: vec![
+                layer(
+                    "free_tier",
+                    Some(FreeTierBody {
+                        period: "month".into(),
+                        time_zone: "Europe/Paris".into(),
+                        units: 40,
+                        used: 10,
+                        remaining: 30,
+                        reset_at: "2026-01-31T23:00:00Z".into(),
+                    }),
+                ),
+                layer("credits", None),
+            ],
+            pools: PoolsBody {
+                credits: 0,
+                promotion: 7,
+                enterprise: 0,
+            },
+            grants: Vec::new(),
+        };
+        let view = page(usage, Vec::new());
+        let free = view.layers[0].free_tier.as_ref().expect("the free tier");
+        assert_eq!(
+            (free.used, free.remaining, free.units, free.percent),
+            (10, 30, 40, 25)
+        );
+        assert_eq!(free.period, "per month, Europe/Paris");
+        assert_eq!(free.resets_in, "in 21d 11h");
+        assert!(
+            !view.layers[0].named,
+            "free_tier says no more than Free tier"
+        );
+        let pools: Vec<(&str, u64)> = view.pools.iter().map(|p| (p.kind, p.credits)).collect();
+        // Credits: the plan's layer, even empty; promotions: not in the plan, but held.
+        assert_eq!(pools, [("credits", 0), ("promotion", 7)]);
     }
 
     #[test]
