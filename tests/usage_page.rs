@@ -25,6 +25,15 @@ store_tests!(
     a_configured_secret_keeps_sessions_across_processes_and_out_of_the_logs,
 );
 
+/// The test config with an admin token, and a page that refreshes every second (the default
+/// is 5 s: the tests would only wait longer).
+fn refreshing_every_second(config: String) -> String {
+    format!(
+        "{}\n[usage_page]\nrefresh_interval_s = 1\n",
+        with_admin(config)
+    )
+}
+
 /// Reads the page's numbers from its DOM, in the shape of `/v1/me/usage`'s.
 const READ_NUMBERS: &str = r#"(() => {
   const num = (el, field) => Number(el.querySelector(`[data-field="${field}"]`).textContent);
@@ -110,7 +119,7 @@ async fn sign_in(browser: &mut Browser, base: &str, key: &str) {
 }
 
 async fn the_page_shows_the_apis_numbers_and_follows_requests(store: StoreKind) {
-    let h = common::api::start(store).await;
+    let h = Harness::start_with(store, refreshing_every_second).await;
     // A promotion that expires, so that the page has one to show.
     let r = h
         .admin(Method::POST, "/admin/v1/accounts/alice/grants")
@@ -157,6 +166,13 @@ async fn the_page_shows_the_apis_numbers_and_follows_requests(store: StoreKind) 
     let first = first.as_str().unwrap();
     assert!(first.starts_with("in 4h 5") || first == "in 5h", "{first}");
 
+    assert_eq!(
+        browser
+            .eval("document.getElementById('live').dataset.refreshMs")
+            .await,
+        "1000",
+        "the configured refresh interval reaches the script"
+    );
     // A request through the gateway: the open page follows without a reload.
     browser.eval("window.__notReloaded = true").await;
     let r = h.task("sk-alice", 1).await;
@@ -566,7 +582,7 @@ fn check_png(bytes: &[u8], width: u32, height: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn screenshots_at_phone_and_desktop_sizes() {
-    let h = common::api::start(StoreKind::Sqlite).await;
+    let h = Harness::start_with(StoreKind::Sqlite, refreshing_every_second).await;
     // A promotion ending in three weeks, as a real one would.
     let expires_at = flowgate::clock::rfc3339(flowgate::clock::now_ms() + 21 * 86_400_000);
     let r = h
