@@ -16,6 +16,8 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && rm -rf src
 COPY src src
 COPY migrations migrations
+# The usage page's templates, compiled into the binary (askama).
+COPY templates templates
 COPY config config
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \

@@ -1168,8 +1168,8 @@ pub struct LayerReport {
     pub cap_left: Option<Credits>,
 }
 
-/// Why a request was denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Why a request was denied (read back from a stored decision by the usage page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Denial {
     /// The usage limits are used up and nothing after them can pay; waiting will help.

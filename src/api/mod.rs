@@ -9,6 +9,7 @@
 //!   There is no account parameter: another account's data cannot be named.
 //! - **Decisions** (`/v1/decisions/{decision_id}`): why a request was allowed or denied, with
 //!   its ledger records; for the owning account or an admin.
+//! - **Usage page** (`/usage`, [`page`]): the user API's numbers as HTML for a browser.
 //! - `/openapi.json` ([`openapi`]): generated from the handlers' annotations; the router is
 //!   built from the same annotations, so every path served is documented.
 //!
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod model;
 pub mod openapi;
+pub mod page;
 pub mod user;
 
 use std::sync::Arc;

@@ -18,7 +18,8 @@ use crate::waterfall::{
 pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigError> {
     check_log_and_store(&raw, cx)?;
     let upstreams = upstreams(&raw.upstreams, cx)?;
-    let (features, routes) = routes(&raw.routes, &upstreams, cx)?;
+    raw.usage_page.check()?;
+    let (features, routes) = routes(&raw.routes, &upstreams, raw.usage_page.enabled, cx)?;
     let plans = plans(&raw.plans, &features, &routes, cx)?;
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
@@ -28,6 +29,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         identity: raw.identity,
         log: raw.log,
         admin,
+        usage_page: raw.usage_page,
         features,
         upstreams,
         routes,
@@ -131,6 +133,7 @@ fn upstreams(
 fn routes(
     raw_routes: &[RawRoute],
     upstreams: &[Upstream],
+    usage_page: bool,
     cx: &Ctx<'_>,
 ) -> Result<(Vec<Arc<str>>, Vec<Route>), ConfigError> {
     let mut features: Vec<Arc<str>> = Vec::new();
@@ -147,11 +150,16 @@ fn routes(
         if !r.path.get_ref().starts_with('/') {
             return cx.err(key("path"), Some(r.path.span()), "must start with '/'");
         }
-        if let Some(reserved) = reserved_path(r.path.get_ref()) {
+        if let Some(reserved) = reserved_path(r.path.get_ref(), usage_page) {
+            let hint = if reserved.starts_with("/usage") {
+                " (or turn the usage page off: [usage_page] enabled = false)"
+            } else {
+                ""
+            };
             return cx.err(
                 key("path"),
                 Some(r.path.span()),
-                format!("{reserved} is served by the gateway itself; choose another path"),
+                format!("{reserved} is served by the gateway itself; choose another path{hint}"),
             );
         }
         let Some(upstream) = upstreams

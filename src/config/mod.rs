@@ -7,6 +7,7 @@
 //! key and, where the text has one, the line.
 
 mod compile;
+mod usage_page;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,6 +19,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::waterfall::{FeatureId, FeatureSet, GrantKind, Plan};
+
+pub use usage_page::{
+    SESSION_SECRET_BYTES_MIN, SESSION_SECRET_ENV, SecureCookie, SessionSecret, UsagePageSettings,
+};
 
 /// A configuration that cannot be used, with the key and line at fault.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,8 @@ struct RawConfig {
     log: LogSettings,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    usage_page: UsagePageSettings,
     #[serde(default)]
     upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
@@ -614,6 +621,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// `[admin]`, with the tokens of `FLOWGATE_ADMIN_TOKENS` added.
     pub admin: AdminSettings,
+    /// `[usage_page]`, with its session secret read.
+    pub usage_page: UsagePageSettings,
     /// Feature names, indexed by [`FeatureId`].
     pub features: Vec<Arc<str>>,
     /// Upstreams, indexed by [`Route::upstream`].
@@ -776,6 +785,9 @@ impl Settings {
         if let Ok(tokens) = std::env::var(ADMIN_TOKENS_ENV) {
             settings.admin.add_tokens(&tokens);
         }
+        settings
+            .usage_page
+            .read_secret(std::env::var(SESSION_SECRET_ENV).ok())?;
         Ok(settings)
     }
 
@@ -867,10 +879,15 @@ impl Settings {
     }
 }
 
+/// The usage page's paths (`[usage_page]`), reserved like [`RESERVED_PATHS`] while it is
+/// enabled.
+pub const USAGE_PAGE_PATHS: &[&str] = &["/usage", "/usage/"];
+
 /// The reserved path (or prefix) that `path` would take from the gateway, if any.
-fn reserved_path(path: &str) -> Option<&'static str> {
+fn reserved_path(path: &str, usage_page: bool) -> Option<&'static str> {
     let path = path.trim_end_matches('/');
-    RESERVED_PATHS.iter().copied().find(|reserved| {
+    let page = USAGE_PAGE_PATHS.iter().filter(|_| usage_page);
+    RESERVED_PATHS.iter().chain(page).copied().find(|reserved| {
         if let Some(prefix) = reserved.strip_suffix('/') {
             path == prefix || path.starts_with(reserved)
         } else {

@@ -396,6 +396,9 @@ pub fn router(app: Arc<App>) -> Result<Router, ConfigError> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::api::router(&app).0);
+    if app.settings.usage_page.enabled {
+        router = router.merge(crate::api::page::router());
+    }
     let pools = Arc::new(pool::Pools::new(&app.settings.upstreams));
     for (i, route) in app.settings.routes.iter().enumerate() {
         let route = Arc::new(route.clone());

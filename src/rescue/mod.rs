@@ -1,11 +1,12 @@
 //! Every failure, turned into an HTTP answer in one place (the proxy's refusals in [`proxy`],
-//! the admin and user APIs' in [`api`]).
+//! the admin and user APIs' in [`api`], the usage page's in [`page`]).
 //!
 //! Each answer is a JSON body `{"error": {"type", "code", "message", ...}}` and the headers a
 //! client (or an OpenAI/Anthropic SDK) needs to act on it: `Retry-After` when waiting helps,
 //! `x-should-retry: false` when it does not.
 
 pub mod api;
+pub mod page;
 pub mod proxy;
 
 use axum::Json;

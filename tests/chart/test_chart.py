@@ -123,6 +123,7 @@ url = PG["store"]["url"]
 full = objects({
     "store": {"kind": "postgres", "url": url},
     "admin": {"tokens": ["t1", "t2"]},
+    "usagePage": {"sessionSecret": "s" * 40},
     "serviceMonitor": {"enabled": True},
     "autoscaling": {"enabled": True},
     "dashboard": {"enabled": True},
@@ -131,6 +132,8 @@ validate(full, "all options")
 secret = by_kind(full, "Secret")[0]
 check(secret["stringData"]["FLOWGATE_STORE_URL"] == url, "the Secret carries the store URL")
 check(secret["stringData"]["FLOWGATE_ADMIN_TOKENS"] == "t1,t2", "the Secret carries the admin tokens")
+check(secret["stringData"]["FLOWGATE_USAGE_PAGE_SECRET"] == "s" * 40,
+      "the Secret carries the usage page's session secret")
 container = by_kind(full, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
 check(container["envFrom"][0]["secretRef"]["name"] == secret["metadata"]["name"], "the pod reads the Secret")
 check("replicas" not in by_kind(full, "Deployment")[0]["spec"], "the HPA owns the replica count")

@@ -41,12 +41,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* Whether the chart's own Secret exists: a PostgreSQL URL or admin tokens to keep. */}}
+{{/* Whether the chart's own Secret exists: a PostgreSQL URL, admin tokens or a usage page secret to keep. */}}
 {{- define "flowgate.ownSecret" -}}
-{{- if and (not .Values.existingSecret) (or (and (eq .Values.store.kind "postgres") .Values.store.url) .Values.admin.tokens) }}true{{- end }}
+{{- if and (not .Values.existingSecret) (or (and (eq .Values.store.kind "postgres") .Values.store.url) .Values.admin.tokens .Values.usagePage.sessionSecret) }}true{{- end }}
 {{- end }}
 
-{{/* The Secret holding FLOWGATE_STORE_URL / FLOWGATE_ADMIN_TOKENS, if any. */}}
+{{/* The Secret holding FLOWGATE_STORE_URL / FLOWGATE_ADMIN_TOKENS / FLOWGATE_USAGE_PAGE_SECRET, if any. */}}
 {{- define "flowgate.secretName" -}}
 {{- if .Values.existingSecret }}
 {{- .Values.existingSecret }}
