@@ -78,6 +78,9 @@ enum State {
         last: Option<Result<Measured, SettleError>>,
         /// The stream's terminal event (`data: [DONE]`) has gone by.
         done: bool,
+        /// The keys the target reads (`"total_tokens"`, quoted): a line without any of them
+        /// is not parsed (most events of a stream carry no usage).
+        needles: Vec<Vec<u8>>,
     },
 }
 
@@ -91,12 +94,21 @@ impl State {
     }
 
     fn sse(target: Target) -> State {
+        let needles = match &target {
+            Target::Nothing => Vec::new(),
+            Target::One(p) => vec![key_needle(p)],
+            Target::Dimensions(d) => d
+                .iter()
+                .flat_map(|(_, at)| at.pointers().map(key_needle))
+                .collect(),
+        };
         State::Sse {
             target,
             line: BytesMut::new(),
             skipping: false,
             last: None,
             done: false,
+            needles,
         }
     }
 }
@@ -214,6 +226,7 @@ impl SettleReader {
                 skipping,
                 last,
                 done,
+                needles,
             } => {
                 while !chunk.is_empty() {
                     let end = chunk.iter().position(|b| *b == b'\n');
@@ -230,7 +243,10 @@ impl SettleReader {
                         }
                     }
                     if end.is_some() {
-                        if !*skipping && let Some(found) = sse_line(line, target) {
+                        if !*skipping
+                            && mentions(line, needles)
+                            && let Some(found) = sse_line(line, target)
+                        {
                             *last = Some(found);
                         }
                         if !*skipping && is_done(line) {
@@ -317,6 +333,26 @@ fn is_done(line: &[u8]) -> bool {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     line.strip_prefix(b"data:")
         .is_some_and(|d| d.trim_ascii() == b"[DONE]")
+}
+
+/// The last key of a JSON pointer as it appears in JSON text: `"/usage/total_tokens"` →
+/// `"total_tokens"` with its quotes (`~1` and `~0` decoded). A key the upstream writes with
+/// JSON escapes (`"tot\u0061l"`) is not found this way; no server we know of does that.
+pub fn key_needle(pointer: &str) -> Vec<u8> {
+    let last = pointer.rsplit('/').next().unwrap_or("");
+    let key = last.replace("~1", "/").replace("~0", "~");
+    let mut needle = Vec::with_capacity(key.len() + 2);
+    needle.push(b'"');
+    needle.extend_from_slice(key.as_bytes());
+    needle.push(b'"');
+    needle
+}
+
+/// Whether `line` contains any of `needles` (so might carry what a reader looks for).
+pub fn mentions(line: &[u8], needles: &[Vec<u8>]) -> bool {
+    needles
+        .iter()
+        .any(|n| memchr::memmem::find(line, n).is_some())
 }
 
 /// What a `data:` line's JSON reports, if the line has it.
@@ -505,6 +541,22 @@ mod tests {
         let mut none = SettleReader::new(&rule, &sse);
         none.observe(b"data: {\"choices\":[]}\n\n");
         assert!(matches!(none.finish(), Err(SettleError::Missing(_))));
+    }
+
+    #[test]
+    fn only_lines_naming_the_key_are_parsed() {
+        assert_eq!(key_needle("/usage/total_tokens"), b"\"total_tokens\"");
+        assert_eq!(key_needle("/a~1b~0c"), b"\"a/b~c\"");
+        let needles = [key_needle("/usage/total_tokens")];
+        assert!(mentions(br#"data: {"usage":{"total_tokens":3}}"#, &needles));
+        assert!(!mentions(
+            br#"data: {"choices":[{"delta":{"content":"total"}}]}"#,
+            &needles
+        ));
+        // A key with a slash in it is found by its decoded name.
+        let rule = SettleRule::Sse("/usage/a~1b".into());
+        let stream: &[&[u8]] = &[b"data: {\"usage\":{\"a/b\":4}}\n\n"];
+        assert_eq!(read(&rule, &HeaderMap::new(), stream), Ok(4));
     }
 
     #[test]

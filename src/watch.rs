@@ -76,6 +76,8 @@ impl Step {
 #[derive(Debug)]
 pub struct Watcher {
     progress_rule: Progress,
+    /// The key an `sse` progress reads, quoted: an event without it is not parsed.
+    needle: Vec<u8>,
     policy: OnExhausted,
     /// Received bytes not yet passed on: the events being read.
     pending: BytesMut,
@@ -96,7 +98,12 @@ pub struct Watcher {
 impl Watcher {
     /// A watcher for a response that began at `now`.
     pub fn new(rule: &WatchRule, now: Millis) -> Watcher {
+        let needle = match &rule.progress {
+            Progress::Sse(pointer) => crate::settle::key_needle(pointer),
+            _ => Vec::new(),
+        };
         Watcher {
+            needle,
             progress_rule: rule.progress.clone(),
             policy: rule.on_exhausted,
             pending: BytesMut::new(),
@@ -186,6 +193,11 @@ impl Watcher {
     /// The stream's progress once `event` is passed on as well.
     fn progress_after(&self, event: &[u8], now: Millis) -> Units {
         match &self.progress_rule {
+            Progress::Sse(_)
+                if !crate::settle::mentions(event, std::slice::from_ref(&self.needle)) =>
+            {
+                0
+            }
             Progress::Sse(pointer) => reported(event, pointer).unwrap_or(0),
             Progress::Bytes(per_unit) => {
                 (self.delivered_bytes + event.len() as u64).div_ceil(*per_unit)
