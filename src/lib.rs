@@ -34,6 +34,8 @@
 //! - [`reconcile`]: re-derives charges and balances from the ledger.
 //! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
 //! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
+//! - [`export`]: the billing export's senders (the store's outbox → OpenMeter's CloudEvents
+//!   ingest or Stripe's meter events).
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
 //!
 //! A request flows one way: gateway layers (access log → identify → meter: cost, claim,
@@ -49,6 +51,7 @@ pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod demo;
+pub mod export;
 pub mod gateway;
 pub mod hold;
 pub mod idempotency;

@@ -5,8 +5,8 @@
 //! name (`_seconds`, `_credits`), `_total` on counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric flowgate exports.
@@ -50,6 +50,15 @@ pub struct Metrics {
     /// From another replica's ledger commit to this replica applying it (clocks of two
     /// machines: as good as their synchronisation).
     pub replica_lag_seconds: Histogram,
+    /// Billing export: age of the oldest unsent outbox row, by sink (0: none).
+    pub export_lag_seconds: GaugeVec,
+    /// Billing export: unsent outbox rows, by sink.
+    pub export_backlog: IntGaugeVec,
+    /// Billing export: events the receiver accepted, by sink.
+    pub export_sent: IntCounterVec,
+    /// Billing export: failed sends, by sink and reason (`status`, `connect`, `rejected`,
+    /// `store`).
+    pub export_failed: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -191,6 +200,35 @@ impl Metrics {
                 "flowgate_replica_notification_lag_seconds",
                 "From another replica's ledger commit to this replica applying it.",
                 LATENCY_BUCKETS.to_vec(),
+            ),
+            export_lag_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "flowgate_export_lag_seconds",
+                        "Age of the oldest unsent billing-export event.",
+                    ),
+                    &["sink"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            export_backlog: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("flowgate_export_backlog", "Unsent billing-export events."),
+                    &["sink"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            export_sent: counter_vec(
+                "flowgate_export_sent_total",
+                "Billing-export events the receiver accepted.",
+                &["sink"],
+            ),
+            export_failed: counter_vec(
+                "flowgate_export_failed_total",
+                "Failed billing-export sends, by reason.",
+                &["sink", "reason"],
             ),
             registry,
         }

@@ -22,6 +22,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
     let plans = plans(&raw.plans, &features, &routes, cx)?;
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
+    let export = export::compile(&raw.export, cx)?;
     let mut settings = Settings {
         server: raw.server,
         store: raw.store,
@@ -33,6 +34,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         routes,
         plans,
         accounts,
+        export,
     };
     settings.lease_only_when_shared();
     Ok(settings)

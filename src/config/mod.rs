@@ -7,6 +7,7 @@
 //! key and, where the text has one, the line.
 
 mod compile;
+pub mod export;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -75,6 +76,8 @@ struct RawConfig {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+    #[serde(default)]
+    export: Vec<export::RawExport>,
 }
 
 /// `[log]`: what the process writes to stderr.
@@ -577,6 +580,8 @@ pub struct Settings {
     pub plans: HashMap<String, Arc<Plan>>,
     /// Accounts to create (and grants to give) on start-up if the store lacks them.
     pub accounts: Vec<AccountSeed>,
+    /// `[[export]]`: the billing systems charges and refunds are sent to.
+    pub export: Vec<export::ExportSink>,
 }
 
 /// An upstream server.

@@ -50,6 +50,9 @@ pub enum StartError {
     /// The store could not be opened, migrated or read.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The billing export could not start.
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
 }
 
 /// A running gateway.
@@ -64,6 +67,8 @@ pub struct Gateway {
     writer_stop: oneshot::Sender<()>,
     writer: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
+    /// The billing export's senders (none without `[[export]]` sinks).
+    exporter: crate::export::Exporter,
 }
 
 impl Gateway {
@@ -101,6 +106,15 @@ impl Gateway {
             },
             clock.clone(),
         );
+        let exporter = crate::export::Exporter::start(
+            store.clone(),
+            &settings.export,
+            metrics.clone(),
+            clock.clone(),
+        )
+        .await?;
+        let wake = exporter.waker();
+        let writer = writer.with_commit_hook(Arc::new(move |_: &[String]| wake()));
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.with_strict(strict.clone()).run(async {
             let _ = writer_stopped.await;
@@ -161,6 +175,7 @@ impl Gateway {
             writer_stop,
             writer,
             watcher,
+            exporter,
         })
     }
 
@@ -208,6 +223,9 @@ impl Gateway {
         let _ = self.server.await;
         let _ = self.writer_stop.send(());
         let _ = self.writer.await;
+        // After the last commit: what it wrote to the outbox is sent by the next start (or
+        // another replica) if not now.
+        self.exporter.shutdown().await;
         if let Some(watcher) = self.watcher {
             watcher.abort();
         }

@@ -21,6 +21,7 @@ macro_rules! dialect {
 
 mod api;
 mod debit;
+pub mod export;
 pub mod lease;
 mod postgres;
 mod shared;

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod openai;
 pub mod process;
+pub mod receiver;
 
 use std::time::Duration;
 
