@@ -36,6 +36,8 @@
 //! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
 //! - [`export`]: the billing export's senders (the store's outbox → OpenMeter's CloudEvents
 //!   ingest or Stripe's meter events).
+//! - [`alerts`]: threshold alerts (window %, low balance), recorded once per period in the
+//!   store and sent to a signed webhook.
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
 //!
 //! A request flows one way: gateway layers (access log → identify → meter: cost, claim,
@@ -45,6 +47,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod accounts;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod clock;

@@ -59,6 +59,12 @@ pub struct Metrics {
     /// Billing export: failed sends, by sink and reason (`status`, `connect`, `rejected`,
     /// `store`).
     pub export_failed: IntCounterVec,
+    /// Threshold alerts recorded (fired), by rule.
+    pub alerts_fired: IntCounterVec,
+    /// Alert deliveries the webhook accepted.
+    pub alerts_sent: IntCounter,
+    /// Alert deliveries that failed (each is retried).
+    pub alerts_failed: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -229,6 +235,27 @@ impl Metrics {
                 "flowgate_export_failed_total",
                 "Failed billing-export sends, by reason.",
                 &["sink", "reason"],
+            ),
+            alerts_fired: counter_vec(
+                "flowgate_alerts_fired_total",
+                "Threshold alerts recorded, by rule.",
+                &["rule"],
+            ),
+            alerts_sent: reg(
+                &registry,
+                IntCounter::new(
+                    "flowgate_alerts_sent_total",
+                    "Alert deliveries the webhook accepted.",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            alerts_failed: reg(
+                &registry,
+                IntCounter::new(
+                    "flowgate_alerts_failed_total",
+                    "Alert deliveries that failed (retried).",
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             registry,
         }

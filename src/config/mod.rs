@@ -6,6 +6,7 @@
 //! feature names, so that nothing downstream handles an unchecked string. Every error names the
 //! key and, where the text has one, the line.
 
+pub mod alerts;
 mod compile;
 pub mod export;
 
@@ -78,6 +79,7 @@ struct RawConfig {
     accounts: Vec<RawAccount>,
     #[serde(default)]
     export: Vec<export::RawExport>,
+    alerts: Option<alerts::RawAlerts>,
 }
 
 /// `[log]`: what the process writes to stderr.
@@ -582,6 +584,8 @@ pub struct Settings {
     pub accounts: Vec<AccountSeed>,
     /// `[[export]]`: the billing systems charges and refunds are sent to.
     pub export: Vec<export::ExportSink>,
+    /// `[alerts]`: threshold alerts and their webhook (`None`: no alerts).
+    pub alerts: Option<alerts::AlertSettings>,
 }
 
 /// An upstream server.

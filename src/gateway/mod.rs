@@ -53,6 +53,9 @@ pub enum StartError {
     /// The billing export could not start.
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
+    /// The threshold alerts could not start.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertError),
 }
 
 /// A running gateway.
@@ -69,6 +72,8 @@ pub struct Gateway {
     watcher: Option<JoinHandle<()>>,
     /// The billing export's senders (none without `[[export]]` sinks).
     exporter: crate::export::Exporter,
+    /// The threshold alerts' evaluator and sender (`None` without `[alerts]`).
+    alerts: Option<crate::alerts::Alerts>,
 }
 
 impl Gateway {
@@ -114,7 +119,17 @@ impl Gateway {
         )
         .await?;
         let wake = exporter.waker();
-        let writer = writer.with_commit_hook(Arc::new(move |_: &[String]| wake()));
+        let mut writer = writer.with_commit_hook(Arc::new(move |_: &[String]| wake()));
+        let alerts = crate::alerts::Alerts::start(
+            store.clone(),
+            accounts.clone(),
+            settings.clone(),
+            metrics.clone(),
+            clock.clone(),
+        )?;
+        if let Some(alerts) = &alerts {
+            writer = writer.with_commit_hook(Arc::new(alerts.hook()));
+        }
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.with_strict(strict.clone()).run(async {
             let _ = writer_stopped.await;
@@ -176,6 +191,7 @@ impl Gateway {
             writer,
             watcher,
             exporter,
+            alerts,
         })
     }
 
@@ -226,6 +242,9 @@ impl Gateway {
         // After the last commit: what it wrote to the outbox is sent by the next start (or
         // another replica) if not now.
         self.exporter.shutdown().await;
+        if let Some(alerts) = self.alerts {
+            alerts.shutdown().await;
+        }
         if let Some(watcher) = self.watcher {
             watcher.abort();
         }

@@ -19,6 +19,7 @@ macro_rules! dialect {
     };
 }
 
+pub mod alerts;
 mod api;
 mod debit;
 pub mod export;
