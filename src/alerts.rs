@@ -150,8 +150,9 @@ fn read_secret(source: &TokenSource) -> Result<Vec<u8>, AlertError> {
         TokenSource::None => {
             return Err(AlertError::Secret("a signing secret is required".into()));
         }
-        TokenSource::Env(var) => std::env::var(var)
-            .map_err(|_| AlertError::Secret(format!("secret_env: the variable {var} is not set")))?,
+        TokenSource::Env(var) => std::env::var(var).map_err(|_| {
+            AlertError::Secret(format!("secret_env: the variable {var} is not set"))
+        })?,
         TokenSource::File(path) => std::fs::read_to_string(path)
             .map_err(|e| AlertError::Secret(format!("secret_file: cannot read {path}: {e}")))?,
     };
@@ -229,7 +230,9 @@ impl Evaluator {
             .await
         {
             Ok(charged) => pending.extend(charged),
-            Err(e) => tracing::warn!(error = %e, "alerts: start-up sweep failed; evaluating new commits only"),
+            Err(e) => {
+                tracing::warn!(error = %e, "alerts: start-up sweep failed; evaluating new commits only")
+            }
         }
         loop {
             while let Ok(batch) = rx.try_recv() {
@@ -447,7 +450,10 @@ impl Sender {
             .http
             .post(self.config.webhook.to_string())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(SIGNATURE_HEADER, signature(&self.secret, t, body.as_bytes()))
+            .header(
+                SIGNATURE_HEADER,
+                signature(&self.secret, t, body.as_bytes()),
+            )
             .body(body.to_owned())
             .send()
             .await

@@ -133,7 +133,11 @@ pub(super) fn compile(
             );
         }
         if rules.iter().any(|x| x.name == *r.name.get_ref()) {
-            return cx.err(key("name"), Some(r.name.span()), "another rule has this name");
+            return cx.err(
+                key("name"),
+                Some(r.name.span()),
+                "another rule has this name",
+            );
         }
         let condition = match r.kind.get_ref().as_str() {
             "window_percent" => {
