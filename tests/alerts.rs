@@ -264,3 +264,47 @@ async fn a_failing_webhook_is_retried_and_delivered_later(store: StoreKind) {
         .unwrap();
     assert!(m.contains("flowgate_alerts_sent_total 1"), "{m}");
 }
+
+/// Two gateways on one PostgreSQL database: usage committed by both crosses 80 % (neither saw
+/// it alone), and the alert fires once, sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_postgres_database_fire_an_alert_once() {
+    let receiver = Receiver::start().await;
+    let (_dir, secret) = secret_file();
+    let h = Harness::start_with_clock(StoreKind::Postgres, Clock::manual(noon()), |c| {
+        with_alerts(c, &receiver, &secret)
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = flowgate::gateway::Gateway::start(
+        flowgate::config::Settings::parse(&h.config).unwrap(),
+        listener,
+        h.clock.clone(),
+    )
+    .await
+    .expect("second gateway starts");
+    task(&h, 4).await; // 40 % on the first
+    let r = h
+        .http
+        .post(format!("http://{}/v1/tasks", second.addr()))
+        .bearer_auth("sk-erin")
+        .header("x-units", 4)
+        .json(&serde_json::json!({"prompt": "test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    receiver
+        .wait_until("the 80 % alert", |got| rules(got) == ["day-80"])
+        .await;
+    assert_eq!(
+        receiver.requests()[0].json()["window_percent"]["used"],
+        8,
+        "evaluated on both gateways' committed usage"
+    );
+    task(&h, 1).await; // 9: no new alert, on either gateway
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.requests().len(), 1, "{:#?}", receiver.requests());
+    second.shutdown().await;
+}
