@@ -801,6 +801,8 @@ impl Settings {
             ),
             ("store", self.store != new.store),
             ("log", self.log != new.log),
+            ("export", self.export != new.export),
+            ("alerts", self.alerts != new.alerts),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))
