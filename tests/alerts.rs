@@ -308,3 +308,53 @@ async fn two_gateways_on_one_postgres_database_fire_an_alert_once() {
     assert_eq!(receiver.requests().len(), 1, "{:#?}", receiver.requests());
     second.shutdown().await;
 }
+
+/// A rule that names no plan's window, a missing secret or a bad threshold is a config error
+/// naming the key; a secret that cannot be read stops the start, without echoing a secret.
+#[tokio::test]
+async fn bad_alert_settings_are_clear_errors() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-secret");
+    let base = with_alerts(
+        common::CONFIG
+            .replace(
+                "__STORE__",
+                &format!("sqlite://{}", dir.path().join("l.db").display()),
+            )
+            .replace("__BACKEND__", "http://127.0.0.1:9"),
+        &receiver,
+        &missing,
+    );
+    let err = |from: &str, to: &str| {
+        assert!(base.contains(from), "{from}");
+        flowgate::config::Settings::parse(&base.replacen(from, to, 1))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("window = \"day\"", "window = \"week\"");
+    assert!(e.contains("alerts.rules[0].window"), "{e}");
+    let e = err("percent = 80", "percent = 0");
+    assert!(e.contains("alerts.rules[0].percent"), "{e}");
+    let e = err("period = \"monthly\"", "period = \"hourly\"");
+    assert!(e.contains("alerts.rules[2].period"), "{e}");
+    let e = err(&format!("secret_file = \"{}\"", missing.display()), "");
+    assert!(e.contains("alerts.secret_env"), "{e}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let Err(e) = flowgate::gateway::Gateway::start(
+        flowgate::config::Settings::parse(&base).unwrap(),
+        listener,
+        Clock::System,
+    )
+    .await
+    else {
+        panic!("a gateway without its alerts' secret must not start");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("secret_file") && e.contains("no-such-secret"),
+        "{e}"
+    );
+}
