@@ -78,6 +78,19 @@ impl Bench {
         store.migrate().await.expect("migrate");
         let now = flowgate::clock::now_ms();
         store.seed(&settings.accounts, now).await.expect("seed");
+        // LEDGER_EXPORT_SINKS=n: n billing-export sinks registered, so that every charge also
+        // writes n outbox rows in its commit (nothing sends them here).
+        let sinks: usize = std::env::var("LEDGER_EXPORT_SINKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let sinks: Vec<(String, String)> = (0..sinks)
+            .map(|i| (format!("sink-{i}"), "cloudevents".to_owned()))
+            .collect();
+        store
+            .register_export_sinks(&sinks, now)
+            .await
+            .expect("register export sinks");
         let accounts = Accounts::load(&store, &settings, now)
             .await
             .expect("load accounts");

@@ -25,6 +25,10 @@ use crate::usage::{LedgerEntry, Outcome};
 /// plan's windows are at most 31 days long, `config`).
 const COUNTERS_KEPT_MS: i64 = 40 * 24 * 3_600_000;
 
+/// Told after each commit which accounts it charged (the billing export wakes its senders, the
+/// alerts evaluate those accounts). Called on the writer's task: it must not block.
+pub type CommitHook = Arc<dyn Fn(&[String]) + Send + Sync>;
+
 /// Bounds and pacing of the writer.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterSettings {
@@ -95,6 +99,8 @@ pub struct LedgerWriter {
     /// Strict mode's leases, renewed and returned between commits (`None`: no strict plans to
     /// serve, as in benchmarks).
     strict: Option<Arc<Strict>>,
+    /// Told after each commit (see [`CommitHook`]).
+    hooks: Vec<CommitHook>,
 }
 
 /// Creates the queue and its writer; run the writer with [`LedgerWriter::run`].
@@ -125,6 +131,7 @@ pub fn channel(
             settings,
             clock,
             strict: None,
+            hooks: Vec::new(),
         },
     )
 }
@@ -134,6 +141,12 @@ impl LedgerWriter {
     /// statements never wait on its own commits.
     pub fn with_strict(mut self, strict: Arc<Strict>) -> LedgerWriter {
         self.strict = Some(strict);
+        self
+    }
+
+    /// Calls `hook` after each commit with the accounts it charged.
+    pub fn with_commit_hook(mut self, hook: CommitHook) -> LedgerWriter {
+        self.hooks.push(hook);
         self
     }
 
@@ -269,7 +282,7 @@ impl LedgerWriter {
         let now = self.clock.now_ms();
         let m = &self.metrics;
         m.ledger_batch_size.observe(batch.len() as f64);
-        for (entry, result) in batch.iter().zip(report.results) {
+        for (entry, result) in batch.iter().zip(report.results.iter().copied()) {
             m.ledger_lag_seconds
                 .observe((now - entry.completed_at).max(0) as f64 / 1000.0);
             match result {
@@ -326,5 +339,20 @@ impl LedgerWriter {
         }
         // Every grant a batch debits is already in the view.
         let _ = self.accounts.sync_balances(&report.balances);
+        if !self.hooks.is_empty() {
+            let mut charged: Vec<String> = batch
+                .iter()
+                .zip(&report.results)
+                .filter(|(e, r)| **r == Committed::Recorded && e.charged())
+                .map(|(e, _)| e.account.to_string())
+                .collect();
+            charged.sort_unstable();
+            charged.dedup();
+            if !charged.is_empty() {
+                for hook in &self.hooks {
+                    hook(&charged);
+                }
+            }
+        }
     }
 }

@@ -35,6 +35,10 @@
 //! - [`reconcile`]: re-derives charges and balances from the ledger.
 //! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
 //! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
+//! - [`export`]: the billing export's senders (the store's outbox → OpenMeter's CloudEvents
+//!   ingest or Stripe's meter events).
+//! - [`alerts`]: threshold alerts (window %, low balance), recorded once per period in the
+//!   store and sent to a signed webhook.
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
 //!
 //! A request flows one way: gateway layers (access log → identify → meter: cost, claim,
@@ -44,12 +48,14 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod accounts;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod demo;
+pub mod export;
 pub mod gateway;
 pub mod hold;
 pub mod idempotency;

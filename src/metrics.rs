@@ -5,8 +5,8 @@
 //! name (`_seconds`, `_credits`), `_total` on counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric flowgate exports.
@@ -53,6 +53,21 @@ pub struct Metrics {
     /// From another replica's ledger commit to this replica applying it (clocks of two
     /// machines: as good as their synchronisation).
     pub replica_lag_seconds: Histogram,
+    /// Billing export: age of the oldest unsent outbox row, by sink (0: none).
+    pub export_lag_seconds: GaugeVec,
+    /// Billing export: unsent outbox rows, by sink.
+    pub export_backlog: IntGaugeVec,
+    /// Billing export: events the receiver accepted, by sink.
+    pub export_sent: IntCounterVec,
+    /// Billing export: failed sends, by sink and reason (`status`, `connect`, `rejected`,
+    /// `store`).
+    pub export_failed: IntCounterVec,
+    /// Threshold alerts recorded (fired), by rule.
+    pub alerts_fired: IntCounterVec,
+    /// Alert deliveries the webhook accepted.
+    pub alerts_sent: IntCounter,
+    /// Alert deliveries that failed (each is retried).
+    pub alerts_failed: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -199,6 +214,56 @@ impl Metrics {
                 "flowgate_replica_notification_lag_seconds",
                 "From another replica's ledger commit to this replica applying it.",
                 LATENCY_BUCKETS.to_vec(),
+            ),
+            export_lag_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "flowgate_export_lag_seconds",
+                        "Age of the oldest unsent billing-export event.",
+                    ),
+                    &["sink"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            export_backlog: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("flowgate_export_backlog", "Unsent billing-export events."),
+                    &["sink"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            export_sent: counter_vec(
+                "flowgate_export_sent_total",
+                "Billing-export events the receiver accepted.",
+                &["sink"],
+            ),
+            export_failed: counter_vec(
+                "flowgate_export_failed_total",
+                "Failed billing-export sends, by reason.",
+                &["sink", "reason"],
+            ),
+            alerts_fired: counter_vec(
+                "flowgate_alerts_fired_total",
+                "Threshold alerts recorded, by rule.",
+                &["rule"],
+            ),
+            alerts_sent: reg(
+                &registry,
+                IntCounter::new(
+                    "flowgate_alerts_sent_total",
+                    "Alert deliveries the webhook accepted.",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            alerts_failed: reg(
+                &registry,
+                IntCounter::new(
+                    "flowgate_alerts_failed_total",
+                    "Alert deliveries that failed (retried).",
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             registry,
         }

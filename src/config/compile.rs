@@ -23,6 +23,8 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
     let plans = plans(&raw.plans, &features, &routes, cx)?;
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
+    let export = export::compile(&raw.export, cx)?;
+    let alerts = alerts::compile(raw.alerts.as_ref(), &plans, cx)?;
     let mut settings = Settings {
         server: raw.server,
         store: raw.store,
@@ -35,6 +37,8 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         routes,
         plans,
         accounts,
+        export,
+        alerts,
     };
     settings.lease_only_when_shared();
     Ok(settings)

@@ -6,7 +6,9 @@
 //! feature names, so that nothing downstream handles an unchecked string. Every error names the
 //! key and, where the text has one, the line.
 
+pub mod alerts;
 mod compile;
+pub mod export;
 mod usage_page;
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,6 +84,9 @@ struct RawConfig {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     accounts: Vec<RawAccount>,
+    #[serde(default)]
+    export: Vec<export::RawExport>,
+    alerts: Option<alerts::RawAlerts>,
 }
 
 /// `[log]`: what the process writes to stderr.
@@ -633,6 +638,10 @@ pub struct Settings {
     pub plans: HashMap<String, Arc<Plan>>,
     /// Accounts to create (and grants to give) on start-up if the store lacks them.
     pub accounts: Vec<AccountSeed>,
+    /// `[[export]]`: the billing systems charges and refunds are sent to.
+    pub export: Vec<export::ExportSink>,
+    /// `[alerts]`: threshold alerts and their webhook (`None`: no alerts).
+    pub alerts: Option<alerts::AlertSettings>,
 }
 
 /// An upstream server.
@@ -853,6 +862,8 @@ impl Settings {
             ),
             ("store", self.store != new.store),
             ("log", self.log != new.log),
+            ("export", self.export != new.export),
+            ("alerts", self.alerts != new.alerts),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

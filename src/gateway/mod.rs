@@ -50,6 +50,12 @@ pub enum StartError {
     /// The store could not be opened, migrated or read.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The billing export could not start.
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
+    /// The threshold alerts could not start.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertError),
 }
 
 /// A running gateway.
@@ -64,6 +70,10 @@ pub struct Gateway {
     writer_stop: oneshot::Sender<()>,
     writer: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
+    /// The billing export's senders (none without `[[export]]` sinks).
+    exporter: crate::export::Exporter,
+    /// The threshold alerts' evaluator and sender (`None` without `[alerts]`).
+    alerts: Option<crate::alerts::Alerts>,
 }
 
 impl Gateway {
@@ -101,6 +111,25 @@ impl Gateway {
             },
             clock.clone(),
         );
+        let exporter = crate::export::Exporter::start(
+            store.clone(),
+            &settings.export,
+            metrics.clone(),
+            clock.clone(),
+        )
+        .await?;
+        let wake = exporter.waker();
+        let mut writer = writer.with_commit_hook(Arc::new(move |_: &[String]| wake()));
+        let alerts = crate::alerts::Alerts::start(
+            store.clone(),
+            accounts.clone(),
+            settings.clone(),
+            metrics.clone(),
+            clock.clone(),
+        )?;
+        if let Some(alerts) = &alerts {
+            writer = writer.with_commit_hook(Arc::new(alerts.hook()));
+        }
         let (writer_stop, writer_stopped) = oneshot::channel();
         let writer = tokio::spawn(writer.with_strict(strict.clone()).run(async {
             let _ = writer_stopped.await;
@@ -161,6 +190,8 @@ impl Gateway {
             writer_stop,
             writer,
             watcher,
+            exporter,
+            alerts,
         })
     }
 
@@ -208,6 +239,12 @@ impl Gateway {
         let _ = self.server.await;
         let _ = self.writer_stop.send(());
         let _ = self.writer.await;
+        // After the last commit: what it wrote to the outbox is sent by the next start (or
+        // another replica) if not now.
+        self.exporter.shutdown().await;
+        if let Some(alerts) = self.alerts {
+            alerts.shutdown().await;
+        }
         if let Some(watcher) = self.watcher {
             watcher.abort();
         }

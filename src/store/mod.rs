@@ -19,8 +19,10 @@ macro_rules! dialect {
     };
 }
 
+pub mod alerts;
 mod api;
 mod debit;
+pub mod export;
 pub mod lease;
 mod postgres;
 mod shared;

@@ -230,6 +230,14 @@ impl PostgresStore {
         }
         if !charges.is_empty() {
             charge(&mut tx, &self.replica, &charges, &mut report, now).await?;
+            let accounts: Vec<&str> = charges
+                .iter()
+                .map(|r| &*r.entry.account)
+                .collect::<std::collections::BTreeSet<&str>>()
+                .into_iter()
+                .collect();
+            let usage_ids: Vec<i64> = charges.iter().map(|r| r.id).collect();
+            outbox(&mut tx, &accounts, OutboxRows::Charges(&usage_ids), now).await?;
         }
         let change = LedgerChange {
             balances: report.balances.clone(),
@@ -403,6 +411,13 @@ impl PostgresStore {
         let draws: Vec<crate::waterfall::Draw> = serde_json::from_str(&draws)
             .map_err(|e| StoreError::Corrupt(format!("monetization_events.draws: {e}")))?;
         lease::refund_usage(&mut tx, &self.replica, &account, &draws).await?;
+        outbox(
+            &mut tx,
+            &[account.as_str()],
+            OutboxRows::Refund(charge_id),
+            now,
+        )
+        .await?;
         let change = LedgerChange {
             balances: balances.clone(),
             used: Vec::new(),
@@ -448,6 +463,68 @@ impl PostgresStore {
         tx.commit().await?;
         Ok(snapshot)
     }
+}
+
+/// What [`outbox`] writes rows for.
+enum OutboxRows<'a> {
+    /// The charges of these usage events.
+    Charges(&'a [i64]),
+    /// The refund of this monetization event.
+    Refund(i64),
+}
+
+/// Writes the billing export's outbox rows (one per active sink) in the transaction of the
+/// charges or refund they export. First it locks each account's `export_streams` row, in
+/// account order and after every other lock of the transaction (grants, strict accounts): the
+/// rows' ids are drawn under that lock, so another replica's rows for the same account get
+/// larger ids exactly when they commit later, and id order is each account's order. With no
+/// active sink nothing is locked or written.
+async fn outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    accounts: &[&str],
+    rows: OutboxRows<'_>,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let locked: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO export_streams (account_id)
+         SELECT a FROM UNNEST($1::text[]) AS a
+         WHERE EXISTS (SELECT 1 FROM export_sinks WHERE active)
+         ORDER BY a
+         ON CONFLICT (account_id) DO UPDATE SET account_id = excluded.account_id
+         RETURNING account_id",
+    )
+    .bind(accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    if locked.is_empty() {
+        return Ok(());
+    }
+    match rows {
+        OutboxRows::Charges(usage_ids) => {
+            sqlx::query(
+                "INSERT INTO export_outbox (sink, account_id, monetization_event_id, kind, created_at)
+                 SELECT s.name, m.account_id, m.id, 'charge', $2
+                 FROM monetization_events m JOIN export_sinks s ON s.active
+                 WHERE m.usage_event_id = ANY($1) ORDER BY m.id, s.name",
+            )
+            .bind(usage_ids)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+        OutboxRows::Refund(charge_id) => {
+            sqlx::query(
+                "INSERT INTO export_outbox (sink, account_id, monetization_event_id, kind, created_at)
+                 SELECT name, $1, $2, 'refund', $3 FROM export_sinks WHERE active ORDER BY name",
+            )
+            .bind(accounts.first().copied().unwrap_or_default())
+            .bind(charge_id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Inserts usage events in one statement, sorted by charge key (so that two writers wait on

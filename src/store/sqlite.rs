@@ -186,6 +186,16 @@ impl SqliteStore {
                 balance: after as u64,
             });
         }
+        // The billing export's outbox: the refund, for every active sink.
+        sqlx::query(
+            "INSERT INTO export_outbox (sink, account_id, monetization_event_id, kind, created_at)
+             SELECT name, $1, $2, 'refund', $3 FROM export_sinks WHERE active ORDER BY name",
+        )
+        .bind(&account)
+        .bind(charge_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Refund::Refunded {
             draws: serde_json::from_str(&draws)

@@ -6,6 +6,7 @@ pub mod api;
 pub mod browser;
 pub mod openai;
 pub mod process;
+pub mod receiver;
 
 use std::time::Duration;
 

@@ -54,3 +54,5 @@ impl PostgresStore {
 }
 
 super::super::shared::api_statements!(PostgresStore);
+super::super::export::export_statements!(PostgresStore);
+super::super::alerts::alert_statements!(PostgresStore);

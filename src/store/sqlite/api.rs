@@ -48,3 +48,5 @@ impl SqliteStore {
 }
 
 super::super::shared::api_statements!(SqliteStore);
+super::super::export::export_statements!(SqliteStore);
+super::super::alerts::alert_statements!(SqliteStore);

@@ -204,6 +204,21 @@ pub(super) async fn commit(
         next_id += 1;
     }
     insert_monetization(&mut tx, &monetization, now).await?;
+    if let (Some(first), Some(last)) = (monetization.first(), monetization.last()) {
+        // The billing export's outbox, in this transaction: one row per charge and active
+        // sink, in id order (SQLite has one writer: ids are commit order).
+        sqlx::query(
+            "INSERT INTO export_outbox (sink, account_id, monetization_event_id, kind, created_at)
+             SELECT s.name, m.account_id, m.id, 'charge', $1
+             FROM monetization_events m JOIN export_sinks s ON s.active
+             WHERE m.id BETWEEN $2 AND $3 ORDER BY m.id, s.name",
+        )
+        .bind(now)
+        .bind(first.id)
+        .bind(last.id)
+        .execute(&mut *tx)
+        .await?;
+    }
     update_balances(&mut tx, &balances).await?;
     insert_updates(&mut tx, &updates, now).await?;
     tx.commit().await?;
