@@ -20,6 +20,12 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
     let upstreams = upstreams(&raw.upstreams, cx)?;
     let (features, routes) = routes(&raw.routes, &upstreams, cx)?;
     let plans = plans(&raw.plans, &features, &routes, cx)?;
+    let shadow_plans = raw
+        .plans
+        .iter()
+        .filter(|(_, p)| p.shadow)
+        .map(|(name, _)| name.clone())
+        .collect();
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
     let mut settings = Settings {
@@ -32,6 +38,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         upstreams,
         routes,
         plans,
+        shadow_plans,
         accounts,
     };
     settings.lease_only_when_shared();
@@ -314,6 +321,7 @@ fn routes(
                 .as_ref()
                 .map(|d| d.get_ref().as_str().into()),
             idempotency: r.idempotency,
+            shadow: r.shadow,
         });
     }
     Ok((features, routes))
@@ -853,6 +861,7 @@ fn accounts(
             id: id.clone(),
             plan: a.plan.get_ref().clone(),
             suspended: a.suspended,
+            shadow: a.shadow,
             workspace: a.workspace.as_ref().map(|w| w.get_ref().clone()),
             keys: a.api_keys.iter().map(|k| KeySeed::of(k)).collect(),
             grants,

@@ -8,7 +8,7 @@
 
 mod compile;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -370,6 +370,9 @@ struct RawRoute {
     cost_dimension: Option<Spanned<String>>,
     #[serde(default)]
     idempotency: IdempotencyMode,
+    /// Shadow mode: decided and recorded, never blocked, never charged.
+    #[serde(default)]
+    shadow: bool,
 }
 
 /// What a route does with a client's `Idempotency-Key`.
@@ -457,6 +460,9 @@ struct RawPlan {
     /// Strict mode: replicas lease slices of the account's pools and never overspend.
     #[serde(default)]
     strict: bool,
+    /// Shadow mode: its accounts' requests are decided and recorded, never blocked or charged.
+    #[serde(default)]
+    shadow: bool,
     #[serde(default)]
     prices: BTreeMap<String, Spanned<RawPrice>>,
     /// Later price versions, each in force from its `effective_from`.
@@ -534,6 +540,9 @@ struct RawAccount {
     plan: Spanned<String>,
     #[serde(default)]
     suspended: bool,
+    /// Shadow mode for this account's requests.
+    #[serde(default)]
+    shadow: bool,
     /// The account whose pool this member draws from in `workspace` layers.
     workspace: Option<Spanned<String>>,
     #[serde(default)]
@@ -575,6 +584,9 @@ pub struct Settings {
     pub routes: Vec<Route>,
     /// Plans by name.
     pub plans: HashMap<String, Arc<Plan>>,
+    /// The plans in shadow mode (`shadow = true`), by name: their accounts' requests are
+    /// decided and recorded but never blocked or charged (`crate::gateway::meter`).
+    pub shadow_plans: HashSet<String>,
     /// Accounts to create (and grants to give) on start-up if the store lacks them.
     pub accounts: Vec<AccountSeed>,
 }
@@ -612,6 +624,8 @@ pub struct Route {
     pub cost_dimension: Option<Arc<str>>,
     /// What it does with a client's `Idempotency-Key`.
     pub idempotency: IdempotencyMode,
+    /// Shadow mode: its requests are decided and recorded but never blocked or charged.
+    pub shadow: bool,
 }
 
 /// An account declared in the config.
@@ -623,6 +637,8 @@ pub struct AccountSeed {
     pub plan: String,
     /// Whether its requests are refused.
     pub suspended: bool,
+    /// Whether its requests run in shadow mode.
+    pub shadow: bool,
     /// The configured account whose pool its `workspace` layers draw from (checked to exist
     /// and to have no workspace itself).
     pub workspace: Option<String>,
