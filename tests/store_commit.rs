@@ -104,6 +104,7 @@ fn entry_of(
         decided_at: 1_000,
         completed_at: 1_000,
         committed: None,
+        shadow: None,
     }
 }
 
