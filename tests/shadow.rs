@@ -88,10 +88,12 @@ async fn a_shadowed_plan_admits_past_its_limit_and_charges_nothing(kind: StoreKi
     let before = money(&h.store().await).await;
 
     let mut verdicts = Vec::new();
+    let mut denied_id = String::new();
     for _ in 0..4 {
         let r = h.task("sk-carol", 1).await;
         assert_eq!(r.status(), 200, "a shadow request is never blocked");
         verdicts.push(header(&r, "x-flowgate-shadow"));
+        denied_id = header(&r, "x-flowgate-decision-id");
         assert!(!r.text().await.unwrap().is_empty(), "the upstream's answer");
     }
     assert_eq!(
@@ -153,6 +155,19 @@ async fn a_shadowed_plan_admits_past_its_limit_and_charges_nothing(kind: StoreKi
             assert_eq!(decision["admitted"], false);
         }
     }
+    let explained: serde_json::Value = h
+        .get_as(&format!("/v1/decisions/{denied_id}"), "sk-carol")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(explained["shadow"], "deny", "{explained}");
+    assert_eq!(explained["admitted"], false);
+    assert_eq!(explained["usage_event"]["code"], "usage_limit_reached");
+    assert_eq!(explained["usage_event"]["outcome"], "completed");
+    assert!(explained["monetization_event"].is_null());
     let alice = events(&store, "alice").await;
     let last: serde_json::Value = serde_json::from_str(&alice[4].decision).unwrap();
     assert_eq!(

@@ -559,6 +559,9 @@ pub struct DecisionBody {
     pub account: String,
     /// Whether it was admitted.
     pub admitted: bool,
+    /// Set when it ran in shadow mode (forwarded whatever `admitted` says, never charged):
+    /// `admit` or `deny`, what enforcing would have done.
+    pub shadow: Option<String>,
     /// The plan it was decided under.
     pub plan: String,
     /// The price version in force.
@@ -587,6 +590,7 @@ impl From<LedgerEvent> for DecisionBody {
             decision_id: event.usage_event.decision_id.clone(),
             account: event.usage_event.account.clone(),
             admitted: d["admitted"].as_bool().unwrap_or(false),
+            shadow: event.usage_event.shadow.clone(),
             plan: text("plan"),
             price_version: text("price_version"),
             layers: d["layers"].clone(),
