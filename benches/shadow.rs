@@ -12,12 +12,12 @@
 //! gateway would answer 503 and the numbers would mean nothing).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
-use flowgate::clock::Clock;
+use flowgate::clock::{Clock, Stopwatch};
 use flowgate::config::Settings;
 use flowgate::gateway::Gateway;
 use flowgate::gateway::layers::{Identify, Meter};
@@ -131,7 +131,7 @@ fn bench(c: &mut Criterion) {
                     let mut left = iters;
                     while left > 0 {
                         let n = left.min(BATCH);
-                        let started = Instant::now();
+                        let started = Stopwatch::start();
                         for _ in 0..n {
                             one().await;
                         }
