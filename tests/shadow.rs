@@ -309,15 +309,60 @@ async fn an_account_is_shadowed_through_the_admin_api(kind: StoreKind) {
         assert_eq!(shadow_on(g), Some(true));
     }
 
-    for expected in [
+    // The other replica counts each shadow unit too, announced with its commit.
+    if let Some(g) = &second {
+        // Wait until the other replica hears changes: a second key is known to it only then
+        // (or after the resync its listener makes on connecting, which it has then done).
+        let r = h
+            .admin(Method::POST, "/admin/v1/accounts/frank/api-keys")
+            .send()
+            .await
+            .unwrap();
+        let key2 = r.json::<serde_json::Value>().await.unwrap()["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut waited = 0;
+        while g.app().accounts.by_api_key(&key2).is_none() {
+            assert!(waited < 200, "the other replica never heard of the new key");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+        }
+    }
+    let counted_there = |g: &flowgate::gateway::Gateway| {
+        g.app().accounts.get("frank").map_or(0, |a| {
+            a.with_state(|_, s| match &s.layers[0] {
+                flowgate::waterfall::LayerState::UsageLimit { used, .. } => used.used_since(0),
+                _ => 0,
+            })
+        })
+    };
+    for (i, expected) in [
         "would-admit; credits=0",
         "would-admit; credits=0",
         "would-deny; code=usage_limit_reached",
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let r = h.task(&key, 1).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-flowgate-shadow"), expected);
         r.text().await.unwrap();
+        if let Some(g) = &second {
+            h.settle_ledger().await;
+            let want = (i as u64 + 1).min(2);
+            let mut waited = 0;
+            while counted_there(g) != want {
+                assert!(
+                    waited < 200,
+                    "the other replica counted {} shadow units, not {want}",
+                    counted_there(g)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                waited += 1;
+            }
+        }
     }
     let r = h
         .admin(Method::PATCH, "/admin/v1/accounts/frank")
