@@ -467,7 +467,7 @@ fn shadow_mode_is_set_on_plans_routes_and_accounts() {
     assert!(plain.routes.iter().all(|r| !r.shadow));
     assert!(plain.accounts.iter().all(|a| !a.shadow));
     let shadowed = EXAMPLE
-        .replacen("[plans.pro]", "[plans.pro]\nshadow = true", 1)
+        .replacen("shadow = false", "shadow = true", 1)
         .replacen("[[routes]]", "[[routes]]\nshadow = true", 1)
         .replacen("[[accounts]]", "[[accounts]]\nshadow = true", 1);
     let s = Settings::parse(&shadowed).unwrap();
