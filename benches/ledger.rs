@@ -136,6 +136,7 @@ impl Bench {
             decided_at: now,
             completed_at: now,
             committed: None,
+            shadow: None,
         }
     }
 

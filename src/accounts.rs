@@ -35,6 +35,9 @@ pub struct Account {
     pub plan: Arc<Plan>,
     /// Whether its requests are refused.
     pub suspended: bool,
+    /// Whether its requests run in shadow mode (decided and recorded, never blocked or
+    /// charged: `crate::gateway::meter`).
+    pub shadow: bool,
     /// Windows, free tier and grants, with every hold already applied. Shared with the
     /// account's successors ([`Accounts::change`]), so that a hold taken before a change of plan
     /// or suspension ends on the state the account has now.
@@ -53,10 +56,18 @@ impl Account {
             id,
             plan,
             suspended,
+            shadow: false,
             state: Arc::new(Mutex::new(state)),
             workspace: None,
             pool: parking_lot::RwLock::new(None),
         }
+    }
+
+    /// The account with its own shadow mode on or off.
+    #[must_use]
+    pub fn shadowed(mut self, shadow: bool) -> Account {
+        self.shadow = shadow;
+        self
     }
 
     /// The account as a member of `workspace` (its pool is linked once both are in the view).
@@ -281,6 +292,7 @@ impl Accounts {
             loaded.push(id.clone());
             accounts.insert(
                 Account::new(id, plan.clone(), stored.suspended, state)
+                    .shadowed(stored.shadow)
                     .in_workspace(stored.workspace.as_deref().map(AccountId::from)),
             );
         }
@@ -303,7 +315,8 @@ impl Accounts {
 }
 
 impl Accounts {
-    /// Changes an account's plan or suspension in the view; `false` if the view lacks it.
+    /// Changes an account's plan, suspension or shadow mode in the view; `false` if the view
+    /// lacks it.
     ///
     /// The account is replaced by a successor sharing its state (see [`Account`]): grants, and
     /// the holds of requests in flight, carry over. When the new plan keeps its state
@@ -315,7 +328,7 @@ impl Accounts {
         &self,
         id: &str,
         plan: Arc<Plan>,
-        suspended: bool,
+        (suspended, shadow): (bool, bool),
         history: &[Draw],
         now: Millis,
     ) -> bool {
@@ -346,6 +359,7 @@ impl Accounts {
                 id: old.id.clone(),
                 plan,
                 suspended,
+                shadow,
                 state: old.state.clone(),
                 workspace: old.workspace.clone(),
                 pool: parking_lot::RwLock::new(old.pool.read().clone()),
@@ -402,8 +416,12 @@ impl Accounts {
         let workspace = row.workspace.as_deref().map(AccountId::from);
         match current {
             Some(a) => {
-                if !Arc::ptr_eq(&a.plan, plan) || a.suspended != row.suspended {
-                    self.change(id, plan.clone(), row.suspended, &history, now);
+                if !Arc::ptr_eq(&a.plan, plan)
+                    || a.suspended != row.suspended
+                    || a.shadow != row.shadow
+                {
+                    let flags = (row.suspended, row.shadow);
+                    self.change(id, plan.clone(), flags, &history, now);
                 }
                 a.with_state(|_, state| merge_grants(settings, state, &grants));
                 self.set_workspace(id, workspace);
@@ -416,6 +434,7 @@ impl Accounts {
                 }
                 self.insert(
                     Account::new(id.into(), plan.clone(), row.suspended, state)
+                        .shadowed(row.shadow)
                         .in_workspace(workspace),
                 );
                 // Members may have waited for this workspace.
@@ -437,6 +456,7 @@ impl Accounts {
                 id: current.id.clone(),
                 plan: current.plan.clone(),
                 suspended: current.suspended,
+                shadow: current.shadow,
                 state: current.state.clone(),
                 workspace,
                 pool: parking_lot::RwLock::new(None),
@@ -528,8 +548,12 @@ impl Accounts {
             let committed = stored.draws.get(&a.id).map_or(&[][..], Vec::as_slice);
             match self.get(&a.id) {
                 Some(current) => {
-                    if !Arc::ptr_eq(&current.plan, plan) || current.suspended != a.suspended {
-                        self.change(&a.id, plan.clone(), a.suspended, committed, now);
+                    if !Arc::ptr_eq(&current.plan, plan)
+                        || current.suspended != a.suspended
+                        || current.shadow != a.shadow
+                    {
+                        let flags = (a.suspended, a.shadow);
+                        self.change(&a.id, plan.clone(), flags, committed, now);
                     }
                     if let Some(current) = self.get(&a.id) {
                         current.with_state(|plan, state| {
@@ -545,6 +569,7 @@ impl Accounts {
                     state.resync_usage(plan, committed, now);
                     self.insert(
                         Account::new(a.id.as_str().into(), plan.clone(), a.suspended, state)
+                            .shadowed(a.shadow)
                             .in_workspace(a.workspace.as_deref().map(AccountId::from)),
                     );
                 }

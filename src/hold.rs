@@ -6,6 +6,12 @@
 //! else: the draws go back to the pools that gave them). Either way its [`LedgerEntry`] is
 //! queued. Ending it is tied to `Drop`, so a client that disconnects mid-stream, a handler
 //! that panics or a future that is cancelled on timeout all release it: a hold never leaks.
+//!
+//! A shadow-mode hold (its entry's `shadow` is set) holds only the decision's window and
+//! free-tier draws (`usage::shadow_part`): counters, which a completed request keeps, as
+//! `shadow_draws`, until the writer commits them. Its credit draws were never taken from any
+//! balance, so there is nothing of them to settle or release. On a strict plan the counted
+//! draws go back when the hold ends: the store's leases and counters never see shadow usage.
 
 use std::sync::Arc;
 
@@ -142,63 +148,89 @@ impl Hold {
         let mut entry = self.entry.take()?;
         entry.outcome = outcome;
         // However it ends, the request no longer runs: its concurrency slots are free. (A plan
-        // without a concurrency layer takes no extra lock for it.)
+        // without a concurrency layer takes no extra lock for it; a shadow request the
+        // waterfall denied took no slot.)
         let feature = entry.decision.feature;
-        let gated = entry
-            .plan
-            .layers
-            .iter()
-            .any(|l| matches!(l.kind, waterfall::LayerKind::Concurrency { .. }));
+        let gated = entry.decision.admitted()
+            && entry
+                .plan
+                .layers
+                .iter()
+                .any(|l| matches!(l.kind, waterfall::LayerKind::Concurrency { .. }));
         if gated {
             self.account
                 .with_state(|plan, state| waterfall::finish_request(plan, state, feature));
         }
         tracing::debug!(decision_id = %entry.decision_id, outcome = outcome.as_str(), "hold ended");
         entry.completed_at = self.clock.now_ms();
-        if entry.charged() {
-            match self.settled.take() {
-                Some(Ok(Measured::Units(used))) => self.adjust(&mut entry, used),
-                Some(Ok(Measured::Quantities(quantities))) => match priced(&entry, &quantities) {
-                    Some(used) => {
-                        entry.quantities = Some(quantities);
-                        self.adjust(&mut entry, used);
-                    }
-                    None => {
-                        // The model has no rates in the decision's price version (or the
-                        // price exceeds the units a request may cost): the estimate stands.
-                        tracing::warn!(decision_id = %entry.decision_id, ?quantities, "reported usage not priced; charging the estimate");
-                        entry.code = Some("settle_unpriced");
-                    }
-                },
-                Some(Err(e)) => {
-                    // The response did not say: the estimate stands, and the record says why.
-                    tracing::warn!(decision_id = %entry.decision_id, error = %e, "cost not settled; charging the estimate");
-                    entry.code = Some("settle_missing");
-                }
-                None => {}
-            }
-            if let Some(key) = self.key.take() {
+        if entry.completed_admitted() {
+            self.settle_cost(&mut entry);
+        }
+        // A completed request's key answers its repeats: charged work is never done again,
+        // nor is shadow work (forwarded, whatever the waterfall said).
+        let done = entry.outcome == Outcome::Completed
+            && (entry.decision.admitted() || entry.shadow.is_some());
+        match self.key.take() {
+            Some(key) if done => {
                 let response = self.capture.take().map(|mut r| {
                     r.body = std::mem::take(&mut self.captured).freeze();
                     r
                 });
                 key.charged(entry.decision_id, response);
             }
+            _ => {}
+        }
+        if entry.charged() {
             if self.strict {
                 let notify = Arc::new(tokio::sync::Notify::new());
                 entry.committed = Some(notify.clone());
                 self.queue.push(entry);
                 return Some(Commit(notify));
             }
+        } else if entry.shadow.is_some() {
+            // The view holds only a shadow decision's counted draws (`usage::shadow_part`);
+            // they stay unsettled until the writer commits them as `shadow_draws`, or go back
+            // now when they will not be (not completed, or a strict plan: see the module).
+            if entry.shadow_draws().is_none() {
+                let held = crate::usage::shadow_part(&entry.decision);
+                let now = entry.completed_at;
+                self.account.with_states(|plan, state, pool| {
+                    waterfall::release_in(plan, state, pool, &held.draws, now)
+                });
+            }
         } else {
             let now = entry.completed_at;
             self.account.with_states(|plan, state, pool| {
                 waterfall::release_in(plan, state, pool, &entry.decision.draws, now)
             });
-            self.key = None;
         }
         self.queue.push(entry);
         None
+    }
+
+    /// Applies the cost the response reported (if the route settles) to a completed entry.
+    fn settle_cost(&mut self, entry: &mut LedgerEntry) {
+        match self.settled.take() {
+            Some(Ok(Measured::Units(used))) => self.adjust(entry, used),
+            Some(Ok(Measured::Quantities(quantities))) => match priced(entry, &quantities) {
+                Some(used) => {
+                    entry.quantities = Some(quantities);
+                    self.adjust(entry, used);
+                }
+                None => {
+                    // The model has no rates in the decision's price version (or the
+                    // price exceeds the units a request may cost): the estimate stands.
+                    tracing::warn!(decision_id = %entry.decision_id, ?quantities, "reported usage not priced; charging the estimate");
+                    entry.code = Some("settle_unpriced");
+                }
+            },
+            Some(Err(e)) => {
+                // The response did not say: the estimate stands, and the record says why.
+                tracing::warn!(decision_id = %entry.decision_id, error = %e, "cost not settled; charging the estimate");
+                entry.code = Some("settle_missing");
+            }
+            None => {}
+        }
     }
 }
 
@@ -229,10 +261,15 @@ impl Hold {
         }
         let ongoing = entry.decision.ongoing();
         let price = entry.decision.credits_per_unit;
+        // A shadow decision's view holds only its counted draws, so only those move.
+        let shadow = entry.shadow.is_some();
         let draws = &mut entry.decision.draws;
         let forgiven = self.account.with_states(|plan, state, pool| {
             if used < estimate {
-                let released = waterfall::trim(draws, estimate - used, price);
+                let mut released = waterfall::trim(draws, estimate - used, price);
+                if shadow {
+                    released.retain(|d| crate::usage::shadow_counts(d));
+                }
                 waterfall::release_in(plan, state, pool, &released, now);
                 0
             } else {
@@ -245,7 +282,12 @@ impl Hold {
                     now,
                 );
                 if let Some(extra) = extra {
-                    waterfall::reserve_in(plan, state, pool, &extra, now);
+                    if shadow {
+                        let held = crate::usage::shadow_part(&extra);
+                        waterfall::reserve_in(plan, state, pool, &held, now);
+                    } else {
+                        waterfall::reserve_in(plan, state, pool, &extra, now);
+                    }
                     draws.extend(extra.draws);
                 }
                 uncovered
@@ -283,8 +325,10 @@ impl Hold {
         }
         let now = self.clock.now_ms();
         let ongoing = entry.decision.ongoing();
+        // A shadow stream is never stopped, and its view holds only counted draws.
+        let shadow = entry.shadow.is_some();
         let (extra, growth) = self.account.with_states(|plan, state, pool| {
-            let (extra, growth) = if whole {
+            let (extra, growth) = if whole && !shadow {
                 let d = waterfall::extend_in(plan, state, pool.as_deref(), ongoing, more, now);
                 match d.denial {
                     None => (Some(d), Growth::Held),
@@ -293,11 +337,17 @@ impl Hold {
             } else {
                 match waterfall::cover_up_to_in(plan, state, pool.as_deref(), ongoing, more, now) {
                     (extra, 0) => (extra, Growth::Held),
+                    (extra, _) if shadow => (extra, Growth::Held),
                     (extra, uncovered) => (extra, Growth::Partly(uncovered)),
                 }
             };
-            if let Some(extra) = &extra {
-                waterfall::reserve_in(plan, state, pool, extra, now);
+            match &extra {
+                Some(extra) if shadow => {
+                    let held = crate::usage::shadow_part(extra);
+                    waterfall::reserve_in(plan, state, pool, &held, now);
+                }
+                Some(extra) => waterfall::reserve_in(plan, state, pool, extra, now),
+                None => {}
             }
             (extra, growth)
         });
@@ -404,6 +454,7 @@ mod tests {
             decided_at: 0,
             completed_at: 0,
             committed: None,
+            shadow: None,
         };
         let hold = Hold::new(
             account.clone(),

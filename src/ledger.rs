@@ -250,6 +250,13 @@ impl LedgerWriter {
         }
     }
 
+    /// A shadow entry's counted draws are committed (`shadow_draws`): no longer unsettled.
+    fn shadow_settled(&self, entry: &LedgerEntry) {
+        if let Some(draws) = entry.shadow_draws() {
+            self.accounts.settled(&entry.account, &draws);
+        }
+    }
+
     /// Commits one batch, retrying with backoff until the store takes it.
     async fn commit(&self, batch: &[LedgerEntry]) {
         let mut backoff = Duration::from_millis(50);
@@ -321,12 +328,14 @@ impl LedgerWriter {
                                 .inc_by(draw.credits);
                         }
                     }
+                    self.shadow_settled(entry);
                 }
                 Committed::AlreadyRecorded => {
                     // A retried batch that had in fact committed: the debits are in the store.
                     if entry.charged() {
                         self.accounts.settled(&entry.account, &entry.decision.draws);
                     }
+                    self.shadow_settled(entry);
                 }
             }
         }

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// Units given by each layer to admitted decisions, by feature and layer.
     pub layer_units: IntCounterVec,
+    /// Shadow-mode decisions (not counted in `decisions`), by feature, outcome (`would_admit`,
+    /// `would_deny`) and reason (`admitted` or the would-be denial's code).
+    pub shadow_decisions: IntCounterVec,
     /// Time to decide and hold, under the account's lock.
     pub decision_seconds: Histogram,
     /// Time from forwarding to the upstream's response headers, by upstream.
@@ -109,6 +112,11 @@ impl Metrics {
                 "flowgate_decisions_total",
                 "Waterfall decisions by feature and outcome.",
                 &["feature", "outcome"],
+            ),
+            shadow_decisions: counter_vec(
+                "flowgate_shadow_decisions_total",
+                "Shadow-mode decisions (forwarded, never charged) by feature, what enforcing would have done, and why.",
+                &["feature", "outcome", "reason"],
             ),
             layer_units: counter_vec(
                 "flowgate_decision_layer_units_total",

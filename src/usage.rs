@@ -8,7 +8,43 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::ids::{AccountId, IdempotencyKey};
-use crate::waterfall::{Decision, Millis, Plan, Quantities};
+use crate::waterfall::{Decision, Draw, Millis, Plan, Pool, Quantities};
+
+/// What enforcing would have done with a shadow-mode decision (the request was forwarded
+/// either way, and charged nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shadow {
+    /// The waterfall admitted it: its draws are what enforcing would have charged.
+    Admit,
+    /// The waterfall denied it (the entry's code says why).
+    Deny,
+}
+
+impl Shadow {
+    /// The name stored in the ledger's `shadow` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shadow::Admit => "admit",
+            Shadow::Deny => "deny",
+        }
+    }
+}
+
+/// Whether a shadow decision's draw counts: windows and free tiers are counters, so a shadowed
+/// stricter limit fills as enforcing would fill it; every other pool is money (grants, a
+/// workspace's pool and its member cap, postpaid billing) and a shadow draw never reaches it.
+pub fn shadow_counts(draw: &Draw) -> bool {
+    matches!(draw.pool, Pool::Window { .. } | Pool::FreeTier { .. })
+}
+
+/// The part of a shadow decision the view holds: its counted draws only
+/// ([`shadow_counts`]), so that no shadow draw ever touches a balance, even in memory.
+pub fn shadow_part(decision: &Decision) -> Decision {
+    let mut part = decision.clone();
+    part.draws.retain(|d| shadow_counts(d));
+    part
+}
 
 /// How a request ended, as recorded in its usage event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -92,12 +128,45 @@ pub struct LedgerEntry {
     pub completed_at: Millis,
     /// Woken once the entry is committed (strict durability: the response's end waits on it).
     pub committed: Option<Arc<tokio::sync::Notify>>,
+    /// Set when the request ran in shadow mode: what enforcing would have done. A shadow entry
+    /// is never charged.
+    pub shadow: Option<Shadow>,
 }
 
 impl LedgerEntry {
     /// Whether this entry charges the account.
     pub fn charged(&self) -> bool {
+        self.shadow.is_none() && self.completed_admitted()
+    }
+
+    /// Whether the request completed on an admitting decision: charged when enforced, counted
+    /// in windows and free tiers in shadow mode.
+    pub fn completed_admitted(&self) -> bool {
         self.outcome == Outcome::Completed && self.decision.admitted()
+    }
+
+    /// A shadow entry's `shadow_draws` column: the window and free-tier draws it counted (kept
+    /// in memory until committed, rebuilt from here on a restart). `None` when it counted
+    /// nothing: enforced, not completed, or a strict plan (its leases are not drawn for
+    /// shadow usage: see `crate::hold`).
+    pub fn shadow_draws(&self) -> Option<Vec<Draw>> {
+        if self.shadow.is_none() || !self.completed_admitted() || self.plan.strict {
+            return None;
+        }
+        let draws: Vec<Draw> = self
+            .decision
+            .draws
+            .iter()
+            .filter(|d| shadow_counts(d))
+            .copied()
+            .collect();
+        (!draws.is_empty()).then_some(draws)
+    }
+
+    /// [`LedgerEntry::shadow_draws`] as stored (JSON).
+    pub fn shadow_draws_json(&self) -> Option<String> {
+        self.shadow_draws()
+            .and_then(|d| serde_json::to_string(&d).ok())
     }
 
     /// The `charge_key` column: unique together with `account_id` (two columns under one
@@ -118,9 +187,14 @@ impl LedgerEntry {
         }
     }
 
-    /// The decision as stored: every layer checked, what it had and gave.
+    /// The decision as stored: every layer checked, what it had and gave; a shadow decision
+    /// says so (`"shadow": "admit"` or `"deny"`: what enforcing would have done).
     pub fn decision_json(&self) -> serde_json::Value {
-        decision_json(&self.plan, &self.decision)
+        let mut json = decision_json(&self.plan, &self.decision);
+        if let Some(shadow) = self.shadow {
+            json["shadow"] = serde_json::json!(shadow);
+        }
+        json
     }
 
     /// The price version the decision used.

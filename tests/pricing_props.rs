@@ -131,6 +131,7 @@ proptest! {
                     decided_at: now,
                     completed_at: now,
                     committed: None,
+                    shadow: None,
                 });
             }
             store.commit(&batch, START + 30_000).await.expect("commit");

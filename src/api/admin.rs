@@ -46,6 +46,9 @@ pub struct NewAccount {
     /// Whether its requests are refused from the start.
     #[serde(default)]
     pub suspended: bool,
+    /// Shadow mode: its requests are decided and recorded but never blocked or charged.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// `PATCH /admin/v1/accounts/{account_id}`: what to change (at least one).
@@ -57,6 +60,9 @@ pub struct AccountChange {
     pub plan: Option<String>,
     /// Whether its requests are refused (403 `account_suspended`).
     pub suspended: Option<bool>,
+    /// Shadow mode: its requests are decided and recorded but never blocked or charged. Every
+    /// replica switches for its next request (as for any account change).
+    pub shadow: Option<bool>,
 }
 
 /// `POST /admin/v1/accounts/{account_id}/grants`. The `Idempotency-Key` header is the grant's
@@ -100,13 +106,13 @@ pub async fn create_account(
     let now = app.clock.now_ms();
     if !app
         .store
-        .create_account(&new.id, &new.plan, new.suspended, now)
+        .create_account(&new.id, &new.plan, (new.suspended, new.shadow), now)
         .await?
     {
         return Err(ApiError::AccountExists);
     }
     refresh(&app, &new.id).await?;
-    tracing::info!(account = %new.id, plan = %new.plan, suspended = new.suspended, "admin: account created");
+    tracing::info!(account = %new.id, plan = %new.plan, suspended = new.suspended, shadow = new.shadow, "admin: account created");
     Ok((
         StatusCode::CREATED,
         Json(account_body(&app, &new.id).await?),
@@ -155,11 +161,11 @@ pub async fn update_account(
     Path(account_id): Path<String>,
     ApiJson(change): ApiJson<AccountChange>,
 ) -> Result<Json<AccountBody>, ApiError> {
-    if change.plan.is_none() && change.suspended.is_none() {
+    if change.plan.is_none() && change.suspended.is_none() && change.shadow.is_none() {
         return Err(ApiError::invalid(
             "nothing_to_change",
             "body",
-            "give plan, suspended, or both",
+            "give plan, suspended or shadow (one or more)",
         ));
     }
     if let Some(name) = &change.plan {
@@ -169,20 +175,26 @@ pub async fn update_account(
         return Err(ApiError::AccountInConfig {
             field: if change.plan.is_some() {
                 "plan"
-            } else {
+            } else if change.suspended.is_some() {
                 "suspended"
+            } else {
+                "shadow"
             },
         });
     }
     let row = app
         .store
-        .update_account(&account_id, change.plan.as_deref(), change.suspended)
+        .update_account(
+            &account_id,
+            change.plan.as_deref(),
+            (change.suspended, change.shadow),
+        )
         .await?
         .ok_or(ApiError::AccountNotFound {
             field: "account_id",
         })?;
     refresh(&app, &account_id).await?;
-    tracing::info!(account = %account_id, plan = %row.plan, suspended = row.suspended, "admin: account changed");
+    tracing::info!(account = %account_id, plan = %row.plan, suspended = row.suspended, shadow = row.shadow, "admin: account changed");
     Ok(Json(account_body(&app, &account_id).await?))
 }
 

@@ -21,6 +21,9 @@ pub struct AccountBody {
     pub plan: String,
     /// Whether its requests are refused (403).
     pub suspended: bool,
+    /// Whether its requests run in shadow mode (decided and recorded, never blocked or
+    /// charged).
+    pub shadow: bool,
     /// When it was created.
     pub created_at: String,
     /// How many API keys it has.
@@ -39,6 +42,7 @@ impl AccountBody {
             id: row.id,
             plan: row.plan,
             suspended: row.suspended,
+            shadow: row.shadow,
             created_at: rfc3339(row.created_at),
             api_keys: row.api_keys,
             grants: grants.into_iter().map(GrantBody::from).collect(),
@@ -435,6 +439,9 @@ pub struct UsageEventBody {
     pub completed_at: String,
     /// When the ledger recorded it.
     pub recorded_at: String,
+    /// Set when the request ran in shadow mode (forwarded, never charged): what enforcing
+    /// would have done, `admit` or `deny` (then `code` says why).
+    pub shadow: Option<String>,
 }
 
 impl From<UsageEventRecord> for UsageEventBody {
@@ -453,6 +460,7 @@ impl From<UsageEventRecord> for UsageEventBody {
             decided_at: rfc3339(u.decided_at),
             completed_at: rfc3339(u.completed_at),
             recorded_at: rfc3339(u.recorded_at),
+            shadow: u.shadow,
         }
     }
 }
@@ -551,6 +559,9 @@ pub struct DecisionBody {
     pub account: String,
     /// Whether it was admitted.
     pub admitted: bool,
+    /// Set when it ran in shadow mode (forwarded whatever `admitted` says, never charged):
+    /// `admit` or `deny`, what enforcing would have done.
+    pub shadow: Option<String>,
     /// The plan it was decided under.
     pub plan: String,
     /// The price version in force.
@@ -579,6 +590,7 @@ impl From<LedgerEvent> for DecisionBody {
             decision_id: event.usage_event.decision_id.clone(),
             account: event.usage_event.account.clone(),
             admitted: d["admitted"].as_bool().unwrap_or(false),
+            shadow: event.usage_event.shadow.clone(),
             plan: text("plan"),
             price_version: text("price_version"),
             layers: d["layers"].clone(),

@@ -21,6 +21,12 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
     raw.usage_page.check()?;
     let (features, routes) = routes(&raw.routes, &upstreams, raw.usage_page.enabled, cx)?;
     let plans = plans(&raw.plans, &features, &routes, cx)?;
+    let shadow_plans = raw
+        .plans
+        .iter()
+        .filter(|(_, p)| p.shadow)
+        .map(|(name, _)| name.clone())
+        .collect();
     let accounts = accounts(&raw.accounts, &features, &plans, cx)?;
     let admin = admin(&raw.admin, cx)?;
     let export = export::compile(&raw.export, cx)?;
@@ -36,6 +42,7 @@ pub(super) fn compile(raw: RawConfig, cx: &Ctx<'_>) -> Result<Settings, ConfigEr
         upstreams,
         routes,
         plans,
+        shadow_plans,
         accounts,
         export,
         alerts,
@@ -331,6 +338,7 @@ fn routes(
                 .map(|d| d.get_ref().as_str().into()),
             idempotency: r.idempotency,
             watch,
+            shadow: r.shadow,
         });
     }
     Ok((features, routes))
@@ -899,6 +907,7 @@ fn accounts(
             id: id.clone(),
             plan: a.plan.get_ref().clone(),
             suspended: a.suspended,
+            shadow: a.shadow,
             workspace: a.workspace.as_ref().map(|w| w.get_ref().clone()),
             keys: a.api_keys.iter().map(|k| KeySeed::of(k)).collect(),
             grants,

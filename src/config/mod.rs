@@ -11,7 +11,7 @@ mod compile;
 pub mod export;
 mod usage_page;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -382,6 +382,9 @@ struct RawRoute {
     cost_dimension: Option<Spanned<String>>,
     #[serde(default)]
     idempotency: IdempotencyMode,
+    /// Shadow mode: decided and recorded, never blocked, never charged.
+    #[serde(default)]
+    shadow: bool,
     /// Watches an event stream while it flows (see [`WatchRule`]).
     watch: Option<Spanned<RawWatch>>,
 }
@@ -516,6 +519,9 @@ struct RawPlan {
     /// Strict mode: replicas lease slices of the account's pools and never overspend.
     #[serde(default)]
     strict: bool,
+    /// Shadow mode: its accounts' requests are decided and recorded, never blocked or charged.
+    #[serde(default)]
+    shadow: bool,
     #[serde(default)]
     prices: BTreeMap<String, Spanned<RawPrice>>,
     /// Later price versions, each in force from its `effective_from`.
@@ -593,6 +599,9 @@ struct RawAccount {
     plan: Spanned<String>,
     #[serde(default)]
     suspended: bool,
+    /// Shadow mode for this account's requests.
+    #[serde(default)]
+    shadow: bool,
     /// The account whose pool this member draws from in `workspace` layers.
     workspace: Option<Spanned<String>>,
     #[serde(default)]
@@ -636,6 +645,9 @@ pub struct Settings {
     pub routes: Vec<Route>,
     /// Plans by name.
     pub plans: HashMap<String, Arc<Plan>>,
+    /// The plans in shadow mode (`shadow = true`), by name: their accounts' requests are
+    /// decided and recorded but never blocked or charged (`crate::gateway::meter`).
+    pub shadow_plans: HashSet<String>,
     /// Accounts to create (and grants to give) on start-up if the store lacks them.
     pub accounts: Vec<AccountSeed>,
     /// `[[export]]`: the billing systems charges and refunds are sent to.
@@ -679,6 +691,8 @@ pub struct Route {
     pub idempotency: IdempotencyMode,
     /// Watches its event streams while they flow, if set.
     pub watch: Option<WatchRule>,
+    /// Shadow mode: its requests are decided and recorded but never blocked or charged.
+    pub shadow: bool,
 }
 
 /// An account declared in the config.
@@ -690,6 +704,8 @@ pub struct AccountSeed {
     pub plan: String,
     /// Whether its requests are refused.
     pub suspended: bool,
+    /// Whether its requests run in shadow mode.
+    pub shadow: bool,
     /// The configured account whose pool its `workspace` layers draw from (checked to exist
     /// and to have no workspace itself).
     pub workspace: Option<String>,

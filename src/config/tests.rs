@@ -502,3 +502,27 @@ fn a_strict_plan_cannot_draw_a_workspace_pool_and_caps_are_checked() {
     assert!(e.key.ends_with(".member_cap"), "{e}");
     assert_eq!(e.line, Some(line_of(&bad, "member_cap = 0")), "{e}");
 }
+
+#[test]
+fn shadow_mode_is_set_on_plans_routes_and_accounts() {
+    let plain = Settings::parse(EXAMPLE).unwrap();
+    assert!(plain.shadow_plans.is_empty());
+    assert!(plain.routes.iter().all(|r| !r.shadow));
+    assert!(plain.accounts.iter().all(|a| !a.shadow));
+    let shadowed = EXAMPLE
+        .replacen("shadow = false", "shadow = true", 1)
+        .replacen("[[routes]]", "[[routes]]\nshadow = true", 1)
+        .replacen("[[accounts]]", "[[accounts]]\nshadow = true", 1);
+    let s = Settings::parse(&shadowed).unwrap();
+    assert_eq!(s.shadow_plans, HashSet::from(["pro".to_owned()]));
+    assert!(s.routes[0].shadow && s.routes.iter().skip(1).all(|r| !r.shadow));
+    assert!(s.accounts[0].shadow);
+    let bad = EXAMPLE.replacen("[[routes]]", "[[routes]]\nshadow = \"yes\"", 1);
+    let line = bad.lines().position(|l| l.contains("\"yes\"")).unwrap() + 1;
+    let e = error_of(&bad);
+    assert_eq!(e.line, Some(line), "{e}");
+    assert!(
+        e.message.contains("bool") || e.message.contains("boolean"),
+        "{e}"
+    );
+}

@@ -41,6 +41,9 @@ pub const DECISION_ID: HeaderName = HeaderName::from_static("x-flowgate-decision
 pub const REPLAY_OF: HeaderName = HeaderName::from_static("x-flowgate-replay-of");
 /// Header saying which layers paid how many units of an admitted request.
 pub const POOLS: HeaderName = HeaderName::from_static("x-flowgate-pools");
+/// Set on the answer to a request that ran in shadow mode: what enforcing would have done,
+/// `would-admit; credits=N` or `would-deny; code=…` (the upstream's answer is unchanged).
+pub const SHADOW: HeaderName = HeaderName::from_static("x-flowgate-shadow");
 /// Set on an answer given from a kept response (Stripe's name for it).
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -81,6 +84,10 @@ pub(super) enum LogOutcome {
     Admitted {
         draws: usize,
     },
+    /// Forwarded in shadow mode; enforcing would have denied it with this code, if any.
+    Shadow {
+        denied: Option<&'static str>,
+    },
     UpstreamError(u16),
     /// A refusal before or after the decision (the error's message).
     Error(String),
@@ -93,6 +100,8 @@ impl std::fmt::Display for LogOutcome {
             LogOutcome::Replay => f.write_str("replay"),
             LogOutcome::Denied(code) => write!(f, "denied:{code}"),
             LogOutcome::Admitted { draws } => write!(f, "admitted:{draws}"),
+            LogOutcome::Shadow { denied: None } => f.write_str("shadow:admitted"),
+            LogOutcome::Shadow { denied: Some(code) } => write!(f, "shadow:denied:{code}"),
             LogOutcome::UpstreamError(status) => write!(f, "upstream_error:{status}"),
             LogOutcome::Error(message) => f.write_str(message),
         }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::body::{MeteredBody, Watching};
 use super::layers::{
     Answer, Attribution, DecisionId, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, LogFields, LogOutcome,
-    POOLS, REPLAY_OF, refused,
+    POOLS, REPLAY_OF, SHADOW, refused,
 };
 use crate::accounts::Account;
 use crate::app::App;
@@ -31,7 +31,7 @@ use crate::ids::IdempotencyKey;
 use crate::quota::Quota;
 use crate::rescue::{DenialReport, GatewayError, WindowReport};
 use crate::settle::SettleReader;
-use crate::usage::{LedgerEntry, Outcome};
+use crate::usage::{LedgerEntry, Outcome, Shadow};
 use crate::watch::Watcher;
 use crate::waterfall::{self, Decision, LayerKind, Millis};
 
@@ -153,11 +153,12 @@ where
 
     // A strict plan's request may first wait for lease rounds (`crate::strict`); after
     // `ROUNDS_MAX` of them it is decided on the slices it has.
+    let shadow = in_shadow(app, route, &account);
     let mut rounds = 0;
     let (decided, now) = loop {
         let now = app.clock.now_ms();
         let lease_check = rounds < crate::strict::ROUNDS_MAX;
-        if let Some(decided) = decide(app, route, &account, units, now, lease_check) {
+        if let Some(decided) = decide(app, route, &account, units, now, lease_check, shadow) {
             break (decided, now);
         }
         rounds += 1;
@@ -179,6 +180,15 @@ where
         now,
     );
     entry.model = model;
+    if shadow {
+        let shadowed = Shadowed {
+            entry,
+            claim,
+            quota: decided.quota,
+            denial: decided.denial,
+        };
+        return forward_shadow(app, route, inner, req, &account, shadowed, log).await;
+    }
     let Some(denial) = decided.denial else {
         log.outcome = LogOutcome::Admitted {
             draws: entry.decision.draws.len(),
@@ -293,6 +303,15 @@ fn idempotency_key(value: &HeaderValue) -> Result<IdempotencyKey, GatewayError> 
         .ok_or(GatewayError::InvalidIdempotencyKey)
 }
 
+/// Whether the request runs in shadow mode: its route, its account's plan (by name, as the
+/// configuration serving it has it: a reload switches it) or its account is.
+fn in_shadow(app: &App, route: &Route, account: &Account) -> bool {
+    route.shadow
+        || account.shadow
+        || (!app.settings.shadow_plans.is_empty()
+            && app.settings.shadow_plans.contains(&*account.plan.name))
+}
+
 /// What phase **decide** found, read under the account's lock in one go.
 struct Decided {
     decision: Decision,
@@ -312,7 +331,8 @@ struct Denied {
 /// Phase **decide**: the waterfall against the account's view; an admitted decision's draws
 /// are reserved at once, under the same lock, so concurrent requests see each other's holds.
 /// `None` when a strict plan's slices would not let the waterfall walk in order
-/// (`lease_check`): a lease round comes first.
+/// (`lease_check`): a lease round comes first. A `shadow` decision is made the same way; only
+/// its counted draws are held (`usage::shadow_part`): no balance is touched.
 fn decide(
     app: &App,
     route: &Route,
@@ -320,6 +340,7 @@ fn decide(
     units: u64,
     now: Millis,
     lease_check: bool,
+    shadow: bool,
 ) -> Option<Decided> {
     let feature = route.feature;
     let started = Stopwatch::start();
@@ -333,7 +354,12 @@ fn decide(
         let decision = waterfall::decide_in(plan, state, pool.as_deref(), feature, units, now);
         let denial = match decision.denial {
             None => {
-                waterfall::reserve_in(plan, state, pool, &decision, now);
+                if shadow {
+                    let held = crate::usage::shadow_part(&decision);
+                    waterfall::reserve_in(plan, state, pool, &held, now);
+                } else {
+                    waterfall::reserve_in(plan, state, pool, &decision, now);
+                }
                 waterfall::start_request(plan, state, feature);
                 None
             }
@@ -366,6 +392,19 @@ fn decide(
     app.metrics.decision_seconds.observe(started.seconds());
     let feature_name = &app.settings.features[feature.0 as usize];
     let outcome = decided.denial.as_ref().map_or("admitted", |d| d.code);
+    if shadow {
+        // Counted apart: a would-be denial is not a denial, and shadow draws pay nothing.
+        let verdict = if decided.denial.is_some() {
+            "would_deny"
+        } else {
+            "would_admit"
+        };
+        app.metrics
+            .shadow_decisions
+            .with_label_values(&[feature_name, verdict, outcome])
+            .inc();
+        return Some(decided);
+    }
     app.metrics
         .decisions
         .with_label_values(&[feature_name, outcome])
@@ -498,6 +537,70 @@ where
     Ok(Response::from_parts(parts, body))
 }
 
+/// A shadow-mode request's decision, its entry and its claimed key.
+struct Shadowed {
+    entry: LedgerEntry,
+    claim: Option<idempotency::ClaimedKey>,
+    quota: Quota,
+    denial: Option<Denied>,
+}
+
+/// A request in shadow mode: forwarded whatever the waterfall said, never charged, and
+/// recorded with what enforcing would have done (the entry's `shadow`, and a would-be
+/// denial's code), which the answer says too ([`SHADOW`]). The hold keeps only the decision's
+/// counted draws (`crate::hold`).
+async fn forward_shadow<S, B>(
+    app: &App,
+    route: &Route,
+    inner: S,
+    req: Request<Body>,
+    account: &Arc<Account>,
+    shadowed: Shadowed,
+    log: &mut LogFields,
+) -> Result<Response, GatewayError>
+where
+    S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let Shadowed {
+        mut entry,
+        claim,
+        quota,
+        denial,
+    } = shadowed;
+    let verdict = match &denial {
+        None => {
+            entry.shadow = Some(Shadow::Admit);
+            log.outcome = LogOutcome::Shadow { denied: None };
+            format!("would-admit; credits={}", entry.decision.credits())
+        }
+        Some(denied) => {
+            entry.shadow = Some(Shadow::Deny);
+            entry.code = Some(denied.code);
+            log.outcome = LogOutcome::Shadow {
+                denied: Some(denied.code),
+            };
+            format!("would-deny; code={}", denied.code)
+        }
+    };
+    let pools = pools_header(&account.plan, &entry.decision);
+    // No commit to wait for, whatever the durability: nothing is charged.
+    let hold = Hold::new(
+        account.clone(),
+        entry,
+        claim,
+        app.ledger.clone(),
+        app.clock.clone(),
+    );
+    let held = Held { pools, hold, quota };
+    let mut response = forward_held(app, route, inner, req, held, log).await?;
+    if let Ok(v) = HeaderValue::try_from(verdict) {
+        response.headers_mut().insert(SHADOW, v);
+    }
+    Ok(response)
+}
+
 /// A repeat of a key already charged: answered here with the kept response (or told the key
 /// has completed), never forwarded, recorded, not charged.
 struct Replay {
@@ -587,6 +690,7 @@ fn new_entry(
         decided_at: now,
         completed_at: now,
         committed: None,
+        shadow: None,
     }
 }
 

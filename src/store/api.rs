@@ -23,6 +23,8 @@ pub struct AccountRow {
     pub api_keys: i64,
     /// The workspace whose pool it draws from, if it is a member of one.
     pub workspace: Option<String>,
+    /// Whether its requests run in shadow mode.
+    pub shadow: bool,
 }
 
 /// An API key as listed: never the key, only its prefix and dates.
@@ -111,6 +113,8 @@ pub struct UsageEventRecord {
     pub completed_at: Millis,
     /// When the ledger recorded it.
     pub recorded_at: Millis,
+    /// In shadow mode, what enforcing would have done (`admit`, `deny`); `None`: enforced.
+    pub shadow: Option<String>,
 }
 
 /// A monetization event, every column.
@@ -171,10 +175,10 @@ impl Store {
         &self,
         id: &str,
         plan: &str,
-        suspended: bool,
+        (suspended, shadow): (bool, bool),
         now: Millis,
     ) -> Result<bool, StoreError> {
-        dialect!(self, s => s.create_account(id, plan, suspended, now).await)
+        dialect!(self, s => s.create_account(id, plan, suspended, shadow, now).await)
     }
 
     /// The account with this id.
@@ -182,15 +186,15 @@ impl Store {
         dialect!(self, s => s.account(id).await)
     }
 
-    /// Changes an account's plan and/or suspension (`None`: unchanged); the account after, or
-    /// `None` if there is no such account.
+    /// Changes an account's plan, suspension and/or shadow mode (`None`: unchanged); the
+    /// account after, or `None` if there is no such account.
     pub async fn update_account(
         &self,
         id: &str,
         plan: Option<&str>,
-        suspended: Option<bool>,
+        (suspended, shadow): (Option<bool>, Option<bool>),
     ) -> Result<Option<AccountRow>, StoreError> {
-        dialect!(self, s => s.update_account(id, plan, suspended).await)
+        dialect!(self, s => s.update_account(id, plan, suspended, shadow).await)
     }
 
     /// Stores an API key (its hash and prefix) for an account; `None` if there is no such
@@ -296,7 +300,7 @@ pub(super) fn parse_draws(json: &str) -> Result<Vec<Draw>, StoreError> {
 
 /// Columns of the listings, the same for both dialects.
 pub(super) mod columns {
-    pub const USAGE: &str = "id, decision_id, account_id, feature, units, outcome, code, upstream_status, idempotency_key, decision, decided_at, completed_at, recorded_at";
+    pub const USAGE: &str = "id, decision_id, account_id, feature, units, outcome, code, upstream_status, idempotency_key, decision, decided_at, completed_at, recorded_at, shadow";
     pub const MONETIZATION: &str = "id, usage_event_id, units, credits, postpaid_credits, credits_per_unit, plan, price_version, draws, estimated_units, forgiven_units, created_at, refunded_at";
     pub const BALANCE_UPDATES: &str =
         "id, grant_id, reason, delta, balance_after, forgiven, monetization_event_id, created_at";

@@ -266,6 +266,7 @@ mod tests {
             decided_at,
             completed_at: decided_at,
             committed: None,
+            shadow: None,
         }
     }
 

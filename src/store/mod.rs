@@ -173,6 +173,8 @@ pub struct StoredAccount {
     pub plan: String,
     /// Whether it is suspended.
     pub suspended: bool,
+    /// Whether its requests run in shadow mode.
+    pub shadow: bool,
     /// The workspace whose pool it draws from, if it is a member of one.
     pub workspace: Option<String>,
     /// Hashes of its API keys.

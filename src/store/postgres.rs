@@ -220,11 +220,16 @@ impl PostgresStore {
         }
 
         let mut charges = Vec::new();
+        // Shadow decisions' counted draws: no charge, but the other replicas count them too.
+        let mut shadow_used = Vec::new();
         for r in &rows {
             if inserted.contains(&r.id) {
                 report.results[r.index] = Committed::Recorded;
                 if r.entry.charged() {
                     charges.push(r);
+                } else if let Some(draws) = r.entry.shadow_draws() {
+                    let account = r.entry.account.to_string();
+                    shadow_used.extend(draws.into_iter().map(|d| (account.clone(), d)));
                 }
             }
         }
@@ -252,6 +257,7 @@ impl PostgresStore {
                         .filter(|d| counts_usage(d))
                         .map(move |d| (account.to_owned(), *d))
                 })
+                .chain(shadow_used)
                 .collect(),
             refunded: Vec::new(),
             sent_at: now,
@@ -551,6 +557,8 @@ async fn insert_usage(
     let mut decision = Vec::with_capacity(n);
     let mut decided_at = Vec::with_capacity(n);
     let mut completed_at = Vec::with_capacity(n);
+    let mut shadow = Vec::with_capacity(n);
+    let mut shadow_draws = Vec::with_capacity(n);
     for r in rows {
         let e = r.entry;
         id.push(r.id);
@@ -570,16 +578,20 @@ async fn insert_usage(
         decision.push(r.decision.as_str());
         decided_at.push(e.decided_at);
         completed_at.push(e.completed_at);
+        shadow.push(e.shadow.map(crate::usage::Shadow::as_str));
+        shadow_draws.push(e.shadow_draws_json());
     }
     let inserted = sqlx::query_scalar(
         "INSERT INTO usage_events (id, decision_id, account_id, feature, units, outcome, code, upstream_status,
-             idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at)
+             idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at,
+             shadow, shadow_draws)
          SELECT id, decision_id, account_id, feature, units, outcome, code, upstream_status,
-             idempotency_key, charge_key, decision, decided_at, completed_at, $14
+             idempotency_key, charge_key, decision, decided_at, completed_at, $14, shadow, shadow_draws
          FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[],
-                     $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[])
+                     $8::bigint[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bigint[],
+                     $15::text[], $16::text[])
               AS u(id, decision_id, account_id, feature, units, outcome, code, upstream_status,
-                   idempotency_key, charge_key, decision, decided_at, completed_at)
+                   idempotency_key, charge_key, decision, decided_at, completed_at, shadow, shadow_draws)
          ORDER BY account_id, charge_key, id
          ON CONFLICT DO NOTHING
          RETURNING id",
@@ -598,6 +610,8 @@ async fn insert_usage(
     .bind(decided_at)
     .bind(completed_at)
     .bind(now)
+    .bind(shadow)
+    .bind(shadow_draws)
     .fetch_all(&mut **tx)
     .await?;
     Ok(inserted)

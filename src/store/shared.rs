@@ -15,7 +15,7 @@
 /// Expands the API statements as methods of `$store` (see the module documentation).
 macro_rules! api_statements {
     ($store:ty) => {
-        const ACCOUNT: &str = "SELECT id, plan, suspended, created_at, workspace,
+        const ACCOUNT: &str = "SELECT id, plan, suspended, created_at, workspace, shadow,
                 (SELECT COUNT(*) FROM api_keys k WHERE k.account_id = a.id AND k.revoked_at IS NULL) AS api_keys
              FROM accounts a WHERE id = $1";
 
@@ -25,17 +25,19 @@ macro_rules! api_statements {
                 id: &str,
                 plan: &str,
                 suspended: bool,
+                shadow: bool,
                 now: Millis,
             ) -> Result<bool, StoreError> {
                 let mut tx = self.begin_write().await?;
                 let created: Option<String> = sqlx::query_scalar(
-                    "INSERT INTO accounts (id, plan, suspended, created_at) VALUES ($1, $2, $3, $4)
+                    "INSERT INTO accounts (id, plan, suspended, created_at, shadow) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (id) DO NOTHING RETURNING id",
                 )
                 .bind(id)
                 .bind(plan)
                 .bind(suspended)
                 .bind(now)
+                .bind(shadow)
                 .fetch_optional(&mut *tx)
                 .await?;
                 if created.is_some() {
@@ -92,15 +94,16 @@ macro_rules! api_statements {
                 let mut tx = self.begin_write().await?;
                 for seed in seeds {
                     sqlx::query(
-                        "INSERT INTO accounts (id, plan, suspended, created_at, workspace) VALUES ($1, $2, $3, $4, $5)
+                        "INSERT INTO accounts (id, plan, suspended, created_at, workspace, shadow) VALUES ($1, $2, $3, $4, $5, $6)
                          ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, suspended = excluded.suspended,
-                             workspace = excluded.workspace",
+                             workspace = excluded.workspace, shadow = excluded.shadow",
                     )
                     .bind(&seed.id)
                     .bind(&seed.plan)
                     .bind(seed.suspended)
                     .bind(now)
                     .bind(seed.workspace.as_deref())
+                    .bind(seed.shadow)
                     .execute(&mut *tx)
                     .await?;
                     // A configured key revoked through the API stays revoked.
@@ -140,14 +143,17 @@ macro_rules! api_statements {
                 id: &str,
                 plan: Option<&str>,
                 suspended: Option<bool>,
+                shadow: Option<bool>,
             ) -> Result<Option<AccountRow>, StoreError> {
                 let mut tx = self.begin_write().await?;
                 let updated = sqlx::query(
-                    "UPDATE accounts SET plan = COALESCE($1, plan), suspended = COALESCE($2, suspended)
-                     WHERE id = $3",
+                    "UPDATE accounts SET plan = COALESCE($1, plan), suspended = COALESCE($2, suspended),
+                         shadow = COALESCE($3, shadow)
+                     WHERE id = $4",
                 )
                 .bind(plan)
                 .bind(suspended)
+                .bind(shadow)
                 .bind(id)
                 .execute(&mut *tx)
                 .await?
@@ -369,9 +375,15 @@ macro_rules! api_statements {
                 account: &str,
                 since: Millis,
             ) -> Result<Vec<Draw>, StoreError> {
+                // Shadow decisions' window and free-tier draws count too (counters, not money).
                 let rows = sqlx::query(
-                    "SELECT draws FROM monetization_events
-                     WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL ORDER BY id",
+                    "SELECT draws FROM (
+                         SELECT id, draws FROM monetization_events
+                         WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL
+                         UNION ALL
+                         SELECT id, shadow_draws AS draws FROM usage_events
+                         WHERE account_id = $1 AND decided_at >= $2 AND shadow_draws IS NOT NULL
+                     ) AS d ORDER BY id",
                 )
                 .bind(account)
                 .bind(since)
@@ -389,7 +401,7 @@ macro_rules! api_statements {
         impl $store {
         pub(in crate::store) async fn load_accounts(&self) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
             let mut accounts: Vec<crate::store::StoredAccount> =
-                sqlx::query("SELECT id, plan, suspended, workspace FROM accounts ORDER BY id")
+                sqlx::query("SELECT id, plan, suspended, workspace, shadow FROM accounts ORDER BY id")
                     .fetch_all(&self.pool)
                     .await?
                     .into_iter()
@@ -397,6 +409,7 @@ macro_rules! api_statements {
                         id: r.get("id"),
                         plan: r.get("plan"),
                         suspended: r.get("suspended"),
+                        shadow: r.get("shadow"),
                         workspace: r.get("workspace"),
                         key_hashes: Vec::new(),
                         grants: Vec::new(),
@@ -420,9 +433,13 @@ macro_rules! api_statements {
             &self,
             since: Millis,
         ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
+            // Shadow decisions' window and free-tier draws count too (counters, not money).
             let rows = sqlx::query(
                 "SELECT account_id, draws FROM monetization_events
-                 WHERE decided_at >= $1 AND refunded_at IS NULL ORDER BY id",
+                 WHERE decided_at >= $1 AND refunded_at IS NULL
+                 UNION ALL
+                 SELECT account_id, shadow_draws AS draws FROM usage_events
+                 WHERE decided_at >= $1 AND shadow_draws IS NOT NULL",
             )
             .bind(since)
             .fetch_all(&self.pool)

@@ -525,6 +525,7 @@ mod tests {
                 decided_at: "2026-01-01T00:00:00Z".into(),
                 completed_at: "2026-01-01T00:00:00Z".into(),
                 recorded_at: "2026-01-01T00:00:00Z".into(),
+                shadow: None,
             },
             monetization_event: None,
             balance_updates: Vec::new(),

@@ -344,7 +344,8 @@ async fn insert_usage(
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT INTO usage_events (id, decision_id, account_id, feature, units, outcome, code,
-                 upstream_status, idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at) ",
+                 upstream_status, idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at,
+                 shadow, shadow_draws) ",
         );
         q.push_values(chunk, |mut b, r| {
             let e = r.entry;
@@ -361,7 +362,9 @@ async fn insert_usage(
                 .push_bind(e.decision_json().to_string())
                 .push_bind(e.decided_at)
                 .push_bind(e.completed_at)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(e.shadow.map(crate::usage::Shadow::as_str))
+                .push_bind(e.shadow_draws_json());
         });
         q.build().execute(&mut **tx).await?;
     }
