@@ -453,6 +453,30 @@ fn decision(event: &LedgerEventBody, now: Millis) -> DecisionView {
             ("neutral", "Not charged".to_owned(), Some(why))
         }
     };
+    // Shadow mode: forwarded whatever the waterfall said, never charged; say what enforcing
+    // would have done, and name no pool as having paid.
+    let (tone, headline, reason, paid_by) = match usage.shadow.as_deref() {
+        None => (tone, headline, reason, paid_by),
+        Some(would) => {
+            let enforcing = if would == "deny" {
+                format!(
+                    "denied it ({})",
+                    usage.code.as_deref().unwrap_or("no reason recorded")
+                )
+            } else {
+                "allowed it".to_owned()
+            };
+            (
+                "neutral",
+                format!("Shadow mode: {}", units(usage.units.max(0) as u64)),
+                Some(format!(
+                    "Not charged: this request ran in shadow mode ({}). Enforcing would have {enforcing}.",
+                    usage.outcome.replace('_', " ")
+                )),
+                Vec::new(),
+            )
+        }
+    };
     DecisionView {
         id: usage.decision_id.clone(),
         decided_at: usage.decided_at.clone(),
@@ -506,6 +530,25 @@ mod tests {
         assert_eq!(percent(4, 3), 100, "over the limit (replicas) shows full");
         assert_eq!(percent(0, 0), 100);
         assert_eq!(percent(u64::MAX, u64::MAX), 100);
+    }
+
+    #[test]
+    fn a_shadow_decision_says_what_enforcing_would_have_done() {
+        let mut e = event(
+            "completed",
+            serde_json::json!({"layers": [], "plan": "pro"}),
+        );
+        e.usage_event.shadow = Some("deny".into());
+        e.usage_event.code = Some("usage_limit_reached".into());
+        let v = decision(&e, 0);
+        assert_eq!(v.tone, "neutral");
+        assert!(v.headline.starts_with("Shadow mode"), "{}", v.headline);
+        let reason = v.reason.expect("a reason");
+        assert!(
+            reason.contains("denied it (usage_limit_reached)"),
+            "{reason}"
+        );
+        assert!(v.paid_by.is_empty());
     }
 
     fn event(outcome: &str, decision: serde_json::Value) -> LedgerEventBody {
