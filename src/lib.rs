@@ -32,6 +32,7 @@
 //! - [`rescue`]: every failure turned into an HTTP answer, in one place.
 //! - [`app`]: the state handlers share; [`identity`]: who a request acts for.
 //! - [`reconcile`]: re-derives charges and balances from the ledger.
+//! - [`replay`]: what-if replay of the ledger's history under a candidate config (pure).
 //! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
 //! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
 //! - [`demo`]: `flowgate demo` and the mock backend the tests also use.
@@ -58,6 +59,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod quota;
 pub mod reconcile;
+pub mod replay;
 pub mod rescue;
 pub mod settle;
 pub mod store;
