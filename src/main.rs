@@ -327,12 +327,8 @@ async fn replay(
     let accounts = store.load_accounts().await?;
     let grants = store.grant_history().await?;
     let to = options.to;
-    let mut replay = flowgate::replay::Replay::new(
-        std::sync::Arc::new(candidate),
-        &accounts,
-        grants,
-        options,
-    )?;
+    let mut replay =
+        flowgate::replay::Replay::new(std::sync::Arc::new(candidate), &accounts, grants, options)?;
     let watch = flowgate::clock::Stopwatch::start();
     let read = store.replay_events(to, &mut |e| replay.push(e)).await?;
     let report = replay.finish();

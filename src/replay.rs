@@ -38,8 +38,8 @@ use serde::Serialize;
 use crate::config::Settings;
 use crate::store::{GrantHistory, ReplayEvent, StoredAccount};
 use crate::waterfall::{
-    self, AccountState, Credits, Decision, Denial, Draw, FeatureId, Grant, GrantKind, Millis,
-    Plan, Pool, Units,
+    self, AccountState, Credits, Denial, Draw, FeatureId, Grant, GrantKind, Millis, Plan, Pool,
+    Units,
 };
 
 /// What to replay.
@@ -294,7 +294,14 @@ enum Action {
     /// Settle `decision` at `used` units (a charge), counted or not; refunded later if
     /// `refunded_at`.
     Settle {
-        decision: Decision,
+        /// The admitted decision's draws (the hold).
+        draws: Draws,
+        /// What the decision was for.
+        feature: FeatureId,
+        /// Units held (the estimate).
+        estimate: Units,
+        /// The decision's price.
+        price: Credits,
         used: Units,
         counted: bool,
         refunded_at: Option<Millis>,
@@ -394,7 +401,9 @@ impl Replay {
             None => None,
         };
         if let Some(wanted) = &options.accounts
-            && let Some(missing) = wanted.iter().find(|w| !accounts.iter().any(|a| &a.id == *w))
+            && let Some(missing) = wanted
+                .iter()
+                .find(|w| !accounts.iter().any(|a| &a.id == *w))
         {
             return Err(ReplayError::UnknownAccount(missing.clone()));
         }
@@ -512,14 +521,17 @@ impl Replay {
                 t.newly_admitted += 1;
             }
         }
-        with_states(&mut self.sims, i, |plan, state, mut pool| {
-            waterfall::reserve_in(plan, state, pool.as_deref_mut(), &decision, now);
+        with_states(&mut self.sims, i, |plan, state, pool| {
+            waterfall::reserve_in(plan, state, pool, &decision, now);
             waterfall::start_request(plan, state, feature);
         });
         let charged = e.charge.is_some() || was_denied || e.outcome == "completed";
         let action = if charged {
             Action::Settle {
-                decision,
+                feature,
+                estimate: decision.units,
+                price: decision.credits_per_unit,
+                draws: decision.draws,
                 used: if was_denied { asked } else { used },
                 counted,
                 refunded_at: e.charge.and_then(|c| c.refunded_at),
@@ -546,7 +558,10 @@ impl Replay {
             totals.add(&sim.tally);
             accounts.push(AccountReport {
                 account: sim.id.to_string(),
-                plan: sim.plan.as_ref().map_or(String::new(), |p| p.name.to_string()),
+                plan: sim
+                    .plan
+                    .as_ref()
+                    .map_or(String::new(), |p| p.name.to_string()),
                 summary: sim.tally.summary(),
             });
         }
@@ -573,7 +588,8 @@ impl Replay {
                 .then(a.account.cmp(&b.account))
         });
         top.truncate(self.options.top);
-        let bound = |t: Millis, unbounded: Millis| (t != unbounded).then(|| crate::clock::rfc3339(t));
+        let bound =
+            |t: Millis, unbounded: Millis| (t != unbounded).then(|| crate::clock::rfc3339(t));
         Report {
             from: bound(self.options.from, Millis::MIN),
             to: bound(self.options.to, Millis::MAX),
@@ -622,7 +638,9 @@ impl Replay {
                 .get(self.next_grant)
                 .map_or(Millis::MAX, |g| g.created_at);
             let pending_at = self.pending.peek().map_or(Millis::MAX, |p| p.0.at);
-            if grant_at.min(pending_at) > now || (grant_at == Millis::MAX && pending_at == Millis::MAX) {
+            if grant_at.min(pending_at) > now
+                || (grant_at == Millis::MAX && pending_at == Millis::MAX)
+            {
                 return;
             }
             if grant_at <= pending_at {
@@ -661,19 +679,19 @@ impl Replay {
                 });
             }
             Action::Settle {
-                mut decision,
+                mut draws,
+                feature,
+                estimate,
+                price,
                 used,
                 counted,
                 refunded_at,
             } => {
-                let estimate = decision.units;
-                let feature = decision.feature;
-                let price = decision.credits_per_unit;
                 with_states(&mut self.sims, i, |plan, state, mut pool| {
                     // As the gateway's hold settles (`Hold::adjust`): the excess goes back to
                     // the pools that held it; a shortfall is covered now or forgiven.
                     if used < estimate {
-                        let released = waterfall::trim(&mut decision.draws, estimate - used, price);
+                        let released = waterfall::trim(&mut draws, estimate - used, price);
                         waterfall::release_in(plan, state, pool.as_deref_mut(), &released, at);
                     } else if used > estimate {
                         let (extra, _forgiven) = waterfall::cover_up_to_in(
@@ -686,7 +704,7 @@ impl Replay {
                         );
                         if let Some(extra) = extra {
                             waterfall::reserve_in(plan, state, pool, &extra, at);
-                            decision.draws.extend(extra.draws);
+                            draws.extend(extra.draws);
                         }
                     }
                     waterfall::finish_request(plan, state, feature);
@@ -698,7 +716,7 @@ impl Replay {
                     } else {
                         let kinds = &self.grant_kinds;
                         t.after.charges += 1;
-                        for d in &decision.draws {
+                        for d in &draws {
                             let kind = match d.pool {
                                 Pool::Window { .. } => PoolKind::UsageLimit,
                                 Pool::FreeTier { .. } => PoolKind::FreeTier,
@@ -714,13 +732,7 @@ impl Replay {
                     }
                 }
                 if let Some(r) = refunded_at {
-                    self.schedule(
-                        r.max(at),
-                        i,
-                        Action::Refund {
-                            draws: decision.draws,
-                        },
-                    );
+                    self.schedule(r.max(at), i, Action::Refund { draws });
                 }
             }
         }
@@ -894,7 +906,11 @@ impl Tally {
             after: self.after.side(),
             newly_denied: self.newly_denied,
             newly_admitted: self.newly_admitted,
-            credits_delta: i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX }),
+            credits_delta: i64::try_from(delta).unwrap_or(if delta < 0 {
+                i64::MIN
+            } else {
+                i64::MAX
+            }),
             refunded: self.refunded,
         }
     }
