@@ -5,17 +5,18 @@
 #     EVENTS=1000000 benches/replay.sh  # a quicker run
 #
 # Fills a ledger quickly with direct SQL (sqlite3's recursive CTEs, not the gateway): EVENTS
-# usage events 260 ms apart (10 million span a month) over ACCOUNTS accounts on one plan
-# (a 5-hour window of 50 tasks and a weekly one of 500, then credits at 5 a task), 90 %
+# usage events 260 ms apart (10 million span a month) over ACCOUNTS accounts (10 000: about
+# 1.4 requests an hour each) on one plan (a 5-hour window of 50 tasks and a weekly one of
+# 500, then credits at 5 a task), 90 %
 # completed and charged from a credit grant, 5 % denied, 5 % upstream errors; each usage event
 # carries a decision JSON of the gateway's size (~450 bytes). Then times `flowgate replay`
-# under a candidate (a window of 30, 6 credits a task) with /usr/bin/time -v: wall time,
+# under a candidate (a 5-hour window of 30, a weekly one of 200, 6 credits a task) with /usr/bin/time -v: wall time,
 # events/s (the command's own count) and peak RSS. Keeps the ledger in $DIR for reruns
 # (REUSE=1 skips the fill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS=${EVENTS:-10000000}
-ACCOUNTS=${ACCOUNTS:-1000}
+ACCOUNTS=${ACCOUNTS:-10000}
 DIR=${DIR:-/tmp/flowgate-replay-bench}
 DB="$DIR/ledger.db"
 mkdir -p "$DIR"
@@ -24,7 +25,7 @@ command -v sqlite3 >/dev/null || { echo "sqlite3 is needed (apt-get install sqli
 cargo build --release --bin flowgate
 BIN=${CARGO_TARGET_DIR:-target}/release/flowgate
 
-config() { # $1: 5-hour limit, $2: price of a task
+config() { # $1: 5-hour limit, $2: price of a task, $3: weekly limit
 cat <<TOML
 [server]
 listen = "127.0.0.1:0"
@@ -46,13 +47,13 @@ prices = { task = $2 }
 [[plans.pro.layers]]
 kind = "usage_limit"
 name = "limits"
-windows = [{ name = "5h", duration = "5h", limit = $1 }, { name = "week", duration = "7days", limit = 500 }]
+windows = [{ name = "5h", duration = "5h", limit = $1 }, { name = "week", duration = "7days", limit = $3 }]
 [[plans.pro.layers]]
 kind = "credits"
 TOML
 }
-config 50 5 > "$DIR/current.toml"
-config 30 6 > "$DIR/candidate.toml"
+config 50 5 500 > "$DIR/current.toml"
+config 30 6 200 > "$DIR/candidate.toml"
 
 if [[ "${REUSE:-0}" != 1 || ! -f "$DB" ]]; then
   rm -f "$DB" "$DB-wal" "$DB-shm"

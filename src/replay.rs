@@ -755,7 +755,9 @@ impl Replay {
             return;
         }
         t.before.charges += 1;
-        let draws: Vec<StoredDraw> = serde_json::from_str(c.draws).unwrap_or_default();
+        // Inline: a charge has a handful of draws, and this runs for every charge of the ledger.
+        let draws: smallvec::SmallVec<[StoredDraw; 4]> =
+            serde_json::from_str(c.draws).unwrap_or_default();
         let mut credits = 0;
         let mut postpaid = 0;
         for d in &draws {

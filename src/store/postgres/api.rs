@@ -54,4 +54,4 @@ impl PostgresStore {
 }
 
 super::super::shared::api_statements!(PostgresStore);
-super::super::shared::replay_statements!(PostgresStore);
+super::super::shared::replay_statements!(PostgresStore, "");

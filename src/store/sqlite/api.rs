@@ -48,4 +48,4 @@ impl SqliteStore {
 }
 
 super::super::shared::api_statements!(SqliteStore);
-super::super::shared::replay_statements!(SqliteStore);
+super::super::shared::replay_statements!(SqliteStore, "NOT INDEXED");
