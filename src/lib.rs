@@ -33,6 +33,7 @@
 //! - [`rescue`]: every failure turned into an HTTP answer, in one place.
 //! - [`app`]: the state handlers share; [`identity`]: who a request acts for.
 //! - [`reconcile`]: re-derives charges and balances from the ledger.
+//! - [`replay`]: what-if replay of the ledger's history under a candidate config (pure).
 //! - [`api`]: the admin API, the user API and their OpenAPI document (`/openapi.json`).
 //! - [`gateway`]: the tower layers of the request path, the router, start-up and shutdown.
 //! - [`export`]: the billing export's senders (the store's outbox → OpenMeter's CloudEvents
@@ -65,6 +66,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod quota;
 pub mod reconcile;
+pub mod replay;
 pub mod rescue;
 pub mod settle;
 pub mod store;

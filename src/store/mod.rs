@@ -25,6 +25,7 @@ mod debit;
 pub mod export;
 pub mod lease;
 mod postgres;
+mod replay;
 mod shared;
 mod sqlite;
 
@@ -39,6 +40,7 @@ pub use api::{
     Revoked, UsageEventRecord,
 };
 pub use postgres::PostgresStore;
+pub use replay::{GrantHistory, ReplayCharge, ReplayEvent};
 pub use sqlite::SqliteStore;
 
 /// A failure of the store; the ledger writer keeps its batch and retries.
@@ -288,6 +290,23 @@ impl Store {
         Err(StoreError::UnsupportedUrl(format!("{scheme}://…")))
     }
 
+    /// Opens the store at `url` for reading only: nothing is created or migrated, and no
+    /// statement on it can write (SQLite: a read-only connection to an existing file;
+    /// PostgreSQL: read-only transactions). For `flowgate replay`.
+    pub async fn open_read_only(url: &str) -> Result<Store, StoreError> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            return Ok(Store::Sqlite(SqliteStore::open_read_only(path).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(PostgresStore::open_read_only(url).await?));
+        }
+        let scheme = url.split(':').next().unwrap_or_default();
+        Err(StoreError::UnsupportedUrl(format!("{scheme}://…")))
+    }
+
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dialect!(self, s => s.migrate().await)
@@ -443,6 +462,22 @@ impl Store {
     /// Reads what reconciliation needs (events decided at or after `since`).
     pub async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
         dialect!(self, s => s.snapshot(since).await)
+    }
+
+    /// Calls `f` with every usage event decided before `to`, oldest first (decided_at, then
+    /// id), with its charge, streaming: memory does not grow with the ledger. Returns how many
+    /// were read.
+    pub async fn replay_events(
+        &self,
+        to: Millis,
+        f: &mut (dyn for<'r> FnMut(ReplayEvent<'r>) + Send),
+    ) -> Result<u64, StoreError> {
+        dialect!(self, s => s.replay_events(to, f).await)
+    }
+
+    /// Every grant as it was given, oldest first (for replay).
+    pub async fn grant_history(&self) -> Result<Vec<GrantHistory>, StoreError> {
+        dialect!(self, s => s.grant_history().await)
     }
 
     /// Row counts of the three datasets.

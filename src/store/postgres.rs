@@ -116,6 +116,23 @@ impl PostgresStore {
         })
     }
 
+    /// Connects for reading only: every transaction of these connections is read-only
+    /// (`default_transaction_read_only`), so the server refuses any write.
+    pub async fn open_read_only(url: &str) -> Result<PostgresStore, StoreError> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("flowgate-replay")
+            .options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(PostgresStore {
+            pool,
+            replica: uuid::Uuid::now_v7().simple().to_string().into(),
+        })
+    }
+
     pub(super) async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx holds an advisory lock while migrating: replicas starting together take turns.
         MIGRATOR.run(&self.pool).await?;

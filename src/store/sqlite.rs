@@ -49,6 +49,19 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// Opens the existing database file at `path` read-only: SQLite refuses every write on
+    /// these connections, and a missing file is an error, not a new ledger.
+    pub async fn open_read_only(path: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .read_only(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore { pool })
+    }
+
     /// Applies the migrations on one connection with foreign keys off, as SQLite's table
     /// rebuild requires (a migration cannot turn them off inside its own transaction), then
     /// checks every reference before turning them back on.

@@ -56,3 +56,4 @@ impl PostgresStore {
 super::super::shared::api_statements!(PostgresStore);
 super::super::export::export_statements!(PostgresStore);
 super::super::alerts::alert_statements!(PostgresStore);
+super::super::shared::replay_statements!(PostgresStore, "");

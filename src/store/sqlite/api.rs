@@ -50,3 +50,4 @@ impl SqliteStore {
 super::super::shared::api_statements!(SqliteStore);
 super::super::export::export_statements!(SqliteStore);
 super::super::alerts::alert_statements!(SqliteStore);
+super::super::shared::replay_statements!(SqliteStore, "NOT INDEXED");
