@@ -100,6 +100,18 @@ impl Metrics {
                     .unwrap_or_else(|_| unreachable!()),
             )
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!()),
+            )
+        };
+        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!()),
+            )
+        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             reg(
                 &registry,
@@ -223,24 +235,15 @@ impl Metrics {
                 "From another replica's ledger commit to this replica applying it.",
                 LATENCY_BUCKETS.to_vec(),
             ),
-            export_lag_seconds: reg(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "flowgate_export_lag_seconds",
-                        "Age of the oldest unsent billing-export event.",
-                    ),
-                    &["sink"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+            export_lag_seconds: gauge_vec(
+                "flowgate_export_lag_seconds",
+                "Age of the oldest unsent billing-export event.",
+                &["sink"],
             ),
-            export_backlog: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new("flowgate_export_backlog", "Unsent billing-export events."),
-                    &["sink"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+            export_backlog: int_gauge_vec(
+                "flowgate_export_backlog",
+                "Unsent billing-export events.",
+                &["sink"],
             ),
             export_sent: counter_vec(
                 "flowgate_export_sent_total",
