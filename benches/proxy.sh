@@ -12,7 +12,9 @@
 # req/s counts successful (2xx) responses only; "errors" counts the others (flowgate answers 503
 # once its ledger queue is full) and socket errors. STORE_URL=postgres://... puts flowgate's
 # ledger in PostgreSQL; CASES="sse" runs a subset; PERF=/tmp/fg records a perf profile of
-# flowgate per case (/tmp/fg.max, ...; read with `perf report -i`); DURABILITY=strict holds
+# flowgate per case (/tmp/fg.max, ...; read with `perf report -i`; PERF_OPTS="--call-graph dwarf"
+# for call graphs through code without frame pointers); STRACE=/tmp/st counts its system calls
+# per case (/tmp/st.max, ...; strace slows it: not for throughput); DURABILITY=strict holds
 # each charged response's end until its usage event is committed.
 # wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
 set -euo pipefail
@@ -129,12 +131,32 @@ local pace = tonumber(os.getenv("PACE_MS") or "0")
 if pace > 0 then function delay() return pace end end
 function done(s, latency, requests)
   local errors = s.errors.status + s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout
-  io.write(string.format("RESULT %.0f %d %d %d %d\n", (s.requests - errors) / (s.duration / 1e6),
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), errors))
+  io.write(string.format("RESULT %.0f %d %d %d %d %d\n", (s.requests - errors) / (s.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), errors, s.requests))
 end
 EOF
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# CPU time (clock ticks) used so far by each thread of the given processes, one "name ticks"
+# line per thread (field 2 of /proc/.../stat, the name, may hold spaces: cut after its ")").
+thread_ticks() {
+  for p in "$@"; do
+    for t in /proc/"$p"/task/*; do
+      [ -r "$t/stat" ] || continue
+      printf '%s %s\n' "$(tr ' ' '_' <"$t/comm")" "$(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}')"
+    done
+  done
+}
+# Prints CPU µs per request by thread name, from two thread_ticks snapshots and a request count.
+cpu_per_request() {
+  local hz; hz=$(getconf CLK_TCK)
+  awk -v hz="$hz" -v n="$3" 'FNR == NR { before[$1] += $2; next } { after[$1] += $2 }
+    END { total = 0; line = "";
+      for (k in after) { us = (after[k] - before[k]) * 1e6 / hz / n; total += us;
+        if (us >= 0.5) line = line sprintf(" %s=%.1f", k, us) }
+      printf "%.1f us CPU/request (%s )\n", total, line }' "$1" "$2"
+}
 
 # run CASE TARGET PATH CONNECTIONS PACE_MS -> "rps p50 p99 p999 errors" (medians over ROUNDS)
 run() {
@@ -142,10 +164,26 @@ run() {
   for _ in $(seq "$ROUNDS"); do
     # PERF=file: profile flowgate's process during its first round of each case.
     if [ -n "${PERF:-}" ] && [ "$2" = "$FG" ] && [ ! -e "$PERF.$1" ]; then
-      perf record -F 999 -g -p "$fg_pid" -o "$PERF.$1" -- sleep "$DURATION" >/dev/null 2>&1 &
+      perf record ${PERF_OPTS:--F 999 -g} -p "$fg_pid" -o "$PERF.$1" -- sleep "$DURATION" >/dev/null 2>&1 &
     fi
+    # STRACE=file: count flowgate's system calls during its first round of each case.
+    if [ -n "${STRACE:-}" ] && [ "$2" = "$FG" ] && [ ! -e "$STRACE.$1" ]; then
+      timeout -s INT "$DURATION" strace ${STRACE_OPTS:--c} -f -p "$fg_pid" -o "$STRACE.$1" >/dev/null 2>&1 &
+      sleep 0.5; for t in /proc/"$fg_pid"/task/*; do echo "${t##*/} $(cat "$t/comm")"; done >"$STRACE.$1.threads"
+    fi
+    # The proxy's own CPU per request: flowgate's threads, or nginx's master and workers.
+    local procs=()
+    case $2 in
+      "$FG") procs=("$fg_pid") ;;
+      "$NGX") mapfile -t procs < <(pgrep -f "nginx: (master|worker)") ;;
+    esac
+    thread_ticks "${procs[@]}" >"$dir/ticks.before"
     PACE_MS=$5 wrk -t2 -c"$4" -d"${DURATION}s" -s "$dir/post.lua" "http://127.0.0.1:$2$3" |
       sed -n 's/^RESULT //p' >>"$out"
+    if [ ${#procs[@]} -gt 0 ]; then
+      thread_ticks "${procs[@]}" >"$dir/ticks.after"
+      echo "  $1 $(basename "$out" .txt): $(cpu_per_request "$dir/ticks.before" "$dir/ticks.after" "$(tail -1 "$out" | awk '{print $6}')")" >&2
+    fi
   done
   for col in 1 2 3 4 5; do awk -v c=$col '{print $c}' "$out" | median; done | xargs
 }

@@ -204,21 +204,20 @@ impl LedgerWriter {
             }
             // Give a small batch a moment to fill: fewer, larger transactions. Not when a
             // response waits on its entry (strict durability): it would wait that moment too,
-            // and entries arriving during this commit form the next batch anyway.
+            // and entries arriving during this commit form the next batch anyway. The writer
+            // sleeps through that moment rather than waiting on the channel: a receiver
+            // waiting on it is woken by every entry sent, a wake-up (often a thread's) per
+            // request under load.
             let awaited = batch.iter().any(|e| e.committed.is_some());
             if batch.len() < self.settings.batch_size_max
                 && !self.settings.flush_interval.is_zero()
                 && !awaited
+                && !stopping
             {
-                let deadline = tokio::time::Instant::now() + self.settings.flush_interval;
-                while batch.len() < self.settings.batch_size_max {
-                    let room = self.settings.batch_size_max - batch.len();
-                    match tokio::time::timeout_at(deadline, self.rx.recv_many(&mut batch, room))
-                        .await
-                    {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
+                tokio::time::sleep(self.settings.flush_interval).await;
+                let room = self.settings.batch_size_max - batch.len();
+                if !self.rx.is_empty() {
+                    self.rx.recv_many(&mut batch, room).await;
                 }
             }
             self.commit(&batch).await;

@@ -28,6 +28,7 @@
 //! - [`strict`]: strict mode's lease rounds, renewals and returns (replicas that never
 //!   overspend).
 //! - [`ledger`]: the queue of finished requests and the writer that commits them in batches.
+//! - [`logs`]: log lines gathered in memory and written to stderr in large writes.
 //! - [`hold`]: an admitted request's reservation, which always ends (settled or released).
 //! - [`quota`]: the `x-ratelimit-*` numbers of a response.
 //! - [`rescue`]: every failure turned into an HTTP answer, in one place.
@@ -63,6 +64,7 @@ pub mod idempotency;
 pub mod identity;
 pub mod ids;
 pub mod ledger;
+pub mod logs;
 pub mod metrics;
 pub mod quota;
 pub mod reconcile;

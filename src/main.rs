@@ -108,6 +108,11 @@ enum Command {
     },
 }
 
+/// mimalloc rather than glibc's allocator, which took ~10 % of the gateway's CPU under load
+/// (docs/BENCHMARKS.md): a request allocates and frees many small objects across threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -194,14 +199,12 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, as `[log]` says; `FLOWGATE_LOG` overrides the level. Lines are written by a
-/// logging thread, so that a request never waits on a `write` to stderr (7 % of the gateway's
-/// CPU under load when it did, benches/proxy.sh); the queue blocks rather than drop lines when
-/// full. Keep the guard until exit: dropping it writes what is still queued.
-fn init_logs(log: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+/// Logs to stderr, as `[log]` says; `FLOWGATE_LOG` overrides the level. Lines are gathered
+/// in memory and written by a logging thread in large writes (`flowgate::logs`), so that a
+/// request never waits on a `write` to stderr nor wakes a thread for its line. Keep the guard
+/// until exit: dropping it writes what is still gathered.
+fn init_logs(log: &LogSettings) -> flowgate::logs::LogGuard {
+    let (writer, guard) = flowgate::logs::buffered(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| "info".into());

@@ -15,13 +15,14 @@
 //! ([`LogFields`], read by the access log).
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use http::header::HeaderName;
 use http::{HeaderValue, Request};
 use tower::{Layer, Service};
@@ -217,16 +218,17 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Answer;
+    /// A refusal at once, or the inner service's own future (not boxed again).
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> Answer {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let account = match identify(&self.app, req.headers()) {
             Ok(account) => account,
-            Err(e) => return Box::pin(std::future::ready(Ok(refused(e, LogFields::default())))),
+            Err(e) => return Either::Left(ready(Ok(refused(e, LogFields::default())))),
         };
         let log = LogFields {
             account: Some(account.id.clone()),
@@ -240,11 +242,11 @@ where
             None
         };
         if let Some(e) = refusal {
-            return Box::pin(std::future::ready(Ok(refused(e, log))));
+            return Either::Left(ready(Ok(refused(e, log))));
         }
         req.extensions_mut().insert(account);
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        Either::Right(inner.call(req))
     }
 }

@@ -119,7 +119,11 @@ where
         _ => None,
     };
     let (units, fingerprint, model, mut req) =
-        cost(app, route, &account, req, key.is_some()).await?;
+        match cost_at_once(app, route, &account, req, key.is_some())? {
+            Ok(costed) => costed,
+            // Boxed: the body's wait would otherwise make every request's future larger.
+            Err(req) => Box::pin(cost(app, route, &account, req, key.is_some())).await?,
+        };
     log.units = units;
     req.extensions_mut().insert(Attribution {
         account: account.id.clone(),
@@ -162,8 +166,7 @@ where
             break (decided, now);
         }
         rounds += 1;
-        app.strict
-            .round(&account, route.feature, units)
+        Box::pin(app.strict.round(&account, route.feature, units))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, account = %account.id, "strict-mode lease round failed");
@@ -187,7 +190,10 @@ where
             quota: decided.quota,
             denial: decided.denial,
         };
-        return forward_shadow(app, route, inner, req, &account, shadowed, log).await;
+        return Box::pin(forward_shadow(
+            app, route, inner, req, &account, shadowed, log,
+        ))
+        .await;
     }
     let Some(denial) = decided.denial else {
         log.outcome = LogOutcome::Admitted {
@@ -223,6 +229,26 @@ where
     ))
 }
 
+/// What phase **cost** found: units, fingerprint, model, and the request to go on with.
+type Costed = (u64, Fingerprint, Option<Arc<str>>, Request<Body>);
+
+/// Phase **cost** when nothing of the body is needed: the units by the route's rule, from
+/// the headers. `Ok(Err(req))`: the rule reads the body, a model, or a key: see [`cost`].
+fn cost_at_once(
+    app: &App,
+    route: &Route,
+    account: &Account,
+    req: Request<Body>,
+    keyed: bool,
+) -> Result<Result<Costed, Request<Body>>, GatewayError> {
+    if cost::needs_body(&route.cost) || route.model.is_some() || keyed {
+        return Ok(Err(req));
+    }
+    let units = cost::units_or(&route.cost, route.cost_default, req.headers(), &[])?;
+    let units = priced_estimate(app, route, account, None, units)?;
+    Ok(Ok((units, Fingerprint::default(), None, req)))
+}
+
 /// Phase **cost**: the request's units by its route's rule (priced by the plan's rates when
 /// the rule reads a dimension), its model when the route reads one, and, for a request with
 /// an idempotency key, its fingerprint. A rule that reads the body, a model, or a key, takes
@@ -233,12 +259,7 @@ async fn cost(
     account: &Account,
     req: Request<Body>,
     keyed: bool,
-) -> Result<(u64, Fingerprint, Option<Arc<str>>, Request<Body>), GatewayError> {
-    if !cost::needs_body(&route.cost) && route.model.is_none() && !keyed {
-        let units = cost::units_or(&route.cost, route.cost_default, req.headers(), &[])?;
-        let units = priced_estimate(app, route, account, None, units)?;
-        return Ok((units, Fingerprint::default(), None, req));
-    }
+) -> Result<Costed, GatewayError> {
     let (parts, body) = req.into_parts();
     let limit = app.settings.server.request_body_bytes_max;
     let timeout = std::time::Duration::from_millis(app.settings.server.client_body_timeout_ms);
