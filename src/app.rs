@@ -30,8 +30,9 @@ pub struct App {
     pub strict: Arc<Strict>,
     /// Recent idempotency keys.
     pub idempotency: Idempotency,
-    /// Pooled HTTP client to the upstreams.
-    pub client: Client<HttpConnector, axum::body::Body>,
+    /// Pooled HTTP clients to the upstreams, one per serving thread (`[server] threads`), so
+    /// that a request's upstream connection is driven by the thread serving the request.
+    pub clients: Arc<[Client<HttpConnector, axum::body::Body>]>,
     /// The source of "now".
     pub clock: Clock,
     /// How long to wait for an upstream's response headers.
@@ -43,6 +44,11 @@ pub struct App {
 }
 
 impl App {
+    /// The upstream client of the thread this runs on (the first, off the serving threads).
+    pub fn client(&self) -> &Client<HttpConnector, axum::body::Body> {
+        &self.clients[crate::gateway::serving_thread() % self.clients.len()]
+    }
+
     /// The same gateway under new settings: what is derived from them is rebuilt, what holds
     /// state (the account view, the store, the ledger queue, the idempotency registry, the
     /// upstream connection pool, the metrics) is shared.
@@ -56,7 +62,7 @@ impl App {
             ledger: self.ledger.clone(),
             strict: self.strict.clone(),
             idempotency: self.idempotency.clone(),
-            client: self.client.clone(),
+            clients: self.clients.clone(),
             clock: self.clock.clone(),
             metrics: self.metrics.clone(),
         }

@@ -83,6 +83,7 @@ fn check_log_and_store(raw: &RawConfig, cx: &Ctx<'_>) -> Result<(), ConfigError>
             server.client_body_timeout_ms,
         ),
         ("server.connections_max", server.connections_max as u64),
+        ("server.threads", server.threads as u64),
         (
             "server.http2_max_concurrent_streams",
             u64::from(server.http2_max_concurrent_streams),

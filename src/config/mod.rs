@@ -209,6 +209,11 @@ pub struct ServerSettings {
     /// Most concurrent HTTP/2 streams per connection.
     #[serde(default = "defaults::http2_max_concurrent_streams")]
     pub http2_max_concurrent_streams: u32,
+    /// Threads serving connections, each with its own event loop and upstream connection
+    /// pool (nginx's `worker_processes`); a connection and its upstream requests stay on one
+    /// thread. Default: one per CPU.
+    #[serde(default = "defaults::server_threads")]
+    pub threads: usize,
 }
 
 /// The answer when credits are short and waiting will not help.
@@ -319,6 +324,9 @@ mod defaults {
     }
     pub fn connections_max() -> usize {
         10_000
+    }
+    pub fn server_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     }
     pub fn http2_max_concurrent_streams() -> u32 {
         128
@@ -860,6 +868,7 @@ impl Settings {
                 "server.connections_max",
                 a.connections_max != b.connections_max,
             ),
+            ("server.threads", a.threads != b.threads),
             (
                 "server.http2_max_concurrent_streams",
                 a.http2_max_concurrent_streams != b.http2_max_concurrent_streams,

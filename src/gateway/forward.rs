@@ -119,7 +119,8 @@ async fn forward(
         *request.version_mut() = parts.version;
         *request.headers_mut() = headers.take().or_else(|| spare.clone()).unwrap_or_default();
         let started = crate::clock::Stopwatch::start();
-        let result = tokio::time::timeout(app.upstream_timeout, app.client.request(request)).await;
+        let result =
+            tokio::time::timeout(app.upstream_timeout, app.client().request(request)).await;
         app.metrics
             .upstream_seconds
             .with_label_values(&[&upstream.name])

@@ -135,15 +135,19 @@ impl Gateway {
             let _ = writer_stopped.await;
         }));
 
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // The pool honours its idle timeout only with a timer (hyper-util).
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_millis(
-                settings.server.upstream_idle_timeout_ms,
-            ))
-            .build(connector);
+        let clients = (0..settings.server.threads)
+            .map(|_| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                // The pool honours its idle timeout only with a timer (hyper-util).
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_millis(
+                        settings.server.upstream_idle_timeout_ms,
+                    ))
+                    .build(connector)
+            })
+            .collect();
         let app = Arc::new(App {
             upstream_timeout: Duration::from_millis(settings.server.upstream_timeout_ms),
             idempotency: Idempotency::new(
@@ -156,7 +160,7 @@ impl Gateway {
             store,
             ledger: queue,
             strict,
-            client,
+            clients,
             clock,
             metrics,
         });
@@ -178,7 +182,11 @@ impl Gateway {
             header_timeout: Duration::from_millis(server.client_header_timeout_ms),
             connections_max: server.connections_max,
             http2_streams: server.http2_max_concurrent_streams,
+            threads: server.threads,
         };
+        let listener = listener
+            .into_std()
+            .map_err(|e| StoreError::Corrupt(format!("listener: {e}")))?;
         let server = tokio::spawn(serve(listener, routers.subscribe(), stopped, grace, limits));
         tracing::info!(%addr, "flowgate listening");
         Ok(Gateway {
@@ -317,18 +325,88 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
     }
 }
 
-/// The front door: accepts connections (at most `connections_max` open at once), serves each
-/// with hyper — HTTP/1.1 with a header read timeout that also closes idle keep-alive
-/// connections, or HTTP/2 with a stream limit — and on `stopped` stops accepting, lets open
-/// connections finish for up to `grace`, then abandons them. Each request is served by the
-/// router current when it arrives (see [`Gateway::reload`]).
+thread_local! {
+    /// Which serving thread this is (0 off them): picks its upstream client ([`App::client`]).
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the serving thread this runs on (0 on any other thread).
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.with(std::cell::Cell::get)
+}
+
+/// The front door: `threads` serving threads, each with its own single-threaded event loop,
+/// accepting from the one listening socket. A connection, its requests, and the upstream
+/// connections they use stay on the thread that accepted it, as in nginx's workers: no
+/// hand-off between threads on the request path (a multi-threaded runtime woke its other
+/// worker and moved tasks between them several times per request). Returns once every
+/// thread has stopped (see [`serve_thread`]).
 async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: std::net::TcpListener,
     routers: watch::Receiver<Router>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
     grace: Duration,
     limits: FrontDoor,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let mut done = Vec::with_capacity(limits.threads);
+    for index in 0..limits.threads {
+        let listener = match listener.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listening socket; fewer serving threads");
+                break;
+            }
+        };
+        let (routers, stopped, permits) = (routers.clone(), stopped.clone(), permits.clone());
+        let (finished, finished_rx) = oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("flowgate-http-{index}"))
+            .spawn(move || {
+                SERVING_THREAD.with(|t| t.set(index));
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(serve_thread(
+                        listener, routers, stopped, permits, grace, limits,
+                    )),
+                    Err(e) => tracing::error!(error = %e, "cannot start a serving thread"),
+                }
+                drop(finished);
+            });
+        match spawned {
+            Ok(_) => done.push(finished_rx),
+            Err(e) => tracing::error!(error = %e, "cannot start a serving thread"),
+        }
+    }
+    // The threads hold their own handles: when the last of them closes, the socket closes.
+    drop(listener);
+    for finished in done {
+        let _ = finished.await; // an error is the thread's end too
+    }
+}
+
+/// One serving thread: accepts connections (at most `connections_max` open at once, across
+/// threads), serves each with hyper — HTTP/1.1 with a header read timeout that also closes
+/// idle keep-alive connections, or HTTP/2 with a stream limit — and on `stopped` stops
+/// accepting, lets its open connections finish for up to `grace`, then abandons them. Each
+/// request is served by the router current when it arrives (see [`Gateway::reload`]).
+async fn serve_thread(
+    listener: std::net::TcpListener,
+    routers: watch::Receiver<Router>,
+    mut stopped: watch::Receiver<bool>,
+    permits: Arc<tokio::sync::Semaphore>,
+    grace: Duration,
+    limits: FrontDoor,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on a serving thread");
+            return;
+        }
+    };
     let stop = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
@@ -342,7 +420,6 @@ async fn serve(
     http.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_streams);
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         // Past the limit, wait for a connection to close before accepting another.
@@ -402,6 +479,7 @@ struct FrontDoor {
     header_timeout: Duration,
     connections_max: usize,
     http2_streams: u32,
+    threads: usize,
 }
 
 /// One configured route's request path: access log → identify → meter → forward.
