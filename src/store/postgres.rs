@@ -754,14 +754,18 @@ async fn charge(
         .into_iter()
         .collect();
     // With them, every grant of each workspace whose grants a member drew (the owner found by
-    // the drawn grant's id: a draw is debited where the engine took it).
+    // the drawn grant's id: a draw is debited where the engine took it). The accounts are a
+    // set joined in, not `account_id = ANY($1) OR …`: under the prepared statement's generic
+    // plan that was a scan of every grant comparing each with every account of the batch
+    // (15 ms a batch of 500 accounts over 1 000 grants).
     let pool_grants = debit::pool_grant_ids(charges.iter().map(|r| r.entry));
     let mut locked: Vec<LockedGrant> = if accounts.is_empty() && pool_grants.is_empty() {
         Vec::new()
     } else {
         sqlx::query(&format!(
-            "{GRANT_COLUMNS} WHERE account_id = ANY($1)
-                 OR account_id IN (SELECT account_id FROM grants WHERE id = ANY($2))
+            "{GRANT_COLUMNS} WHERE account_id IN (
+                 SELECT unnest($1::text[]) UNION SELECT account_id FROM grants WHERE id = ANY($2)
+             )
              ORDER BY id FOR UPDATE"
         ))
         .bind(&accounts)
