@@ -129,11 +129,10 @@ pub(super) async fn commit(
             .chain(owners.iter().map(String::as_str)),
     )
     .await?;
-    let mut next_id = tops.monetization_events + 1;
     let mut monetization = Vec::with_capacity(charges.len());
     let mut updates = Vec::new();
     let mut balances: HashMap<i64, i64> = HashMap::new();
-    for row in charges {
+    for (next_id, row) in (tops.monetization_events + 1..).zip(charges) {
         let entry = row.entry;
         let d = &entry.decision;
         let (mut credits, mut postpaid) = (0, 0);
@@ -202,7 +201,6 @@ pub(super) async fn commit(
             balances.insert(debit.grant_id, debit.balance_after);
             report.set_balance(&owner, debit.grant_id, debit.balance_after);
         }
-        next_id += 1;
     }
     insert_monetization(&mut tx, &monetization, now).await?;
     if let (true, Some(first), Some(last)) =
