@@ -57,8 +57,7 @@ pub(super) fn counts_usage(draw: &Draw) -> bool {
 }
 
 /// Sends `change` on [`LEDGER_CHANNEL`] as part of `tx`, in as many notifications as its size
-/// needs, all in one statement (a batch of 500 balances needs two or three). Nothing is sent
-/// for an empty change.
+/// needs. Nothing is sent for an empty change.
 pub(super) async fn announce_ledger(
     tx: &mut Transaction<'_, Postgres>,
     replica: &str,
@@ -79,11 +78,10 @@ pub(super) async fn announce_ledger(
         .map(|b| Item::Balance((b.account.clone(), b.grant_id, b.balance)))
         .chain(change.used.iter().map(|u| Item::Used(u.clone())))
         .chain(change.refunded.iter().map(|u| Item::Refunded(u.clone())));
-    let mut payloads = Vec::new();
     for item in items {
         let len = item.json_len().map_err(corrupt)? + 1;
         if size + len > NOTIFY_BYTES_MAX && size > envelope {
-            payloads.push(serde_json::to_string(&notice).map_err(corrupt)?);
+            send(tx, LEDGER_CHANNEL, &notice).await?;
             notice.b.clear();
             notice.u.clear();
             notice.x.clear();
@@ -97,17 +95,7 @@ pub(super) async fn announce_ledger(
         }
     }
     if size > envelope {
-        payloads.push(serde_json::to_string(&notice).map_err(corrupt)?);
-    }
-    if !payloads.is_empty() {
-        // In payload order: PostgreSQL evaluates a volatile function after the sort.
-        sqlx::query(
-            "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i",
-        )
-        .bind(LEDGER_CHANNEL)
-        .bind(payloads)
-        .execute(&mut **tx)
-        .await?;
+        send(tx, LEDGER_CHANNEL, &notice).await?;
     }
     Ok(())
 }
@@ -125,6 +113,21 @@ impl Item {
             Item::Used(u) | Item::Refunded(u) => serde_json::to_string(u)?.len(),
         })
     }
+}
+
+async fn send(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    notice: &Notice,
+) -> Result<(), StoreError> {
+    let payload =
+        serde_json::to_string(notice).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Sends `account` on [`ACCOUNTS_CHANNEL`] as part of `tx`.
