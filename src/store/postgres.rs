@@ -168,13 +168,20 @@ impl PostgresStore {
         let mut tx = self.pool.begin().await?;
         // Ids in batch order, so that a listing by id shows the batch in the order it happened,
         // although rows are inserted in charge-key order (see the module documentation).
-        let mut ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT nextval(pg_get_serial_sequence('usage_events', 'id'))
+        // With them, whether any billing-export sink is active (one round trip fewer: without
+        // a sink the outbox's statement is skipped). A sink registered by another replica
+        // while this commit runs is seen by the next commit, as it would have been had it
+        // committed a moment later.
+        let reserved: Vec<(i64, bool)> = sqlx::query_as(
+            "SELECT nextval(pg_get_serial_sequence('usage_events', 'id')),
+                    EXISTS (SELECT 1 FROM export_sinks WHERE active)
              FROM generate_series(1::bigint, $1::bigint)",
         )
         .bind(to_bigint(firsts.len() as u64, "batch size")?)
         .fetch_all(&mut *tx)
         .await?;
+        let export_sinks = reserved.first().is_some_and(|&(_, sinks)| sinks);
+        let mut ids: Vec<i64> = reserved.into_iter().map(|(id, _)| id).collect();
         ids.sort_unstable();
         if ids.len() != firsts.len() {
             return Err(StoreError::Corrupt(format!(
@@ -252,6 +259,8 @@ impl PostgresStore {
         }
         if !charges.is_empty() {
             charge(&mut tx, &self.replica, &charges, &mut report, now).await?;
+        }
+        if export_sinks && !charges.is_empty() {
             let accounts: Vec<&str> = charges
                 .iter()
                 .map(|r| &*r.entry.account)
@@ -754,14 +763,18 @@ async fn charge(
         .into_iter()
         .collect();
     // With them, every grant of each workspace whose grants a member drew (the owner found by
-    // the drawn grant's id: a draw is debited where the engine took it).
+    // the drawn grant's id: a draw is debited where the engine took it). The accounts are a
+    // set joined in, not `account_id = ANY($1) OR …`: under the prepared statement's generic
+    // plan that was a scan of every grant comparing each with every account of the batch
+    // (15 ms a batch of 500 accounts over 1 000 grants).
     let pool_grants = debit::pool_grant_ids(charges.iter().map(|r| r.entry));
     let mut locked: Vec<LockedGrant> = if accounts.is_empty() && pool_grants.is_empty() {
         Vec::new()
     } else {
         sqlx::query(&format!(
-            "{GRANT_COLUMNS} WHERE account_id = ANY($1)
-                 OR account_id IN (SELECT account_id FROM grants WHERE id = ANY($2))
+            "{GRANT_COLUMNS} WHERE account_id IN (
+                 SELECT unnest($1::text[]) UNION SELECT account_id FROM grants WHERE id = ANY($2)
+             )
              ORDER BY id FOR UPDATE"
         ))
         .bind(&accounts)

@@ -4,6 +4,8 @@
 //! `synchronous = NORMAL` (a committed transaction survives a crash of the process; a power
 //! loss may take the last few), and write transactions open with `BEGIN IMMEDIATE` so that a
 //! second writer waits for the lock (up to `busy_timeout`) instead of failing mid-transaction.
+//! WAL checkpoints run on a timer from their own connection, not inside commits (see
+//! [`checkpoint`]).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -20,17 +22,30 @@ use crate::waterfall::{GrantKind, Millis};
 const POOL_CONNECTIONS_MAX: u32 = 4;
 /// How long a writer waits for another's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each connection's page cache, in KiB (SQLite's `cache_size` takes it negated). A ledger
+/// batch touches the right-hand leaf of every active account in each index; SQLite's default
+/// of 2 MiB evicted those between batches and even spilled dirty pages to the WAL mid-batch.
+const PAGE_CACHE_KIB: u32 = 64 * 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 mod api;
 pub(super) mod backup;
+mod checkpoint;
 mod commit;
 
 /// A ledger in one SQLite file.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
+    /// Readers, and the admin and user APIs' writes.
     pool: SqlitePool,
+    /// The ledger writer's one connection (commits, refunds, expiry), with a large page cache.
+    /// Always the same connection: SQLite empties a connection's cache whenever another one
+    /// wrote since its last transaction, so commits taking turns on a pool reread every index
+    /// page they touch.
+    writer: SqlitePool,
+    /// Checkpoints the WAL while the store is open; `None` on a read-only store.
+    _checkpointer: Option<std::sync::Arc<checkpoint::Checkpointer>>,
 }
 
 impl SqliteStore {
@@ -41,12 +56,29 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("wal_autocheckpoint", "0")
+            // Statement journals (a multi-row insert's undo, should it fail halfway) stay in
+            // memory rather than in a temporary file.
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_CONNECTIONS_MAX)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(SqliteStore { pool })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("cache_size", format!("-{PAGE_CACHE_KIB}")),
+            )
+            .await?;
+        let checkpointer = checkpoint::Checkpointer::start(options).await?;
+        Ok(SqliteStore {
+            pool,
+            writer,
+            _checkpointer: Some(std::sync::Arc::new(checkpointer)),
+        })
     }
 
     /// Opens the existing database file at `path` read-only: SQLite refuses every write on
@@ -59,7 +91,11 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            writer: pool.clone(),
+            pool,
+            _checkpointer: None,
+        })
     }
 
     /// Applies the migrations on one connection with foreign keys off, as SQLite's table
@@ -97,11 +133,11 @@ impl SqliteStore {
         batch: &[LedgerEntry],
         now: Millis,
     ) -> Result<CommitReport, StoreError> {
-        commit::commit(&self.pool, batch, now).await
+        commit::commit(&self.writer, batch, now).await
     }
 
     pub(super) async fn expire_grants(&self, now: Millis) -> Result<Vec<GrantBalance>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let due: Vec<(i64, String, i64)> = sqlx::query_as(
             "SELECT id, account_id, balance FROM grants
              WHERE expires_at IS NOT NULL AND expires_at <= ? AND balance > 0 ORDER BY id",
@@ -141,7 +177,7 @@ impl SqliteStore {
         decision_id: &str,
         now: Millis,
     ) -> Result<Refund, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let charge: Option<(i64, String, String)> = sqlx::query_as(
             "SELECT m.id, m.account_id, m.draws FROM monetization_events m
              JOIN usage_events u ON u.id = m.usage_event_id WHERE u.decision_id = ?",

@@ -81,7 +81,8 @@ pub(super) async fn commit(
     let mut charged = existing_charges(&mut tx, charged_keys).await?;
 
     // Classify in batch order, as if the entries were committed one by one.
-    let mut next_id = max_id(&mut tx, "usage_events").await? + 1;
+    let tops = tops(&mut tx).await?;
+    let mut next_id = tops.usage_events + 1;
     let mut usage = Vec::with_capacity(batch.len());
     for ((entry, key), decision_id) in batch.iter().zip(&keys).zip(decision_ids) {
         if !recorded.insert(decision_id.clone()) {
@@ -128,11 +129,10 @@ pub(super) async fn commit(
             .chain(owners.iter().map(String::as_str)),
     )
     .await?;
-    let mut next_id = max_id(&mut tx, "monetization_events").await? + 1;
     let mut monetization = Vec::with_capacity(charges.len());
     let mut updates = Vec::new();
     let mut balances: HashMap<i64, i64> = HashMap::new();
-    for row in charges {
+    for (next_id, row) in (tops.monetization_events + 1..).zip(charges) {
         let entry = row.entry;
         let d = &entry.decision;
         let (mut credits, mut postpaid) = (0, 0);
@@ -201,10 +201,11 @@ pub(super) async fn commit(
             balances.insert(debit.grant_id, debit.balance_after);
             report.set_balance(&owner, debit.grant_id, debit.balance_after);
         }
-        next_id += 1;
     }
     insert_monetization(&mut tx, &monetization, now).await?;
-    if let (Some(first), Some(last)) = (monetization.first(), monetization.last()) {
+    if let (true, Some(first), Some(last)) =
+        (tops.export_sinks, monetization.first(), monetization.last())
+    {
         // The billing export's outbox, in this transaction: one row per charge and active
         // sink, in id order (SQLite has one writer: ids are commit order).
         sqlx::query(
@@ -276,11 +277,30 @@ async fn existing_charges<'a>(
     Ok(found)
 }
 
-async fn max_id(tx: &mut Transaction<'_, Sqlite>, table: &str) -> Result<i64, StoreError> {
-    let max: Option<i64> = sqlx::query_scalar(&format!("SELECT MAX(id) FROM {table}"))
+/// What the transaction's writes start from, read in one statement (each statement is a round
+/// trip to SQLite's worker thread).
+struct Tops {
+    /// The highest usage event id (0 when none).
+    usage_events: i64,
+    /// The highest monetization event id (0 when none).
+    monetization_events: i64,
+    /// Whether any billing-export sink is active: without one the outbox statement is skipped.
+    export_sinks: bool,
+}
+
+async fn tops(tx: &mut Transaction<'_, Sqlite>) -> Result<Tops, StoreError> {
+    let (usage_events, monetization_events, export_sinks): (Option<i64>, Option<i64>, bool) =
+        sqlx::query_as(
+            "SELECT (SELECT MAX(id) FROM usage_events), (SELECT MAX(id) FROM monetization_events),
+                    EXISTS (SELECT 1 FROM export_sinks WHERE active)",
+        )
         .fetch_one(&mut **tx)
         .await?;
-    Ok(max.unwrap_or(0))
+    Ok(Tops {
+        usage_events: usage_events.unwrap_or(0),
+        monetization_events: monetization_events.unwrap_or(0),
+        export_sinks,
+    })
 }
 
 /// The accounts owning the given grants.
