@@ -94,3 +94,48 @@ SQL
   sqlite3 "$DB" "PRAGMA journal_mode = WAL;" >/dev/null
   echo "filled $EVENTS events in $(( $(date +%s) - start )) s; $(du -h "$DB" | cut -f1)"
 }
+
+# The same ledger (balance updates included) in an empty PostgreSQL database: `fill_pg_ledger
+# CONFIG URL`, CONFIG's store being URL. The statements above in PostgreSQL's dialect.
+fill_pg_ledger() {
+  local config=$1 url=$2 start
+  "$BIN" migrate --config "$config" >/dev/null
+  start=$(date +%s)
+  psql -q -v ON_ERROR_STOP=1 "$url" <<SQL
+BEGIN;
+INSERT INTO accounts (id, plan, suspended, created_at)
+  SELECT 'acct-' || a, 'pro', FALSE, 0 FROM generate_series(0, $ACCOUNTS - 1) a;
+INSERT INTO grants (id, account_id, external_id, kind, amount, balance, created_at)
+  SELECT 1 + a, 'acct-' || a, 'purchase', 'credits', 1000000000, 1000000000, 0
+  FROM generate_series(0, $ACCOUNTS - 1) a;
+INSERT INTO usage_events (id, decision_id, account_id, feature, units, outcome, code, upstream_status,
+    idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at)
+SELECT i, 'dec-' || i, 'acct-' || (i % $ACCOUNTS), 'task', 1 + i % 3,
+       CASE i % 20 WHEN 0 THEN 'denied' WHEN 1 THEN 'upstream_error' ELSE 'completed' END,
+       CASE i % 20 WHEN 0 THEN 'usage_limit_reached' END,
+       CASE i % 20 WHEN 1 THEN 500 WHEN 0 THEN NULL ELSE 200 END,
+       'dec-' || i, CASE WHEN i % 20 > 1 THEN 'd:dec-' || i END,
+       '{"plan":"pro","price_version":"v-5","units":' || (1 + i % 3) || ',"credits_per_unit":5,"admitted":true,"denial":null,"layers":[{"layer":"limits","kind":"usage_limit","eligible":true,"available_units":48,"available_credits":null,"gave_units":0,"gave_credits":0,"reset_at":"2027-01-01T05:00:00Z"},{"layer":"credits","kind":"credits","eligible":true,"available_units":199999990,"available_credits":999999950,"gave_units":' || (1 + i % 3) || ',"gave_credits":' || (5 * (1 + i % 3)) || ',"reset_at":null}],"draws":[{"layer":1,"pool":"grant","grant_id":1,"units":1,"credits":5}]}',
+       1798761600000 + i * 260, 1798761600000 + i * 260 + 40, 1798761600000 + i * 260 + 50
+FROM generate_series(1, $EVENTS) i;
+INSERT INTO monetization_events (id, usage_event_id, account_id, feature, units, credits, postpaid_credits,
+    credits_per_unit, plan, price_version, draws, decided_at, created_at, estimated_units, forgiven_units)
+SELECT id, id, account_id, 'task', units, 5 * units, 0, 5, 'pro', 'v-5',
+       '[{"layer":1,"pool":"grant","grant_id":' || (1 + CAST(substr(account_id, 6) AS INTEGER)) || ',"units":' || units || ',"credits":' || (5 * units) || '}]',
+       decided_at, recorded_at, units, 0
+FROM usage_events WHERE outcome = 'completed';
+INSERT INTO balance_updates (id, account_id, grant_id, reason, delta, balance_after, forgiven,
+    monetization_event_id, created_at)
+  SELECT id, account_id, id, 'grant', amount, amount, 0, NULL, 0 FROM grants ORDER BY id;
+INSERT INTO balance_updates (id, account_id, grant_id, reason, delta, balance_after, forgiven,
+    monetization_event_id, created_at)
+  SELECT $ACCOUNTS + ROW_NUMBER() OVER (ORDER BY m.id), m.account_id, g.id, 'debit', -m.credits,
+         g.amount - SUM(m.credits) OVER (PARTITION BY g.id ORDER BY m.id), 0, m.id, m.created_at
+  FROM monetization_events m JOIN grants g ON g.account_id = m.account_id;
+UPDATE grants SET balance = balance + (SELECT COALESCE(SUM(delta), 0) FROM balance_updates b
+  WHERE b.grant_id = grants.id AND b.reason = 'debit');
+COMMIT;
+VACUUM ANALYZE;
+SQL
+  echo "filled $EVENTS events in PostgreSQL in $(( $(date +%s) - start )) s"
+}

@@ -222,7 +222,8 @@ impl Checker {
 
     /// How many entries the checker holds (running balances and price versions): it does not
     /// grow with events, which is what keeps `flowgate reconcile` in bounded memory.
-    pub fn entries(&self) -> usize {
+    #[cfg(test)]
+    fn entries(&self) -> usize {
         self.running.len() + self.prices.values().map(HashMap::len).sum::<usize>()
     }
 
@@ -462,3 +463,6 @@ fn dimension_difference(
         stored: used.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests;
