@@ -4,7 +4,8 @@
 #     benches/replay.sh                 # 10 000 000 events, 1 000 accounts
 #     EVENTS=1000000 benches/replay.sh  # a quicker run
 #
-# Fills a ledger quickly with direct SQL (sqlite3's recursive CTEs, not the gateway): EVENTS
+# Fills a ledger quickly with direct SQL (benches/ledger-fill.sh, also used by
+# benches/reconcile.sh; sqlite3's recursive CTEs, not the gateway): EVENTS
 # usage events 260 ms apart (10 million span a month) over ACCOUNTS accounts (10 000: about
 # 1.4 requests an hour each) on one plan (a 5-hour window of 50 tasks and a weekly one of
 # 500, then credits at 5 a task), 90 %
