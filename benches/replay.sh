@@ -4,7 +4,8 @@
 #     benches/replay.sh                 # 10 000 000 events, 1 000 accounts
 #     EVENTS=1000000 benches/replay.sh  # a quicker run
 #
-# Fills a ledger quickly with direct SQL (sqlite3's recursive CTEs, not the gateway): EVENTS
+# Fills a ledger quickly with direct SQL (benches/ledger-fill.sh, also used by
+# benches/reconcile.sh; sqlite3's recursive CTEs, not the gateway): EVENTS
 # usage events 260 ms apart (10 million span a month) over ACCOUNTS accounts (10 000: about
 # 1.4 requests an hour each) on one plan (a 5-hour window of 50 tasks and a weekly one of
 # 500, then credits at 5 a task), 90 %
@@ -20,74 +21,16 @@ ACCOUNTS=${ACCOUNTS:-10000}
 DIR=${DIR:-/tmp/flowgate-replay-bench}
 DB="$DIR/ledger.db"
 mkdir -p "$DIR"
-command -v sqlite3 >/dev/null || { echo "sqlite3 is needed (apt-get install sqlite3)"; exit 1; }
 
 cargo build --release --bin flowgate
 BIN=${CARGO_TARGET_DIR:-target}/release/flowgate
 
-config() { # $1: 5-hour limit, $2: price of a task, $3: weekly limit
-cat <<TOML
-[server]
-listen = "127.0.0.1:0"
-[identity]
-mode = "api_key"
-[store]
-url = "sqlite://$DB"
-[upstreams.api]
-url = "http://127.0.0.1:9"
-[[routes]]
-method = "POST"
-path = "/v1/tasks"
-feature = "task"
-upstream = "api"
-cost = { header = "x-units" }
-[plans.pro]
-price_version = "v-$2"
-prices = { task = $2 }
-[[plans.pro.layers]]
-kind = "usage_limit"
-name = "limits"
-windows = [{ name = "5h", duration = "5h", limit = $1 }, { name = "week", duration = "7days", limit = $3 }]
-[[plans.pro.layers]]
-kind = "credits"
-TOML
-}
-config 50 5 500 > "$DIR/current.toml"
-config 30 6 200 > "$DIR/candidate.toml"
+source benches/ledger-fill.sh
+ledger_config 50 5 500 > "$DIR/current.toml"
+ledger_config 30 6 200 > "$DIR/candidate.toml"
 
 if [[ "${REUSE:-0}" != 1 || ! -f "$DB" ]]; then
-  rm -f "$DB" "$DB-wal" "$DB-shm"
-  "$BIN" migrate --config "$DIR/current.toml" >/dev/null
-  start=$(date +%s)
-  sqlite3 "$DB" <<SQL
-PRAGMA journal_mode = OFF;
-PRAGMA synchronous = OFF;
-BEGIN;
-WITH RECURSIVE n(a) AS (SELECT 0 UNION ALL SELECT a + 1 FROM n WHERE a + 1 < $ACCOUNTS)
-INSERT INTO accounts (id, plan, suspended, created_at) SELECT 'acct-' || a, 'pro', 0, 0 FROM n;
-INSERT INTO grants (id, account_id, external_id, kind, amount, balance, created_at)
-  SELECT rowid, id, 'purchase', 'credits', 1000000000, 1000000000, 0 FROM accounts;
-WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $EVENTS)
-INSERT INTO usage_events (id, decision_id, account_id, feature, units, outcome, code, upstream_status,
-    idempotency_key, charge_key, decision, decided_at, completed_at, recorded_at)
-SELECT i, 'dec-' || i, 'acct-' || (i % $ACCOUNTS), 'task', 1 + i % 3,
-       CASE i % 20 WHEN 0 THEN 'denied' WHEN 1 THEN 'upstream_error' ELSE 'completed' END,
-       CASE i % 20 WHEN 0 THEN 'usage_limit_reached' END,
-       CASE i % 20 WHEN 1 THEN 500 WHEN 0 THEN NULL ELSE 200 END,
-       'dec-' || i, CASE WHEN i % 20 > 1 THEN 'd:dec-' || i END,
-       '{"plan":"pro","price_version":"v-5","units":' || (1 + i % 3) || ',"credits_per_unit":5,"admitted":true,"denial":null,"layers":[{"layer":"limits","kind":"usage_limit","eligible":true,"available_units":48,"available_credits":null,"gave_units":0,"gave_credits":0,"reset_at":"2027-01-01T05:00:00Z"},{"layer":"credits","kind":"credits","eligible":true,"available_units":199999990,"available_credits":999999950,"gave_units":' || (1 + i % 3) || ',"gave_credits":' || (5 * (1 + i % 3)) || ',"reset_at":null}],"draws":[{"layer":1,"pool":"grant","grant_id":1,"units":1,"credits":5}]}',
-       1798761600000 + i * 260, 1798761600000 + i * 260 + 40, 1798761600000 + i * 260 + 50
-FROM n;
-INSERT INTO monetization_events (id, usage_event_id, account_id, feature, units, credits, postpaid_credits,
-    credits_per_unit, plan, price_version, draws, decided_at, created_at, estimated_units, forgiven_units)
-SELECT id, id, account_id, 'task', units, 5 * units, 0, 5, 'pro', 'v-5',
-       '[{"layer":1,"pool":"grant","grant_id":' || (1 + CAST(substr(account_id, 6) AS INTEGER)) || ',"units":' || units || ',"credits":' || (5 * units) || '}]',
-       decided_at, recorded_at, units, 0
-FROM usage_events WHERE outcome = 'completed';
-COMMIT;
-PRAGMA journal_mode = WAL;
-SQL
-  echo "filled $EVENTS events in $(( $(date +%s) - start )) s; $(du -h "$DB" | cut -f1)"
+  fill_ledger "$DIR/current.toml"
 fi
 
 run() { # $@: extra arguments

@@ -287,10 +287,9 @@ async fn reconcile(
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let settings = Settings::load(&config)?;
     let store = Store::open(&settings.store.url).await?;
-    let snapshot = store
-        .snapshot(since.map_or(i64::MIN, |t| t.timestamp_millis()))
+    let report = store
+        .reconcile(since.map_or(i64::MIN, |t| t.timestamp_millis()), &settings)
         .await?;
-    let report = flowgate::reconcile::check(&snapshot, &settings);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -258,8 +258,12 @@ async fn grant_then_proxied_request_spends_it(store: StoreKind) {
     let new = grants.iter().find(|g| g.id == grant_id).unwrap();
     assert_eq!(new.balance, 35);
     // The API's grant is on the record like a configured one: reconciliation finds nothing.
-    let snapshot = h.store().await.snapshot(i64::MIN).await.unwrap();
-    let report = flowgate::reconcile::check(&snapshot, &h.gateway().app().settings);
+    let report = h
+        .store()
+        .await
+        .reconcile(i64::MIN, &h.gateway().app().settings)
+        .await
+        .unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }
 

@@ -836,7 +836,7 @@ async fn a_refund_goes_back_to_exactly_the_pools_that_paid(store: StoreKind) {
     r.text().await.unwrap();
     h.settle_ledger().await;
     let settings = flowgate::config::Settings::parse(&h.config).unwrap();
-    let report = flowgate::reconcile::check(&h.store().await.snapshot(0).await.unwrap(), &settings);
+    let report = h.store().await.reconcile(0, &settings).await.unwrap();
     assert_eq!(report.differences, vec![]);
 }
 

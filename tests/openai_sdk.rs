@@ -60,12 +60,8 @@ async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
     let (settings, store_url) = (g.settings.clone(), g.store_url.clone());
     g.gateway.shutdown().await; // commits everything queued
 
-    let snapshot = Store::open(&store_url)
-        .await
-        .expect("store")
-        .snapshot(0)
-        .await
-        .expect("snapshot");
+    let store = Store::open(&store_url).await.expect("store");
+    let snapshot = store.snapshot(0).await.expect("snapshot");
     let used: Vec<(String, i64)> = snapshot
         .monetization
         .iter()
@@ -84,7 +80,7 @@ async fn the_openai_sdk_works_through_the_example_gateway(kind: StoreKind) {
         "{:?}",
         snapshot.monetization
     );
-    let report = flowgate::reconcile::check(&snapshot, &settings);
+    let report = store.reconcile(0, &settings).await.expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }
 

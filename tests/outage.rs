@@ -268,7 +268,11 @@ async fn an_outage_under_load_loses_nothing_acknowledged(store: StoreKind) {
     assert!(charged >= 20, "real work was charged: {charged}");
     assert!(decided > 100, "load ran through the outage: {decided}");
 
-    let snapshot = h.store().await.snapshot(i64::MIN).await.unwrap();
-    let report = flowgate::reconcile::check(&snapshot, &h.gateway().app().settings);
+    let report = h
+        .store()
+        .await
+        .reconcile(i64::MIN, &h.gateway().app().settings)
+        .await
+        .unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 }

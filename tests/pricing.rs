@@ -164,9 +164,13 @@ async fn chat_is_charged_per_model_and_dimension_plain_and_streamed(kind: StoreK
     assert_eq!(quantities(&charges[2]), json!({ "input_tokens": 3 }));
     // The included window paid: nothing came out of the credits.
     assert!(charges.iter().all(|m| m.credits == 0));
-    let snapshot = g.store().await.snapshot(0).await.expect("snapshot");
     let settings = Settings::parse(&g.g.config).expect("config");
-    let report = flowgate::reconcile::check(&snapshot, &settings);
+    let report = g
+        .store()
+        .await
+        .reconcile(0, &settings)
+        .await
+        .expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     assert_eq!(report.unknown_price_versions, 0);
     g.g.gateway.shutdown().await;
@@ -206,7 +210,7 @@ async fn a_price_change_applies_from_its_date_and_every_charge_keeps_its_version
     let settings = Settings::parse(&later).expect("later config");
     assert_eq!(settings.plans["developer"].prices.len(), 1);
     let store = g.store().await;
-    let report = flowgate::reconcile::check(&store.snapshot(0).await.expect("snapshot"), &settings);
+    let report = store.reconcile(0, &settings).await.expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     assert_eq!(
         report.unknown_price_versions, 0,
@@ -220,7 +224,7 @@ async fn a_price_change_applies_from_its_date_and_every_charge_keeps_its_version
         charges[1].id
     );
     execute(&g.g.store_url, &sql).await;
-    let report = flowgate::reconcile::check(&store.snapshot(0).await.expect("snapshot"), &settings);
+    let report = store.reconcile(0, &settings).await.expect("reconcile");
     let found: Vec<&str> = report.differences.iter().map(|d| d.check).collect();
     assert_eq!(found, ["dimension_price"], "{:?}", report.differences);
 

@@ -144,7 +144,7 @@ proptest! {
             let postpaid: Vec<i64> = snapshot.monetization.iter().map(|m| m.postpaid_credits).collect();
             prop_assert_eq!(&charged, &expected);
             prop_assert_eq!(postpaid, expected.iter().map(|e| e.0).collect::<Vec<_>>());
-            let report = flowgate::reconcile::check(&snapshot, &settings);
+            let report = store.reconcile(0, &settings).await.expect("reconcile");
             prop_assert!(report.differences.is_empty(), "{:?}", report.differences);
             prop_assert_eq!(report.unknown_price_versions, 0);
             // The config moves on to a third version only: the ledger's stored versions still
@@ -153,7 +153,7 @@ proptest! {
                 .replace("price_version = \"v1\"", "price_version = \"v3\"")
                 .replace("price_version = \"v2\"", "price_version = \"v4\"");
             let later = Settings::parse(&later).expect("later config");
-            let report = flowgate::reconcile::check(&snapshot, &later);
+            let report = store.reconcile(0, &later).await.expect("reconcile");
             prop_assert!(report.differences.is_empty(), "{:?}", report.differences);
             prop_assert_eq!(report.unknown_price_versions, 0);
             Ok(())

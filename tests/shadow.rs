@@ -197,10 +197,12 @@ async fn a_shadowed_plan_admits_past_its_limit_and_charges_nothing(kind: StoreKi
     );
     r.text().await.unwrap();
     h.settle_ledger().await;
-    let report = flowgate::reconcile::check(
-        &h.store().await.snapshot(0).await.unwrap(),
-        &h.gateway().app().settings,
-    );
+    let report = h
+        .store()
+        .await
+        .reconcile(0, &h.gateway().app().settings)
+        .await
+        .unwrap();
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     assert_eq!(money(&h.store().await).await, before);
 }

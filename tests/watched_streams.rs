@@ -160,8 +160,12 @@ fn frames(events: &[String]) -> Vec<u64> {
 /// The one charge in the ledger: (units, credits, estimated, forgiven).
 async fn only_charge(h: &Harness) -> (i64, i64, i64, i64) {
     h.settle_ledger().await;
-    let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
-    let report = flowgate::reconcile::check(&snapshot, &h.gateway().app().settings);
+    let store = h.store().await;
+    let report = store
+        .reconcile(0, &h.gateway().app().settings)
+        .await
+        .expect("reconcile");
+    let snapshot = store.snapshot(0).await.expect("snapshot");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     let [m] = &snapshot.monetization[..] else {
         panic!("one charge expected: {:?}", snapshot.monetization);

@@ -125,9 +125,13 @@ async fn members_share_the_pool_within_their_caps(store: StoreKind) {
     assert_eq!(d["denial"]["reason"], "insufficient_credits", "{d}");
     assert_eq!(pool_layer(&d["layers"])["cap_left"], 5, "{d}");
 
-    let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
     let settings = Settings::parse(&h.config).expect("config");
-    let report = flowgate::reconcile::check(&snapshot, &settings);
+    let report = h
+        .store()
+        .await
+        .reconcile(0, &settings)
+        .await
+        .expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 
     // After a restart the view is rebuilt from the ledger with the same numbers: the pool's
@@ -150,8 +154,12 @@ async fn members_share_the_pool_within_their_caps(store: StoreKind) {
     assert_eq!(r.status(), 402, "m2 drew its 15 before the restart");
     r.text().await.unwrap();
     assert_eq!(h.stored_balance("acme").await, 70);
-    let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
-    let report = flowgate::reconcile::check(&snapshot, &settings);
+    let report = h
+        .store()
+        .await
+        .reconcile(0, &settings)
+        .await
+        .expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
 
     // A refund of m1's first charge credits the workspace's grant back, in the view too, and
@@ -172,8 +180,12 @@ async fn members_share_the_pool_within_their_caps(store: StoreKind) {
     );
     r.text().await.unwrap();
     assert_eq!(h.stored_balance("acme").await, 70);
-    let snapshot = h.store().await.snapshot(0).await.expect("snapshot");
-    let report = flowgate::reconcile::check(&snapshot, &settings);
+    let report = h
+        .store()
+        .await
+        .reconcile(0, &settings)
+        .await
+        .expect("reconcile");
     assert!(report.differences.is_empty(), "{:?}", report.differences);
     h.gateway.take().expect("running").shutdown().await;
 }

@@ -151,7 +151,7 @@ pub async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "Ledger: {} usage events (every request), {} monetization events (every charge), {} balance updates (every balance change).",
         counts.usage_events, counts.monetization_events, counts.balance_updates
     );
-    let report = crate::reconcile::check(&store.snapshot(0).await?, &settings);
+    let report = store.reconcile(0, &settings).await?;
     println!(
         "Reconcile (every charge re-derived from its usage and price, every balance from its updates): {} differences.",
         report.differences.len()

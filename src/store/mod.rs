@@ -25,6 +25,7 @@ mod debit;
 pub mod export;
 pub mod lease;
 mod postgres;
+pub mod reconcile;
 mod replay;
 mod shared;
 mod sqlite;
@@ -459,7 +460,24 @@ impl Store {
         dialect!(self, s => s.seed_prices(tables).await)
     }
 
-    /// Reads what reconciliation needs (events decided at or after `since`).
+    /// Reconciles the ledger (`flowgate reconcile`): every grant and balance update, and the
+    /// usage and monetization events decided at or after `since`, checked against `settings`'
+    /// price versions where the ledger has not stored its own. Rows are streamed through
+    /// [`crate::reconcile::Checker`] in one read transaction: memory grows with grants and
+    /// price versions, not with events.
+    pub async fn reconcile(
+        &self,
+        since: Millis,
+        settings: &crate::config::Settings,
+    ) -> Result<crate::reconcile::Report, StoreError> {
+        let mut checker = crate::reconcile::Checker::new(settings);
+        dialect!(self, s => s.reconcile_rows(since, &mut |row| checker.feed(row)).await)?;
+        Ok(checker.finish())
+    }
+
+    /// Reads every grant, balance update and price version, and the usage and monetization
+    /// events decided at or after `since`, into memory: for tests and inspection of small
+    /// ledgers (reconcile streams instead, [`Store::reconcile`]).
     pub async fn snapshot(&self, since: Millis) -> Result<LedgerSnapshot, StoreError> {
         dialect!(self, s => s.snapshot(since).await)
     }
@@ -500,8 +518,8 @@ impl Store {
     }
 }
 
-/// Everything reconciliation reads: every grant and balance update, and the usage and
-/// monetization events decided since a point in time.
+/// The ledger's rows in memory ([`Store::snapshot`]): every grant and balance update, and the
+/// usage and monetization events decided since a point in time.
 #[derive(Debug, Default)]
 pub struct LedgerSnapshot {
     /// Every grant.
@@ -619,7 +637,7 @@ pub struct MonetizationRow {
     pub dimensions: Option<String>,
 }
 
-/// The reconciliation queries, the same text for both dialects (`$1` is understood by both).
+/// The snapshot's queries, the same text for both dialects (`$1` is understood by both).
 pub(crate) mod snapshot_sql {
     pub const GRANTS: &str =
         "SELECT id, account_id, external_id, amount, balance FROM grants ORDER BY id";

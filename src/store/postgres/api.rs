@@ -57,3 +57,7 @@ super::super::shared::api_statements!(PostgresStore);
 super::super::export::export_statements!(PostgresStore);
 super::super::alerts::alert_statements!(PostgresStore);
 super::super::shared::replay_statements!(PostgresStore, "");
+super::super::reconcile::reconcile_statements!(
+    PostgresStore,
+    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+);

@@ -51,3 +51,4 @@ super::super::shared::api_statements!(SqliteStore);
 super::super::export::export_statements!(SqliteStore);
 super::super::alerts::alert_statements!(SqliteStore);
 super::super::shared::replay_statements!(SqliteStore, "NOT INDEXED");
+super::super::reconcile::reconcile_statements!(SqliteStore, "BEGIN");
