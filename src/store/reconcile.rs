@@ -150,7 +150,8 @@ pub struct ChargeUpdate<'a> {
 /// Expands `flowgate reconcile`'s reads as a method of `$store`, inside one read transaction
 /// opened with `$begin` (so that every read sees one state of the ledger while writers go on).
 /// Nothing here writes. Every statement is a scan in id order with index lookups
-/// (`monetization_events.usage_event_id`'s unique index, `balance_updates_by_charge`): no
+/// (`monetization_events.usage_event_id`'s unique index, `balance_updates`' unique key that
+/// leads with `monetization_event_id`): no
 /// sort, no temporary table, on either dialect.
 macro_rules! reconcile_statements {
     ($store:ty, $begin:literal) => {
