@@ -9,6 +9,10 @@
 #   max      POST /v1/tasks, 64 connections, as fast as they go: requests/s.
 #   paced    POST /v1/tasks at a fixed RATE (wrk's delay() hook, 10 connections): latency.
 #   sse      POST /v1/stream, 10 events per response, 16 connections.
+#   settled  POST /v1/settled, 64 connections: each charge settled from the response's JSON
+#            `usage.units` (an estimate of 2 held, 1 charged).
+#   accounts POST /v1/tasks, 64 connections, each request from one of 10 000 accounts at
+#            random (its own key, window and grant).
 # req/s counts successful (2xx) responses only; "errors" counts the others (flowgate answers 503
 # once its ledger queue is full) and socket errors. STORE_URL=postgres://... puts flowgate's
 # ledger in PostgreSQL; CASES="sse" runs a subset; PERF=/tmp/fg records a perf profile of
@@ -23,7 +27,8 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 RATE=${RATE:-1000}
-CASES=${CASES:-max paced sse}
+CASES=${CASES:-max paced sse settled accounts}
+ACCOUNTS=${ACCOUNTS:-10000}
 UP=19100 NGX=19200 FG=19300
 
 need() { command -v "$1" >/dev/null || { echo "installing $2"; apt-get install -y -q "$2" >/dev/null; }; }
@@ -94,6 +99,13 @@ upstream = "api"
 cost = { fixed = 1 }
 [[routes]]
 method = "POST"
+path = "/v1/settled"
+feature = "task"
+upstream = "api"
+cost = { fixed = 2 }
+settle = { json = "/usage/units" }
+[[routes]]
+method = "POST"
 path = "/v1/stream"
 feature = "stream"
 upstream = "api"
@@ -117,6 +129,10 @@ id = "bench-credits"
 kind = "credits"
 amount = 1000000000000
 EOF
+# The accounts case's others, bench-0 … bench-N: the same plan, each its own key and grant.
+for i in $(seq 0 $((ACCOUNTS - 1))); do
+  printf '[[accounts]]\nid = "bench-%d"\nplan = "bench"\napi_keys = ["sk-bench-%d"]\n[[accounts.grants]]\nid = "bench-%d-credits"\nkind = "credits"\namount = 1000000000000\n' "$i" "$i" "$i"
+done >>"$dir/flowgate.toml"
 target/release/flowgate serve --config "$dir/flowgate.toml" >"$dir/flowgate.log" 2>&1 & pids+=($!)
 fg_pid=$!
 wait_port $FG
@@ -129,6 +145,14 @@ wrk.headers["content-type"] = "application/json"
 wrk.headers["authorization"] = "Bearer sk-bench"
 local pace = tonumber(os.getenv("PACE_MS") or "0")
 if pace > 0 then function delay() return pace end end
+-- ACCOUNTS_SPREAD=n: each request from one of n accounts at random (keys sk-bench-0 …).
+local spread = tonumber(os.getenv("ACCOUNTS_SPREAD") or "0")
+if spread > 0 then
+  function request()
+    return wrk.format(nil, nil, { ["content-type"] = "application/json",
+      ["authorization"] = "Bearer sk-bench-" .. math.random(0, spread - 1) }, "{}")
+  end
+end
 function done(s, latency, requests)
   local errors = s.errors.status + s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout
   io.write(string.format("RESULT %.0f %d %d %d %d %d\n", (s.requests - errors) / (s.duration / 1e6),
@@ -178,7 +202,7 @@ run() {
       "$NGX") mapfile -t procs < <(pgrep -f "nginx: (master|worker)") ;;
     esac
     thread_ticks "${procs[@]}" >"$dir/ticks.before"
-    PACE_MS=$5 wrk -t2 -c"$4" -d"${DURATION}s" -s "$dir/post.lua" "http://127.0.0.1:$2$3" |
+    ACCOUNTS_SPREAD=${spread:-0} PACE_MS=$5 wrk -t2 -c"$4" -d"${DURATION}s" -s "$dir/post.lua" "http://127.0.0.1:$2$3" |
       sed -n 's/^RESULT //p' >>"$out"
     if [ ${#procs[@]} -gt 0 ]; then
       thread_ticks "${procs[@]}" >"$dir/ticks.after"
@@ -192,9 +216,12 @@ printf '%-8s %-9s %10s %9s %9s %9s %7s\n' case target req/s p50_us p99_us p999_u
 declare -A res
 for c in $CASES; do
   case $c in
-    max) path=/v1/tasks conns=64 pace=0 ;;
-    paced) path=/v1/tasks conns=10 pace=$((10 * 1000 / RATE)) ;;
-    sse) path=/v1/stream conns=16 pace=0 ;;
+    max) path=/v1/tasks conns=64 pace=0 spread=0 ;;
+    paced) path=/v1/tasks conns=10 pace=$((10 * 1000 / RATE)) spread=0 ;;
+    sse) path=/v1/stream conns=16 pace=0 spread=0 ;;
+    settled) path=/v1/settled conns=64 pace=0 spread=0 ;;
+    accounts) path=/v1/tasks conns=64 pace=0 spread=$ACCOUNTS ;;
+    *) echo "unknown case $c"; exit 1 ;;
   esac
   for t in direct:$UP nginx:$NGX flowgate:$FG; do
     name=${t%%:*} port=${t##*:}
@@ -207,7 +234,7 @@ done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
-for c in max sse; do
+for c in max sse settled accounts; do
   [ -n "${res[$c-flowgate]:-}" ] || continue
   read -r f _ <<<"${res[$c-flowgate]}"; read -r n _ <<<"${res[$c-nginx]}"; read -r d _ <<<"${res[$c-direct]}"
   echo "$c: flowgate/nginx throughput $(ratio "$f" "$n"), flowgate/direct $(ratio "$f" "$d")"

@@ -1,5 +1,6 @@
 //! The tiny upstream of the proxy benchmark (benches/proxy.sh): answers `POST /v1/tasks` with a
-//! small JSON body and `POST /v1/stream` with 10 server-sent events, on the port in `$PORT`.
+//! small JSON body, `POST /v1/settled` with one that carries `usage.units`, and
+//! `POST /v1/stream` with 10 server-sent events, on the port in `$PORT`.
 //!
 //!     PORT=9100 cargo bench --bench upstream
 
@@ -16,12 +17,18 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 const TASK: &[u8] = br#"{"id":"task_1","status":"completed","result":"ok"}"#;
+const SETTLED: &[u8] = br#"{"id":"task_1","status":"completed","usage":{"units":1}}"#;
 const EVENTS: usize = 10;
 
 async fn answer(
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let stream = req.uri().path() == "/v1/stream";
+    let body = if req.uri().path() == "/v1/settled" {
+        SETTLED
+    } else {
+        TASK
+    };
     // Read the request body to its end, as a real API would.
     let _ = req.into_body().collect().await;
     if stream {
@@ -41,7 +48,7 @@ async fn answer(
     }
     Ok(Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(TASK)).boxed())
+        .body(Full::new(Bytes::from_static(body)).boxed())
         .unwrap_or_default())
 }
 

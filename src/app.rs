@@ -16,6 +16,21 @@ use crate::quota;
 use crate::store::Store;
 use crate::strict::Strict;
 
+thread_local! {
+    /// Which serving thread this is (0 off them): picks its upstream client ([`App::client`]).
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The index of the serving thread this runs on (0 on any other thread).
+pub fn serving_thread() -> usize {
+    SERVING_THREAD.with(std::cell::Cell::get)
+}
+
+/// Marks this thread as serving thread `index` (the gateway's front door does, at its start).
+pub fn set_serving_thread(index: usize) {
+    SERVING_THREAD.with(|t| t.set(index));
+}
+
 /// What every request handler shares.
 pub struct App {
     /// The validated configuration.
@@ -46,7 +61,7 @@ pub struct App {
 impl App {
     /// The upstream client of the thread this runs on (the first, off the serving threads).
     pub fn client(&self) -> &Client<HttpConnector, axum::body::Body> {
-        &self.clients[crate::gateway::serving_thread() % self.clients.len()]
+        &self.clients[serving_thread() % self.clients.len()]
     }
 
     /// The same gateway under new settings: what is derived from them is rebuilt, what holds

@@ -2,7 +2,7 @@
 //! prices in force, and reports every place where what is stored differs.
 //!
 //! What is checked (pure: a [`Checker`] is fed the ledger's rows one at a time, in the order
-//! the store streams them, [`crate::store::reconcile::Row`]; `Store::reconcile` does both):
+//! the store streams them, [`Row`]; `Store::reconcile` does both):
 //! - each grant's balance equals the sum of its balance updates, and each update's
 //!   `balance_after` equals the running sum at that update;
 //! - each charged usage event has exactly one monetization event, and each monetization event
@@ -23,8 +23,10 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::store::reconcile::{Charge, ChargedUsage, Monetization, Row};
+pub mod rows;
+
 use crate::waterfall::{Draw, Pool, PricesDoc};
+pub use rows::{Charge, ChargedUsage, Monetization, Row};
 
 /// One difference between what the ledger stores and what it should.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

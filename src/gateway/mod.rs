@@ -325,16 +325,6 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
     }
 }
 
-thread_local! {
-    /// Which serving thread this is (0 off them): picks its upstream client ([`App::client`]).
-    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The index of the serving thread this runs on (0 on any other thread).
-pub fn serving_thread() -> usize {
-    SERVING_THREAD.with(std::cell::Cell::get)
-}
-
 /// The front door: `threads` serving threads, each with its own single-threaded event loop,
 /// accepting from the one listening socket. A connection, its requests, and the upstream
 /// connections they use stay on the thread that accepted it, as in nginx's workers: no
@@ -363,7 +353,7 @@ async fn serve(
         let spawned = std::thread::Builder::new()
             .name(format!("flowgate-http-{index}"))
             .spawn(move || {
-                SERVING_THREAD.with(|t| t.set(index));
+                crate::app::set_serving_thread(index);
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -2,7 +2,7 @@
 //! what it keeps between rows.
 
 use super::*;
-use crate::store::reconcile::{BalanceUpdate, ChargeUpdate, Grant, PriceTable};
+use crate::reconcile::rows::{BalanceUpdate, ChargeUpdate, Grant, PriceTable};
 
 const CONFIG: &str = r#"
 [server]
