@@ -28,8 +28,9 @@ use crate::waterfall;
 pub struct Hold {
     /// The account whose view holds the draws.
     account: Arc<Account>,
-    /// What will be recorded; `None` once the hold has ended.
-    entry: Option<LedgerEntry>,
+    /// What will be recorded; `None` once the hold has ended. Boxed: a hold travels from the
+    /// meter into the response body, and an entry is a kilobyte to copy at each move.
+    entry: Option<Box<LedgerEntry>>,
     /// The request's idempotency key, marked charged or freed when the hold ends.
     key: Option<ClaimedKey>,
     queue: LedgerQueue,
@@ -72,7 +73,7 @@ impl Hold {
     ) -> Hold {
         Hold {
             account,
-            entry: Some(entry),
+            entry: Some(Box::new(entry)),
             key,
             queue,
             clock,
@@ -184,7 +185,7 @@ impl Hold {
             if self.strict {
                 let notify = Arc::new(tokio::sync::Notify::new());
                 entry.committed = Some(notify.clone());
-                self.queue.push(entry);
+                self.queue.push(*entry);
                 return Some(Commit(notify));
             }
         } else if entry.shadow.is_some() {
@@ -204,7 +205,7 @@ impl Hold {
                 waterfall::release_in(plan, state, pool, &entry.decision.draws, now)
             });
         }
-        self.queue.push(entry);
+        self.queue.push(*entry);
         None
     }
 
