@@ -23,7 +23,9 @@ use parking_lot::Mutex;
 
 use crate::config::Settings;
 use crate::ids::AccountId;
-use crate::store::{ApiKeyRow, GrantBalance, LedgerChange, Store, StoreError, StoredGrant};
+use crate::store::{
+    ApiKeyRow, GrantBalance, LedgerChange, ReadMark, Store, StoreError, StoredGrant,
+};
 use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan};
 
 /// One account in the cached view.
@@ -124,6 +126,27 @@ pub struct Accounts {
     /// which never re-reads the store). Replaced only under `sync`, so that no re-read applies
     /// an account on a plan of a configuration that was replaced meanwhile.
     settings: Arc<parking_lot::RwLock<Option<Arc<Settings>>>>,
+    /// Which announced commits the view's last reads already include (see [`Marks`]).
+    marks: Arc<Mutex<Marks>>,
+}
+
+/// Where the view's reads stand among other replicas' announced commits. A listener hears
+/// every commit from the moment it listens, and a re-read made after that may include some of
+/// them: without this, their usage would be counted twice (the re-read's, then the notice's).
+#[derive(Debug, Default)]
+struct Marks {
+    /// The last whole re-read's (load, resync, reconfigure).
+    view: Option<ReadMark>,
+    /// Accounts whose usage was re-read on their own since then ([`Accounts::refresh`]).
+    accounts: HashMap<AccountId, ReadMark>,
+}
+
+impl Marks {
+    /// Whether `account`'s numbers as the view has them already include transaction `xid`.
+    fn includes(&self, account: &str, xid: u64) -> bool {
+        self.view.as_ref().is_some_and(|m| m.includes(xid))
+            || self.accounts.get(account).is_some_and(|m| m.includes(xid))
+    }
 }
 
 impl Default for Accounts {
@@ -140,6 +163,7 @@ impl Accounts {
             by_key_hash: Arc::default(),
             sync: Arc::default(),
             settings: Arc::default(),
+            marks: Arc::default(),
         }
     }
 
@@ -149,7 +173,8 @@ impl Accounts {
 
     /// Serialises store reads applied to the view: the ledger writer holds it from a commit to
     /// the view's update, [`Accounts::refresh`] and [`Accounts::resync`] from their read to
-    /// their update. Never held by the hot path.
+    /// their update, the replica follower while it applies a notice ([`Accounts::apply`]).
+    /// Never held by the hot path.
     pub async fn sync_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.sync.lock().await
     }
@@ -273,8 +298,10 @@ impl Accounts {
         let accounts = Accounts::new();
         *accounts.settings.write() = Some(settings.clone());
         let since = history_since(settings, now);
+        let read = store.read_view(since).await?;
+        accounts.marks.lock().view = read.mark;
         let mut loaded = Vec::new();
-        for stored in store.load_accounts().await? {
+        for stored in read.accounts {
             let Some(plan) = settings.plans.get(&stored.plan) else {
                 tracing::error!(account = %stored.id, plan = %stored.plan, "account's plan is not in the config; its requests will be refused");
                 continue;
@@ -297,7 +324,7 @@ impl Accounts {
             );
         }
         accounts.link_workspaces();
-        for (account, draws) in store.load_draws_since(since).await? {
+        for (account, draws) in read.draws {
             if let Some(a) = accounts.get(&account) {
                 a.with_state(|plan, state| {
                     for draw in &draws {
@@ -408,9 +435,11 @@ impl Accounts {
         let history = match &current {
             Some(a) if a.plan.same_state_layout(plan) => Vec::new(),
             _ => {
-                store
-                    .account_draws_since(id, history_start(plan, now))
-                    .await?
+                let (draws, mark) = store.account_history(id, history_start(plan, now)).await?;
+                if let Some(mark) = mark {
+                    self.marks.lock().accounts.insert(id.into(), mark);
+                }
+                draws
             }
         };
         let workspace = row.workspace.as_deref().map(AccountId::from);
@@ -484,20 +513,34 @@ impl Accounts {
     }
 
     /// Applies another replica's ledger commit: its window and free-tier usage counts here too,
-    /// a refund's usage no longer does, and grants take their committed balances. Returns the
-    /// accounts with grants the view lacks (to [`Accounts::refresh`]).
+    /// a refund's usage no longer does, and grants take their committed balances. A commit an
+    /// account's last re-read already included is skipped for it. Returns the accounts with
+    /// grants the view lacks (to [`Accounts::refresh`]). Call it under [`Accounts::sync_lock`],
+    /// so that no re-read lands between the check and the change.
     pub fn apply(&self, change: &LedgerChange, now: Millis) -> Vec<String> {
-        for (id, draw) in &change.used {
+        let marks = self.marks.lock();
+        let new = |account: &str| !marks.includes(account, change.xid);
+        for (id, draw) in change.used.iter().filter(|(id, _)| new(id)) {
             if let Some(a) = self.get(id) {
                 a.with_state(|plan, state| state.observe(plan, draw, now));
             }
         }
-        for (id, draw) in &change.refunded {
+        for (id, draw) in change.refunded.iter().filter(|(id, _)| new(id)) {
             if let Some(a) = self.get(id) {
                 a.with_state(|_, state| state.unobserve(draw));
             }
         }
-        self.sync_balances(&change.balances)
+        if change.balances.iter().all(|b| new(&b.account)) {
+            self.sync_balances(&change.balances)
+        } else {
+            let balances: Vec<GrantBalance> = change
+                .balances
+                .iter()
+                .filter(|b| new(&b.account))
+                .cloned()
+                .collect();
+            self.sync_balances(&balances)
+        }
     }
 
     /// Re-reads everything from the store, as after a lost listener: accounts, keys, grants with
@@ -531,6 +574,10 @@ impl Accounts {
 
     /// Makes the view what `stored` says, keeping this gateway's unsettled holds.
     fn apply_stored(&self, stored: &Stored, settings: &Settings, now: Millis) {
+        *self.marks.lock() = Marks {
+            view: stored.mark.clone(),
+            accounts: HashMap::new(),
+        };
         let mut keys =
             HashMap::with_capacity(stored.accounts.iter().map(|a| a.key_hashes.len()).sum());
         for a in &stored.accounts {
@@ -588,16 +635,22 @@ struct Stored {
     accounts: Vec<crate::store::StoredAccount>,
     /// Committed draws still inside some plan's windows or free-tier period, by account.
     draws: HashMap<String, Vec<Draw>>,
+    /// Which announced commits the read includes.
+    mark: Option<ReadMark>,
 }
 
 impl Stored {
     async fn read(store: &Store, settings: &Settings, now: Millis) -> Result<Stored, StoreError> {
-        let accounts = store.load_accounts().await?;
+        let read = store.read_view(history_since(settings, now)).await?;
         let mut draws: HashMap<String, Vec<Draw>> = HashMap::new();
-        for (account, d) in store.load_draws_since(history_since(settings, now)).await? {
+        for (account, d) in read.draws {
             draws.entry(account).or_default().extend(d);
         }
-        Ok(Stored { accounts, draws })
+        Ok(Stored {
+            accounts: read.accounts,
+            draws,
+            mark: read.mark,
+        })
     }
 }
 

@@ -299,8 +299,12 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
                         .replica_lag_seconds
                         .observe(lag_ms as f64 / 1000.0);
                 }
+                let unknown = {
+                    let _sync = accounts.sync_lock().await;
+                    accounts.apply(&change, clock.now_ms())
+                };
                 let mut result = Ok(());
-                for id in accounts.apply(&change, clock.now_ms()) {
+                for id in unknown {
                     result = result.and(
                         accounts
                             .refresh(store, &id, clock.now_ms())

@@ -259,6 +259,15 @@ impl Store {
     ) -> Result<Vec<Draw>, StoreError> {
         dialect!(self, s => s.account_draws_since(account, since).await)
     }
+
+    /// As [`Store::account_draws_since`], with the read's [`super::ReadMark`].
+    pub async fn account_history(
+        &self,
+        account: &str,
+        since: Millis,
+    ) -> Result<(Vec<Draw>, Option<super::ReadMark>), StoreError> {
+        dialect!(self, s => s.account_history(account, since).await)
+    }
 }
 
 /// Joins usage events with their monetization events and balance updates (fetched by the

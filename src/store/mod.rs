@@ -154,6 +154,63 @@ pub struct LedgerChange {
     pub refunded: Vec<(String, Draw)>,
     /// When the sender made the change (its clock, ms; 0: not said), for the notification lag.
     pub sent_at: Millis,
+    /// The transaction that made it (PostgreSQL's `xid8`; 0: not known), so that a view whose
+    /// re-read already included it does not count it twice ([`ReadMark::includes`]).
+    pub xid: u64,
+}
+
+/// Where a read of the store stands among the commits other replicas announce: PostgreSQL's
+/// snapshot of the read's transaction. A listener hears every commit after it started
+/// listening, and a re-read started after that also includes some of them; the mark tells
+/// which, so that their announcements are not counted on top of what was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMark {
+    /// Every transaction below it had ended when the snapshot was taken.
+    xmin: u64,
+    /// No transaction from it on had ended.
+    xmax: u64,
+    /// Transactions between the two still running then (sorted).
+    running: Vec<u64>,
+}
+
+impl ReadMark {
+    /// Parses `pg_current_snapshot()::text`: `xmin:xmax:xip,…`.
+    pub fn parse(text: &str) -> Option<ReadMark> {
+        let mut parts = text.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut running = parts
+            .next()?
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<u64>, _>>()
+            .ok()?;
+        running.sort_unstable();
+        (xmin <= xmax).then_some(ReadMark {
+            xmin,
+            xmax,
+            running,
+        })
+    }
+
+    /// Whether the read saw transaction `xid`'s commit (a transaction the read saw as running,
+    /// or started after it, committed later). 0, an unknown transaction, is never included.
+    pub fn includes(&self, xid: u64) -> bool {
+        xid != 0
+            && (xid < self.xmin || (xid < self.xmax && self.running.binary_search(&xid).is_err()))
+    }
+}
+
+/// What a re-read of the whole view reads, in one snapshot.
+#[derive(Debug)]
+pub struct ViewRead {
+    /// Every account, with its keys and grants.
+    pub accounts: Vec<StoredAccount>,
+    /// The draws of charges decided since the read's `since`, by account.
+    pub draws: Vec<(String, Vec<Draw>)>,
+    /// Which announced commits the read includes (`None`: nobody else announces).
+    pub mark: Option<ReadMark>,
 }
 
 /// A change another writer (replica) committed, as [`Store::watch`] reports it.
@@ -368,6 +425,12 @@ impl Store {
         since: Millis,
     ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
         dialect!(self, s => s.load_draws_since(since).await)
+    }
+
+    /// Every account and the draws decided since `since`, in one snapshot, with its
+    /// [`ReadMark`]: what [`crate::accounts::Accounts`] re-reads after a lost listener.
+    pub async fn read_view(&self, since: Millis) -> Result<ViewRead, StoreError> {
+        dialect!(self, s => s.read_view(since).await)
     }
 
     /// Commits a batch in one transaction, in order; says what happened to each entry and to

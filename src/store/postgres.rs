@@ -287,6 +287,7 @@ impl PostgresStore {
                 .collect(),
             refunded: Vec::new(),
             sent_at: now,
+            xid: 0, // the listener reads the transaction from the notification
         };
         announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;
@@ -459,6 +460,7 @@ impl PostgresStore {
                 .map(|d| (account.clone(), *d))
                 .collect(),
             sent_at: now,
+            xid: 0, // the listener reads the transaction from the notification
         };
         announce_ledger(&mut tx, &self.replica, &change).await?;
         tx.commit().await?;

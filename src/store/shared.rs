@@ -10,6 +10,9 @@
 //! - `IDS_IN` and `ids_arg`: an id list (`json_each` of a JSON array, or `= ANY` of an array);
 //! - `announce_grant(&self, tx, balance)` and `announce_account(&self, tx, id)`: PostgreSQL
 //!   tells the other replicas; SQLite has none;
+//! - `begin_view_read(&self)` and `read_mark(&self, tx)`: a read of the view in one snapshot,
+//!   and where that snapshot stands among the commits other replicas announce (PostgreSQL's
+//!   `pg_current_snapshot()`; SQLite has no other writer);
 //! - `grant_from_row` and `GRANT_COLUMNS`, over the dialect's row type.
 
 /// Expands the API statements as methods of `$store` (see the module documentation).
@@ -375,34 +378,57 @@ macro_rules! api_statements {
                 account: &str,
                 since: Millis,
             ) -> Result<Vec<Draw>, StoreError> {
-                // Shadow decisions' window and free-tier draws count too (counters, not money).
-                let rows = sqlx::query(
-                    "SELECT draws FROM (
-                         SELECT id, draws FROM monetization_events
-                         WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL
-                         UNION ALL
-                         SELECT id, shadow_draws AS draws FROM usage_events
-                         WHERE account_id = $1 AND decided_at >= $2 AND shadow_draws IS NOT NULL
-                     ) AS d ORDER BY id",
-                )
-                .bind(account)
-                .bind(since)
-                .fetch_all(&self.pool)
-                .await?;
-                let mut draws = Vec::new();
-                for r in rows {
-                    draws.extend(parse_draws(r.get("draws"))?);
-                }
-                Ok(draws)
+                let mut conn = self.pool.acquire().await?;
+                account_draws_in(&mut conn, account, since).await
+            }
+
+            /// As `account_draws_since`, in one snapshot, with where that snapshot stands in
+            /// the commits other replicas announce (see `crate::store::ReadMark`).
+            pub(in crate::store) async fn account_history(
+                &self,
+                account: &str,
+                since: Millis,
+            ) -> Result<(Vec<Draw>, Option<crate::store::ReadMark>), StoreError> {
+                let mut tx = self.begin_view_read().await?;
+                let mark = self.read_mark(&mut tx).await?;
+                let draws = account_draws_in(&mut tx, account, since).await?;
+                tx.commit().await?;
+                Ok((draws, mark))
             }
         }
 
-        /// The reads the view and the tests make, the same on both dialects.
-        impl $store {
-        pub(in crate::store) async fn load_accounts(&self) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
+        async fn account_draws_in(
+            conn: &mut <DB as sqlx::Database>::Connection,
+            account: &str,
+            since: Millis,
+        ) -> Result<Vec<Draw>, StoreError> {
+            // Shadow decisions' window and free-tier draws count too (counters, not money).
+            let rows = sqlx::query(
+                "SELECT draws FROM (
+                     SELECT id, draws FROM monetization_events
+                     WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL
+                     UNION ALL
+                     SELECT id, shadow_draws AS draws FROM usage_events
+                     WHERE account_id = $1 AND decided_at >= $2 AND shadow_draws IS NOT NULL
+                 ) AS d ORDER BY id",
+            )
+            .bind(account)
+            .bind(since)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut draws = Vec::new();
+            for r in rows {
+                draws.extend(parse_draws(r.get("draws"))?);
+            }
+            Ok(draws)
+        }
+
+        async fn load_accounts_in(
+            conn: &mut <DB as sqlx::Database>::Connection,
+        ) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
             let mut accounts: Vec<crate::store::StoredAccount> =
                 sqlx::query("SELECT id, plan, suspended, workspace, shadow FROM accounts ORDER BY id")
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *conn)
                     .await?
                     .into_iter()
                     .map(|r| crate::store::StoredAccount {
@@ -417,10 +443,10 @@ macro_rules! api_statements {
                     .collect();
             let keys: Vec<(String, String)> =
                 sqlx::query_as("SELECT account_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *conn)
                     .await?;
             let grants = sqlx::query(&format!("{GRANT_COLUMNS} ORDER BY id"))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await?
                 .iter()
                 .map(|r| Ok((r.get("account_id"), grant_from_row(r)?)))
@@ -429,8 +455,8 @@ macro_rules! api_statements {
             Ok(accounts)
         }
 
-        pub(in crate::store) async fn load_draws_since(
-            &self,
+        async fn load_draws_in(
+            conn: &mut <DB as sqlx::Database>::Connection,
             since: Millis,
         ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
             // Shadow decisions' window and free-tier draws count too (counters, not money).
@@ -442,7 +468,7 @@ macro_rules! api_statements {
                  WHERE decided_at >= $1 AND shadow_draws IS NOT NULL",
             )
             .bind(since)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
             rows.into_iter()
                 .map(|r| {
@@ -451,6 +477,35 @@ macro_rules! api_statements {
                     Ok((r.get("account_id"), draws))
                 })
                 .collect()
+        }
+
+        /// The reads the view and the tests make, the same on both dialects.
+        impl $store {
+        pub(in crate::store) async fn load_accounts(&self) -> Result<Vec<crate::store::StoredAccount>, StoreError> {
+            let mut conn = self.pool.acquire().await?;
+            load_accounts_in(&mut conn).await
+        }
+
+        pub(in crate::store) async fn load_draws_since(
+            &self,
+            since: Millis,
+        ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
+            let mut conn = self.pool.acquire().await?;
+            load_draws_in(&mut conn, since).await
+        }
+
+        /// Accounts and the draws since `since`, read in one snapshot, with where that
+        /// snapshot stands in the commits other replicas announce.
+        pub(in crate::store) async fn read_view(
+            &self,
+            since: Millis,
+        ) -> Result<crate::store::ViewRead, StoreError> {
+            let mut tx = self.begin_view_read().await?;
+            let mark = self.read_mark(&mut tx).await?;
+            let accounts = load_accounts_in(&mut tx).await?;
+            let draws = load_draws_in(&mut tx, since).await?;
+            tx.commit().await?;
+            Ok(crate::store::ViewRead { accounts, draws, mark })
         }
 
         pub(in crate::store) async fn counts(&self) -> Result<crate::store::LedgerCounts, StoreError> {

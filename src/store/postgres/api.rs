@@ -9,7 +9,7 @@ use super::super::api::{
     AccountRow, ApiKeyRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
     Revoked, UsageEventRecord, columns, join, parse_draws,
 };
-use super::super::{GrantBalance, StoreError, StoredGrant};
+use super::super::{GrantBalance, ReadMark, StoreError, StoredGrant};
 use super::notify::{announce_account, announce_ledger};
 use super::{GRANT_COLUMNS, PostgresStore, grant_from_row};
 use crate::config::{AccountSeed, GrantSeed, KeySeed};
@@ -27,6 +27,29 @@ impl PostgresStore {
     /// At READ COMMITTED a writer waits on the rows and unique-index entries it needs.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// One snapshot for every read of a view's re-read.
+    async fn begin_view_read(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?)
+    }
+
+    /// The transaction's snapshot: which commits its reads include. Read first, so that it is
+    /// the snapshot every later read of the transaction uses.
+    #[allow(clippy::unused_self)] // the same signature as SQLite's
+    async fn read_mark(
+        &self,
+        tx: &mut sqlx::Transaction<'_, DB>,
+    ) -> Result<Option<ReadMark>, StoreError> {
+        let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&mut **tx)
+            .await?;
+        ReadMark::parse(&text)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt(format!("pg_current_snapshot(): {text:?}")))
     }
 
     /// Other replicas learn of a grant from its balance, as they learn of debits.

@@ -115,6 +115,8 @@ impl Item {
     }
 }
 
+/// Sends `notice` prefixed with the transaction's id and a space (`<xid> {…}`): a receiver
+/// skips a commit its last re-read already included (`ReadMark::includes`).
 async fn send(
     tx: &mut Transaction<'_, Postgres>,
     channel: &str,
@@ -122,12 +124,22 @@ async fn send(
 ) -> Result<(), StoreError> {
     let payload =
         serde_json::to_string(notice).map_err(|e| StoreError::Corrupt(format!("notice: {e}")))?;
-    sqlx::query("SELECT pg_notify($1, $2)")
+    sqlx::query("SELECT pg_notify($1, pg_current_xact_id()::text || ' ' || $2)")
         .bind(channel)
         .bind(payload)
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A [`LEDGER_CHANNEL`] payload: the sending transaction's id (0 when a replica of an older
+/// version sent bare JSON) and the notice.
+fn parse_ledger(payload: &str) -> Result<(u64, Notice), serde_json::Error> {
+    let (xid, json) = match payload.split_once(' ') {
+        Some((xid, json)) if !payload.starts_with('{') => (xid.parse().unwrap_or(0), json),
+        _ => (0, payload),
+    };
+    Ok((xid, serde_json::from_str(json)?))
 }
 
 /// Sends `account` on [`ACCOUNTS_CHANNEL`] as part of `tx`.
@@ -179,9 +191,9 @@ pub(super) fn watch(
                     Ok(Some(n)) if n.channel() == ACCOUNTS_CHANNEL => {
                         Change::Account(n.payload().to_owned())
                     }
-                    Ok(Some(n)) => match serde_json::from_str::<Notice>(n.payload()) {
-                        Ok(notice) if notice.r == *replica => continue,
-                        Ok(notice) => Change::Ledger(LedgerChange {
+                    Ok(Some(n)) => match parse_ledger(n.payload()) {
+                        Ok((_, notice)) if notice.r == *replica => continue,
+                        Ok((xid, notice)) => Change::Ledger(LedgerChange {
                             balances: notice
                                 .b
                                 .into_iter()
@@ -194,6 +206,7 @@ pub(super) fn watch(
                             used: notice.u,
                             refunded: notice.x,
                             sent_at: notice.t,
+                            xid,
                         }),
                         Err(e) => {
                             tracing::warn!(error = %e, "unreadable ledger notification");

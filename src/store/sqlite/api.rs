@@ -8,7 +8,7 @@ use super::super::api::{
     AccountRow, ApiKeyRow, BalanceUpdateRecord, Granted, LedgerEvent, MonetizationRecord, Page,
     Revoked, UsageEventRecord, columns, join, parse_draws,
 };
-use super::super::{GrantBalance, StoreError, StoredGrant};
+use super::super::{GrantBalance, ReadMark, StoreError, StoredGrant};
 use super::{GRANT_COLUMNS, SqliteStore, grant_from_row};
 use crate::config::{AccountSeed, GrantSeed, KeySeed};
 use crate::waterfall::{Draw, Millis};
@@ -26,6 +26,20 @@ impl SqliteStore {
     /// (up to the busy timeout) instead of failing when it would upgrade.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// A deferred transaction: in WAL mode its first read fixes the snapshot the rest see.
+    async fn begin_view_read(&self) -> Result<sqlx::Transaction<'static, DB>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// One process per SQLite file: no other writer announces commits.
+    #[allow(clippy::unused_self, clippy::unused_async)] // the same signature as PostgreSQL's
+    async fn read_mark(
+        &self,
+        _tx: &mut sqlx::Transaction<'_, DB>,
+    ) -> Result<Option<ReadMark>, StoreError> {
+        Ok(None)
     }
 
     /// One process per SQLite file: nobody else to tell.
