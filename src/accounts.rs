@@ -114,7 +114,10 @@ type KeyDigest = [u8; 32];
 /// The cached view: accounts by id and by API-key hash.
 #[derive(Clone)]
 pub struct Accounts {
-    by_id: moka::sync::Cache<AccountId, Arc<Account>>,
+    /// By id. A sharded map, not a cache: an account is never evicted (its holds live in it),
+    /// and a cache's per-entry bookkeeping (moka's is ~300 bytes) would be a third of a
+    /// million-account view's memory. A lookup holds one shard's read lock for the clone.
+    by_id: Arc<dashmap::DashMap<AccountId, Arc<Account>>>,
     /// By the SHA-256 digest of the key, held as its 32 bytes (half its hex form, and looked up
     /// without formatting one per request). A plain map: keys are never evicted, and moka's
     /// per-entry bookkeeping (~300 bytes) would be most of a million-account view's memory.
@@ -159,7 +162,7 @@ impl Accounts {
     /// An empty view.
     pub fn new() -> Accounts {
         Accounts {
-            by_id: moka::sync::Cache::builder().build(),
+            by_id: Arc::default(),
             by_key_hash: Arc::default(),
             sync: Arc::default(),
             settings: Arc::default(),
@@ -193,7 +196,7 @@ impl Accounts {
 
     /// The account with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Account>> {
-        self.by_id.get(id)
+        self.by_id.get(id).map(|a| a.value().clone())
     }
 
     /// The account that owns this API key.
@@ -206,8 +209,7 @@ impl Accounts {
 
     /// Number of accounts in the view.
     pub fn len(&self) -> u64 {
-        self.by_id.run_pending_tasks();
-        self.by_id.entry_count()
+        self.by_id.len() as u64
     }
 
     /// Whether the view is empty.
@@ -240,7 +242,10 @@ impl Accounts {
     /// resync added accounts). A workspace missing from the view leaves its members unlinked:
     /// their workspace layers have nothing to give.
     pub fn link_workspaces(&self) {
-        for (_, account) in self.by_id.iter() {
+        // Collected first: linking looks accounts up, and a shard's read lock taken again
+        // while iterating could wait behind a writer queued on it.
+        let all: Vec<Arc<Account>> = self.by_id.iter().map(|a| a.value().clone()).collect();
+        for account in all {
             self.link(&account);
         }
     }

@@ -20,7 +20,7 @@
 //! - [`usage`]: [`usage::LedgerEntry`], what one request did; made by the gateway, committed by
 //!   the store.
 //! - [`store`]: the ledger's SQL, one module per dialect, behind one interface.
-//! - [`accounts`]: the cached view the hot path decides against (moka + one mutex per
+//! - [`accounts`]: the cached view the hot path decides against (a sharded map + one mutex per
 //!   account), rebuilt from the store on start-up.
 //! - [`idempotency`]: one request per `Idempotency-Key` at a time, one charge per key, repeats
 //!   answered from the kept response.

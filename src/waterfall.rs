@@ -571,8 +571,9 @@ pub struct AccountState {
     pub layers: Vec<LayerState>,
     /// The account's grants, kept in spend order.
     grants: Vec<Grant>,
-    /// Strict mode's slices (`None` for a plan that is not strict).
-    pub leases: Option<Leases>,
+    /// Strict mode's slices (`None` for a plan that is not strict). Boxed: most plans are not
+    /// strict, and inline slices would cost every account of a large view ~150 bytes.
+    pub leases: Option<Box<Leases>>,
 }
 
 /// The state a layer keeps for one account.
@@ -729,7 +730,7 @@ impl AccountState {
         let mut state = AccountState {
             layers,
             grants: Vec::with_capacity(grants.len()),
-            leases: plan.strict.then(Leases::default),
+            leases: plan.strict.then(Box::default),
         };
         for g in grants {
             state.add_grant(g);
