@@ -147,6 +147,15 @@ impl Plan {
             .map_or("", |t| &t.version)
     }
 
+    /// The end of the free-tier period of layer `layer` that starts at `start` (0 for a layer
+    /// that is not a free tier: no decision would trust it).
+    fn period_end(&self, layer: u8, start: Millis) -> Millis {
+        match self.layers.get(layer as usize).map(|l| &l.kind) {
+            Some(LayerKind::FreeTier { period, zone, .. }) => period.bounds(*zone, start).1,
+            _ => 0,
+        }
+    }
+
     /// The longest usage-limit window of the plan, in minutes (0 if none): how much usage
     /// history the state must keep (a calendar window: its longest possible period).
     pub fn longest_window_minutes(&self) -> u32 {
@@ -595,6 +604,9 @@ pub enum LayerState {
     FreeTier {
         /// Start of the period the count belongs to.
         period_start: Millis,
+        /// Its end (exclusive): while `now` is before it, a decision need not find the period
+        /// in the calendar (`Period::bounds`, a third of a decision's time before).
+        period_end: Millis,
         /// Units used in that period: committed and unsettled.
         used: Units,
         /// Of `used`, what this gateway has not committed yet.
@@ -638,6 +650,29 @@ impl UsageLog {
             .sum()
     }
 
+    /// [`UsageLog::used_since`] of each of `from`, summing each minute once (a decision asks
+    /// for every window of a layer, and the longer ones contain the shorter).
+    fn used_since_each(&self, from: &[Millis]) -> SmallVec<[Units; 4]> {
+        // Where each window's minutes start in the log, latest start first.
+        let mut starts: SmallVec<[(usize, usize); 4]> = from
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                let first = first_minute(f);
+                (self.buckets.partition_point(|(m, _)| *m < first), i)
+            })
+            .collect();
+        starts.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut used: SmallVec<[Units; 4]> = smallvec::smallvec![0; from.len()];
+        let (mut end, mut sum) = (self.buckets.len(), 0);
+        for &(start, i) in &starts {
+            sum += self.buckets.range(start..end).map(|b| b.1).sum::<Units>();
+            used[i] = sum;
+            end = start;
+        }
+        used
+    }
+
     /// Units `window` counts at `now`.
     pub fn used(&self, window: &Window, now: Millis) -> Units {
         self.used_since(window.span(now).0)
@@ -648,13 +683,25 @@ impl UsageLog {
     /// out; for a calendar window, the next period's start. `now` if they are free already;
     /// `None` if the window is too small to ever hold `needed`.
     pub fn free_at(&self, window: &Window, needed: Units, now: Millis) -> Option<Millis> {
+        let span = window.span(now);
+        self.free_at_given(window, span, self.used_since(span.0), needed, now)
+    }
+
+    /// [`UsageLog::free_at`] given the window's `span` at `now` and the units it counts then
+    /// (a decision has both already).
+    fn free_at_given(
+        &self,
+        window: &Window,
+        (from, reset): (Millis, Option<Millis>),
+        mut used: Units,
+        needed: Units,
+        now: Millis,
+    ) -> Option<Millis> {
         if needed > window.limit {
             return None;
         }
         // Usage can exceed the limit: replicas that admitted within each other's notification
         // lag both count what the other committed.
-        let (from, reset) = window.span(now);
-        let mut used = self.used_since(from);
         if window.limit.saturating_sub(used) >= needed {
             return Some(now);
         }
@@ -662,7 +709,8 @@ impl UsageLog {
             return reset;
         };
         let first = first_minute(from);
-        for &(minute, units) in self.buckets.iter().filter(|(m, _)| *m >= first) {
+        let oldest = self.buckets.partition_point(|(m, _)| *m < first);
+        for &(minute, units) in self.buckets.range(oldest..) {
             used = used.saturating_sub(units);
             if window.limit.saturating_sub(used) >= needed {
                 return Some((minute + i64::from(minutes)) * MINUTE_MS);
@@ -684,7 +732,8 @@ impl UsageLog {
 
     /// Takes back `units` recorded in `at_minute` (a released hold).
     fn remove(&mut self, at_minute: i64, units: Units) {
-        if let Some(pos) = self.buckets.iter().position(|(m, _)| *m == at_minute) {
+        // From the newest: a released hold is almost always of the last minutes.
+        if let Some(pos) = self.buckets.iter().rposition(|(m, _)| *m == at_minute) {
             let (_, u) = &mut self.buckets[pos];
             *u = u.saturating_sub(units);
             if *u == 0 {
@@ -713,11 +762,15 @@ impl AccountState {
                     used: UsageLog::default(),
                     unsettled: UsageLog::default(),
                 },
-                LayerKind::FreeTier { period, zone, .. } => LayerState::FreeTier {
-                    period_start: period.bounds(*zone, now).0,
-                    used: 0,
-                    unsettled: 0,
-                },
+                LayerKind::FreeTier { period, zone, .. } => {
+                    let (period_start, period_end) = period.bounds(*zone, now);
+                    LayerState::FreeTier {
+                        period_start,
+                        period_end,
+                        used: 0,
+                        unsettled: 0,
+                    }
+                }
                 LayerKind::Concurrency { .. } => LayerState::InFlight(0),
                 LayerKind::Workspace { member_cap } => LayerState::WorkspaceUse {
                     period_start: workspace_period(*member_cap, now),
@@ -842,6 +895,7 @@ impl AccountState {
                 Pool::FreeTier { period_start: p },
                 Some(LayerState::FreeTier {
                     period_start,
+                    period_end,
                     used,
                     unsettled,
                 }),
@@ -849,6 +903,7 @@ impl AccountState {
                 // Another replica may have started the next period before this one did.
                 if *p > *period_start {
                     *period_start = *p;
+                    *period_end = plan.period_end(draw.layer, *p);
                     *used = 0;
                     *unsettled = 0;
                 }
@@ -917,15 +972,17 @@ impl AccountState {
                     LayerKind::FreeTier { period, zone, .. },
                     LayerState::FreeTier {
                         period_start,
+                        period_end,
                         used,
                         unsettled,
                     },
                 ) => {
-                    let current = period.bounds(*zone, now).0;
+                    let (current, end) = period.bounds(*zone, now);
                     if *period_start != current {
                         *period_start = current;
                         *unsettled = 0;
                     }
+                    *period_end = end;
                     *used = *unsettled;
                 }
                 (
@@ -1443,9 +1500,18 @@ fn walk(
         match &layer.kind {
             LayerKind::UsageLimit { windows } => {
                 let log = state.usage_log(index);
+                // Each window's span and use, found once: a short layer's reset needs them too.
+                let spans: SmallVec<[(Millis, Option<Millis>); 4]> =
+                    windows.iter().map(|w| w.span(now)).collect();
+                let froms: SmallVec<[Millis; 4]> = spans.iter().map(|s| s.0).collect();
+                let used = log.map_or_else(
+                    || smallvec::smallvec![0; windows.len()],
+                    |l| l.used_since_each(&froms),
+                );
                 let room = windows
                     .iter()
-                    .map(|w| w.limit.saturating_sub(log.map_or(0, |l| l.used(w, now))))
+                    .zip(&used)
+                    .map(|(w, used)| w.limit.saturating_sub(*used))
                     .min()
                     .unwrap_or(0);
                 let available = state.capped(LeasePool::Layer(idx), room, caps, now);
@@ -1464,7 +1530,10 @@ fn walk(
                     // Short (or exactly used up): say when one more unit frees up.
                     report.reset_at = windows
                         .iter()
-                        .filter_map(|w| log.and_then(|l| l.free_at(w, give + 1, now)))
+                        .zip(spans.iter().zip(&used))
+                        .filter_map(|(w, (&span, &used))| {
+                            log.and_then(|l| l.free_at_given(w, span, used, give + 1, now))
+                        })
                         .max();
                 }
                 left -= give;
@@ -1474,7 +1543,15 @@ fn walk(
                 period,
                 zone,
             } => {
-                let (start, end) = period.bounds(*zone, now);
+                let (start, end) = match state.layers.get(index) {
+                    Some(&LayerState::FreeTier {
+                        period_start,
+                        period_end,
+                        ..
+                    }) if period_start <= now && now < period_end => (period_start, period_end),
+                    _ => period.bounds(*zone, now),
+                };
+                debug_assert_eq!((start, end), period.bounds(*zone, now), "the period's memo");
                 let room = allowance.saturating_sub(state.free_tier_used(index, start));
                 let available = state.capped(LeasePool::Layer(idx), room, caps, now);
                 let give = available.min(left);
@@ -1945,6 +2022,7 @@ fn apply_draw(
             Pool::FreeTier { period_start: p },
             Some(LayerState::FreeTier {
                 period_start,
+                period_end,
                 used,
                 unsettled,
             }),
@@ -1953,6 +2031,7 @@ fn apply_draw(
                 Direction::Take => {
                     if *period_start != *p {
                         *period_start = *p;
+                        *period_end = plan.period_end(draw.layer, *p);
                         *used = 0;
                         *unsettled = 0;
                     }

@@ -1737,6 +1737,24 @@ fn a_span_counts_the_minutes_that_start_within_it() {
     assert_eq!(log.used_since(-MIN + 1), 3);
 }
 
+proptest! {
+    /// One pass for every window of a layer counts what one pass per window counts.
+    #[test]
+    fn used_since_each_is_used_since_of_each(
+        minutes in prop::collection::vec((0i64..600, 1u64..50), 0..80),
+        froms in prop::collection::vec(-10i64..700, 0..5),
+    ) {
+        let mut log = UsageLog::default();
+        for (m, u) in minutes {
+            log.add(m, u);
+        }
+        let froms: Vec<Millis> = froms.iter().map(|m| m * MIN - 7).collect();
+        let each = log.used_since_each(&froms);
+        let one_by_one: Vec<Units> = froms.iter().map(|&f| log.used_since(f)).collect();
+        prop_assert_eq!(each.to_vec(), one_by_one);
+    }
+}
+
 /// Zones with an hour of DST either way, half- and quarter-hour offsets, a half-hour DST
 /// (Lord Howe) and midnight transitions (Santiago).
 fn zone() -> impl Strategy<Value = Tz> {
