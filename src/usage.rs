@@ -187,14 +187,10 @@ impl LedgerEntry {
         }
     }
 
-    /// The decision as stored: every layer checked, what it had and gave; a shadow decision
-    /// says so (`"shadow": "admit"` or `"deny"`: what enforcing would have done).
-    pub fn decision_json(&self) -> serde_json::Value {
-        let mut json = decision_json(&self.plan, &self.decision);
-        if let Some(shadow) = self.shadow {
-            json["shadow"] = serde_json::json!(shadow);
-        }
-        json
+    /// The decision as stored (JSON): every layer checked, what it had and gave; a shadow
+    /// decision says so (`"shadow": "admit"` or `"deny"`: what enforcing would have done).
+    pub fn decision_json(&self) -> String {
+        decision_json(&self.plan, &self.decision, self.shadow)
     }
 
     /// The price version the decision used.
@@ -214,39 +210,204 @@ impl LedgerEntry {
     }
 }
 
-/// Describes a decision layer by layer, with the names the plan gives them.
-pub fn decision_json(plan: &Plan, decision: &Decision) -> serde_json::Value {
-    let layers: Vec<_> = decision
-        .layers
-        .iter()
-        .filter_map(|r| {
-            let layer = plan.layers.get(r.layer as usize)?;
-            let mut v = serde_json::json!({
-                "layer": &*layer.name,
-                "kind": layer.kind.tag(),
-                "eligible": r.eligible,
-                "available_units": r.available_units,
-                "available_credits": r.available_credits,
-                "gave_units": r.gave_units,
-                "gave_credits": r.gave_credits,
-                "reset_at": r.reset_at.map(crate::clock::rfc3339),
-            });
-            if let crate::waterfall::LayerKind::Workspace { member_cap } = &layer.kind {
-                v["pool_credits"] = serde_json::json!(r.pool_credits);
-                v["cap_left"] = serde_json::json!(r.cap_left);
-                v["member_cap"] = serde_json::json!(member_cap.map(|c| c.credits));
-            }
-            Some(v)
-        })
-        .collect();
-    serde_json::json!({
-        "plan": &*plan.name,
-        "price_version": plan.price_version(decision),
-        "units": decision.units,
-        "credits_per_unit": decision.credits_per_unit,
-        "admitted": decision.admitted(),
-        "denial": decision.denial,
-        "layers": layers,
-        "draws": decision.draws,
-    })
+/// Describes a decision layer by layer, with the names the plan gives them, as JSON.
+///
+/// Serialized straight from borrowed records, once per usage event on the ledger writer: a
+/// `serde_json::Value` built first cost a map per object (11 % of the writer's CPU). Fields are
+/// in alphabetical order, the order the `Value` form stored them in.
+pub fn decision_json(plan: &Plan, decision: &Decision, shadow: Option<Shadow>) -> String {
+    let record = DecisionRecord {
+        admitted: decision.admitted(),
+        credits_per_unit: decision.credits_per_unit,
+        denial: decision.denial,
+        draws: &decision.draws,
+        layers: LayerRecords { plan, decision },
+        plan: &plan.name,
+        price_version: plan.price_version(decision),
+        shadow,
+        units: decision.units,
+    };
+    // Serializing plain integers, strings and derived records cannot fail.
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct DecisionRecord<'a> {
+    admitted: bool,
+    credits_per_unit: crate::waterfall::Credits,
+    denial: Option<crate::waterfall::Denial>,
+    draws: &'a [Draw],
+    layers: LayerRecords<'a>,
+    plan: &'a str,
+    price_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<Shadow>,
+    units: crate::waterfall::Units,
+}
+
+/// The decision's layer reports, written as a sequence without collecting them first.
+struct LayerRecords<'a> {
+    plan: &'a Plan,
+    decision: &'a Decision,
+}
+
+impl Serialize for LayerRecords<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.decision.layers.iter().filter_map(|r| {
+            let layer = self.plan.layers.get(r.layer as usize)?;
+            // A workspace layer also says what its pool and the member's cap held (null
+            // when unknown); other layers leave the three out.
+            let workspace = match &layer.kind {
+                crate::waterfall::LayerKind::Workspace { member_cap } => {
+                    Some((r.pool_credits, r.cap_left, member_cap.map(|c| c.credits)))
+                }
+                _ => None,
+            };
+            Some(LayerRecord {
+                available_credits: r.available_credits,
+                available_units: r.available_units,
+                cap_left: workspace.map(|w| w.1),
+                eligible: r.eligible,
+                gave_credits: r.gave_credits,
+                gave_units: r.gave_units,
+                kind: layer.kind.tag(),
+                layer: &layer.name,
+                member_cap: workspace.map(|w| w.2),
+                pool_credits: workspace.map(|w| w.0),
+                reset_at: r.reset_at.map(crate::clock::rfc3339),
+            })
+        }))
+    }
+}
+
+#[derive(Serialize)]
+struct LayerRecord<'a> {
+    available_credits: Option<crate::waterfall::Credits>,
+    available_units: crate::waterfall::Units,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cap_left: Option<Option<crate::waterfall::Credits>>,
+    eligible: bool,
+    gave_credits: crate::waterfall::Credits,
+    gave_units: crate::waterfall::Units,
+    kind: &'static str,
+    layer: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member_cap: Option<Option<crate::waterfall::Credits>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool_credits: Option<Option<crate::waterfall::Credits>>,
+    reset_at: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{Value, json};
+
+    use super::{Shadow, decision_json};
+    use crate::waterfall::{
+        AccountState, FeatureId, FeatureSet, Grant, GrantKind, Layer, LayerKind, MemberCap, Period,
+        Plan, PriceTable, Tz, Window, decide, decide_in, reserve,
+    };
+
+    const NOW: i64 = 1_795_428_000_000;
+
+    fn layer(name: &str, kind: LayerKind) -> Layer {
+        Layer {
+            name: name.into(),
+            features: FeatureSet::ALL,
+            kind,
+        }
+    }
+
+    fn credits(id: i64, balance: u64) -> Grant {
+        Grant {
+            id,
+            kind: GrantKind::Credits,
+            balance,
+            unsettled: 0,
+            expires_at: None,
+            priority: 0,
+            features: FeatureSet::ALL,
+        }
+    }
+
+    /// Every layer reported by name and kind, with what it had and gave; a workspace layer adds
+    /// its pool, the member's cap left and the cap; draws and denial as the engine's types
+    /// serialize; `shadow` only for a shadow decision.
+    #[test]
+    fn a_decision_is_stored_layer_by_layer() {
+        let plan = Arc::new(Plan {
+            name: "team".into(),
+            layers: vec![
+                layer(
+                    "limits",
+                    LayerKind::UsageLimit {
+                        windows: vec![Window::rolling("5h", 300, 2)],
+                    },
+                ),
+                layer(
+                    "pool",
+                    LayerKind::Workspace {
+                        member_cap: Some(MemberCap {
+                            credits: 40,
+                            period: Period::Month,
+                            zone: Tz::UTC,
+                        }),
+                    },
+                ),
+            ],
+            prices: vec![PriceTable::flat("v7", vec![Some(5)])],
+            strict: false,
+        });
+        let mut member = AccountState::new(&plan, vec![], NOW);
+        // One unit of the window used ten minutes ago: it frees up 5 h after that minute.
+        let earlier = NOW - 10 * 60_000;
+        let first = decide(&plan, &member, FeatureId(0), 1, earlier);
+        reserve(&plan, &mut member, &first, earlier);
+        let pool = AccountState::new(&plan, vec![credits(9, 100)], NOW);
+        let d = decide_in(&plan, &member, Some(&pool), FeatureId(0), 4, NOW);
+        assert!(d.admitted());
+        let stored: Value = serde_json::from_str(&decision_json(&plan, &d, None)).unwrap();
+        assert_eq!(stored["plan"], "team");
+        assert_eq!(stored["price_version"], "v7");
+        assert_eq!(stored["units"], 4);
+        assert_eq!(stored["credits_per_unit"], 5);
+        assert_eq!(stored["admitted"], true);
+        assert_eq!(stored["denial"], Value::Null);
+        assert!(stored.get("shadow").is_none());
+        assert_eq!(stored["draws"], serde_json::to_value(&d.draws).unwrap());
+        let layers = stored["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2);
+        let limits = &layers[0];
+        assert_eq!(limits["layer"], "limits");
+        assert_eq!(limits["kind"], "usage_limit");
+        assert_eq!(limits["available_units"], 1);
+        assert_eq!(limits["gave_units"], 1);
+        assert_eq!(
+            limits["reset_at"],
+            crate::clock::rfc3339(earlier + 300 * 60_000)
+        );
+        for absent in ["pool_credits", "cap_left", "member_cap"] {
+            assert!(limits.get(absent).is_none(), "{absent}");
+        }
+        let pool_layer = &layers[1];
+        assert_eq!(pool_layer["kind"], "workspace");
+        assert_eq!(pool_layer["gave_units"], 3);
+        assert_eq!(pool_layer["gave_credits"], 15);
+        assert_eq!(pool_layer["pool_credits"], 100);
+        assert_eq!(pool_layer["cap_left"], 40);
+        assert_eq!(pool_layer["member_cap"], 40);
+
+        let denied = decide(&plan, &member, FeatureId(0), 1_000, NOW);
+        let stored: Value =
+            serde_json::from_str(&decision_json(&plan, &denied, Some(Shadow::Deny))).unwrap();
+        assert_eq!(stored["admitted"], false);
+        assert_eq!(
+            stored["denial"],
+            serde_json::to_value(denied.denial).unwrap()
+        );
+        assert_eq!(stored["shadow"], "deny");
+        assert_eq!(stored["draws"], json!([]));
+    }
 }

@@ -202,7 +202,7 @@ impl PostgresStore {
                     decision_id: entry.decision_id.to_string(),
                     key: entry.charge_key(),
                     idempotency_key: entry.idempotency_column(),
-                    decision: entry.decision_json().to_string(),
+                    decision: entry.decision_json(),
                 }
             })
             .collect();

@@ -379,7 +379,7 @@ async fn insert_usage(
                 .push_bind(e.upstream_status.map(i64::from))
                 .push_bind(r.idempotency_key.as_str())
                 .push_bind(r.charge_key)
-                .push_bind(e.decision_json().to_string())
+                .push_bind(e.decision_json())
                 .push_bind(e.decided_at)
                 .push_bind(e.completed_at)
                 .push_bind(now)
