@@ -662,7 +662,7 @@ impl UsageLog {
                 (self.buckets.partition_point(|(m, _)| *m < first), i)
             })
             .collect();
-        starts.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        starts.sort_unstable_by_key(|&(start, _)| std::cmp::Reverse(start));
         let mut used: SmallVec<[Units; 4]> = smallvec::smallvec![0; from.len()];
         let (mut end, mut sum) = (self.buckets.len(), 0);
         for &(start, i) in &starts {
