@@ -196,7 +196,24 @@ async fn kill_9_mid_flight(kind: StoreKind, durability: Durability) {
             ))
         })
         .collect();
+    // The durability window: what was queued but not committed, bounded by ledger_queue_max
+    // (plus one request per client that was admitted just before the queue filled).
+    let window = match durability {
+        Durability::Batched => 200 + 8,
+        Durability::Strict => 0,
+    };
+    // Enough answered that losing all of them could not pass as "within the window": the load
+    // runs at least 2 s, and on a busy machine (CI runs tests side by side) until that many
+    // have been answered, up to 30 s.
+    let enough = (2 * window).max(100);
+    let started = flowgate::clock::Stopwatch::start();
     tokio::time::sleep(Duration::from_millis(2000)).await;
+    while seen.lock().answered_before_kill.len() <= enough
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ran = started.seconds();
     gateway.signal("KILL");
     let mut gateway = gateway;
     gateway.wait(Duration::from_secs(5)).await;
@@ -208,7 +225,7 @@ async fn kill_9_mid_flight(kind: StoreKind, durability: Durability) {
         let s = seen.lock();
         (s.answered_before_kill.clone(), s.unanswered.clone())
     };
-    let rate = answered.len() as f64 / 2.0;
+    let rate = answered.len() as f64 / ran;
 
     // What the ledger kept of the answered requests.
     let store = Store::open(&store_url).await.expect("store");
@@ -220,20 +237,13 @@ async fn kill_9_mid_flight(kind: StoreKind, durability: Durability) {
         .map(|e| e.decision_id)
         .collect();
     let lost = answered.values().filter(|d| !recorded.contains(*d)).count();
-    // The durability window: what was queued but not committed, bounded by ledger_queue_max
-    // (plus one request per client that was admitted just before the queue filled).
-    let window = match durability {
-        Durability::Batched => 200 + 8,
-        Durability::Strict => 0,
-    };
     println!(
         "kill -9 ({kind:?}, {durability:?}): {} answered at {rate:.0}/s, {lost} lost (allowed {window}), {} in flight",
         answered.len(),
         unanswered.len()
     );
-    // Enough answered that losing all of them could not pass as "within the window".
     assert!(
-        answered.len() > (2 * window).max(100),
+        answered.len() > enough,
         "the load ran: {} answered",
         answered.len()
     );
