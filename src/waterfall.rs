@@ -581,7 +581,7 @@ pub struct AccountState {
     /// The account's grants, kept in spend order.
     grants: Vec<Grant>,
     /// Strict mode's slices (`None` for a plan that is not strict). Boxed: most plans are not
-    /// strict, and inline slices would cost every account of a large view ~150 bytes.
+    /// strict, and inline slices would cost every account of a large view 208 bytes.
     pub leases: Option<Box<Leases>>,
 }
 
