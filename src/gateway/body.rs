@@ -193,6 +193,95 @@ where
     }
 }
 
+/// The most [`Coalesce`] joins into one frame.
+const COALESCE_BYTES_MAX: usize = 64 * 1024;
+
+/// What a body's poll gives when ready.
+type Polled<B> = Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>;
+
+/// Passes `inner`'s data on, joining the frames that are ready together into one: an upstream's
+/// burst of SSE events (a chunk each, all arrived in one read) then costs the client one write
+/// instead of one per event, as with nginx. It never waits for more: a frame goes on as soon as
+/// the upstream has nothing else ready, so an event reaches the client when it arrives.
+pub struct Coalesce<B: Body> {
+    inner: B,
+    /// What ended the last join (trailers, an error, the end), given on the next poll.
+    next: Option<Polled<B>>,
+}
+
+impl<B: Body> Coalesce<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B) -> Self {
+        Coalesce { inner, next: None }
+    }
+}
+
+// `next` is never pinned: only `inner` is polled, through its own `Unpin`.
+impl<B: Body + Unpin> Unpin for Coalesce<B> {}
+
+impl<B> Body for Coalesce<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(next) = this.next.take() {
+            return Poll::Ready(next);
+        }
+        let first = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            },
+            other => return Poll::Ready(other),
+        };
+        // Copied only when a second frame is ready too.
+        let mut joined: Option<bytes::BytesMut> = None;
+        while !this.inner.is_end_stream()
+            && joined.as_ref().map_or(first.len(), bytes::BytesMut::len) < COALESCE_BYTES_MAX
+        {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => joined
+                        .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                        .extend_from_slice(&data),
+                    Err(trailers) => {
+                        this.next = Some(Some(Ok(trailers)));
+                        break;
+                    }
+                },
+                Poll::Ready(other) => {
+                    this.next = Some(other);
+                    break;
+                }
+            }
+        }
+        let data = joined.map_or(first, bytes::BytesMut::freeze);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.next {
+            Some(next) => next.is_none(),
+            None => self.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.next {
+            Some(_) => SizeHint::with_exact(0),
+            None => self.inner.size_hint(),
+        }
+    }
+}
+
 /// What a completed stream cost: what the response reported, if the route settles from it;
 /// else a watched stream's progress; else nothing (the estimate stands).
 fn settled(
@@ -276,5 +365,117 @@ impl<B: Body> Drop for MeteredBody<B> {
                 _ => drop(hold),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+
+    use super::Coalesce;
+
+    type Item = Poll<Option<Result<Frame<Bytes>, Infallible>>>;
+
+    /// An upstream body that gives `items` one poll each (`Pending` as a poll with nothing
+    /// ready yet), then ends.
+    struct Scripted(VecDeque<Item>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Item {
+            match self.0.pop_front() {
+                Some(Poll::Pending) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Some(ready) => ready,
+                None => Poll::Ready(None),
+            }
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    fn data(s: &str) -> Item {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(s.as_bytes())))))
+    }
+
+    fn poll(body: &mut Coalesce<Scripted>) -> Option<Result<Frame<Bytes>, Infallible>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(&mut cx) {
+                return frame;
+            }
+        }
+    }
+
+    fn text(frame: Option<Result<Frame<Bytes>, Infallible>>) -> String {
+        let bytes = frame
+            .expect("a frame")
+            .expect("no error")
+            .into_data()
+            .expect("data");
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn frames_ready_together_go_as_one_and_nothing_waits_for_more() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-usage", http::HeaderValue::from_static("3"));
+        let mut body = Coalesce::new(Scripted(VecDeque::from([
+            data("data: 1\n\n"),
+            data("data: 2\n\n"),
+            data("data: 3\n\n"),
+            Poll::Pending,
+            data("data: 4\n\n"),
+            // The first is met by the join after "4", the second by the next poll.
+            Poll::Pending,
+            Poll::Pending,
+            data("data: 5\n\n"),
+            Poll::Ready(Some(Ok(Frame::trailers(trailers.clone())))),
+        ])));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(text(poll(&mut body)), "data: 1\n\ndata: 2\n\ndata: 3\n\n");
+        // What arrived goes on before the upstream sends more.
+        assert_eq!(text(poll(&mut body)), "data: 4\n\n");
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        assert_eq!(text(poll(&mut body)), "data: 5\n\n");
+        assert!(!body.is_end_stream(), "the trailers are still to come");
+        let last = poll(&mut body).expect("trailers").expect("no error");
+        assert_eq!(last.into_trailers().expect("trailers"), trailers);
+        assert!(poll(&mut body).is_none());
+    }
+
+    #[test]
+    fn the_end_goes_with_the_last_data_and_a_join_stops_past_its_size() {
+        let mut body = Coalesce::new(Scripted(VecDeque::from([data("a"), data("b")])));
+        assert_eq!(text(poll(&mut body)), "ab");
+        assert!(
+            body.is_end_stream(),
+            "the last frame is known to be the last"
+        );
+        assert!(poll(&mut body).is_none());
+
+        let big = "x".repeat(40 * 1024);
+        let mut body = Coalesce::new(Scripted(VecDeque::from([
+            data(&big),
+            data(&big),
+            data(&big),
+        ])));
+        assert_eq!(
+            text(poll(&mut body)).len(),
+            80 * 1024,
+            "past 64 KiB: no more joined"
+        );
+        assert_eq!(text(poll(&mut body)).len(), 40 * 1024);
+        assert!(poll(&mut body).is_none());
     }
 }
