@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 use tower::{Layer, Service, ServiceExt};
 use uuid::Uuid;
 
-use super::body::{Coalesce, MeteredBody, Watching};
+use super::body::{MeteredBody, Watching};
 use super::layers::{
     Answer, Attribution, DecisionId, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, LogFields, LogOutcome,
     POOLS, REPLAY_OF, SHADOW, refused,
@@ -63,7 +63,7 @@ where
         + 'static,
     S::Future: Send,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError> + Send,
+    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -100,7 +100,7 @@ async fn meter<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError> + Send,
+    B::Error: Into<axum::BoxError>,
 {
     let decision_id = req
         .extensions()
@@ -494,7 +494,7 @@ async fn forward_held<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError> + Send,
+    B::Error: Into<axum::BoxError>,
 {
     let Held {
         mut hold,
@@ -552,7 +552,7 @@ where
                     clock: app.clock.clone(),
                     metrics: app.metrics.clone(),
                 });
-            Body::new(MeteredBody::new(Coalesce::new(body), hold, settle, watch))
+            Body::new(MeteredBody::new(body, hold, settle, watch))
         }
     };
     Ok(Response::from_parts(parts, body))
@@ -582,7 +582,7 @@ async fn forward_shadow<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError> + Send,
+    B::Error: Into<axum::BoxError>,
 {
     let Shadowed {
         mut entry,
