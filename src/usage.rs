@@ -213,8 +213,8 @@ impl LedgerEntry {
 /// Describes a decision layer by layer, with the names the plan gives them, as JSON.
 ///
 /// Serialized straight from borrowed records, once per usage event on the ledger writer: a
-/// `serde_json::Value` built first cost a map per object (11 % of the writer's CPU). Fields are
-/// in alphabetical order, the order the `Value` form stored them in.
+/// `serde_json::Value` built first cost a map per object (≈ 3 % of the gateway's CPU in stop
+/// 24's profile). Fields are in alphabetical order, the order the `Value` form stored them in.
 pub fn decision_json(plan: &Plan, decision: &Decision, shadow: Option<Shadow>) -> String {
     let record = DecisionRecord {
         admitted: decision.admitted(),
