@@ -535,17 +535,13 @@ impl Accounts {
                 a.with_state(|_, state| state.unobserve(draw));
             }
         }
-        if change.balances.iter().all(|b| new(&b.account)) {
-            self.sync_balances(&change.balances)
-        } else {
-            let balances: Vec<GrantBalance> = change
-                .balances
-                .iter()
-                .filter(|b| new(&b.account))
-                .cloned()
-                .collect();
-            self.sync_balances(&balances)
-        }
+        let balances: Vec<GrantBalance> = change
+            .balances
+            .iter()
+            .filter(|b| new(&b.account))
+            .cloned()
+            .collect();
+        self.sync_balances(&balances)
     }
 
     /// Re-reads everything from the store, as after a lost listener: accounts, keys, grants with

@@ -418,16 +418,8 @@ impl Store {
         dialect!(self, s => s.load_accounts().await)
     }
 
-    /// The draws of every charge decided at or after `since`, by account, oldest first: the
-    /// usage that still counts against windows and free tiers.
-    pub async fn load_draws_since(
-        &self,
-        since: Millis,
-    ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
-        dialect!(self, s => s.load_draws_since(since).await)
-    }
-
-    /// Every account and the draws decided since `since`, in one snapshot, with its
+    /// Every account and the draws of every charge decided at or after `since` (by account:
+    /// the usage that still counts against windows and free tiers), in one snapshot, with its
     /// [`ReadMark`]: what [`crate::accounts::Accounts`] re-reads after a lost listener.
     pub async fn read_view(&self, since: Millis) -> Result<ViewRead, StoreError> {
         dialect!(self, s => s.read_view(since).await)

@@ -486,14 +486,6 @@ macro_rules! api_statements {
             load_accounts_in(&mut conn).await
         }
 
-        pub(in crate::store) async fn load_draws_since(
-            &self,
-            since: Millis,
-        ) -> Result<Vec<(String, Vec<Draw>)>, StoreError> {
-            let mut conn = self.pool.acquire().await?;
-            load_draws_in(&mut conn, since).await
-        }
-
         /// Accounts and the draws since `since`, read in one snapshot, with where that
         /// snapshot stands in the commits other replicas announce.
         pub(in crate::store) async fn read_view(
