@@ -576,10 +576,13 @@ impl Grant {
 /// The in-memory state of one account: what the hot path decides against.
 #[derive(Debug, Clone)]
 pub struct AccountState {
-    /// Per-layer state, index-aligned with the plan's layers.
-    pub layers: Vec<LayerState>,
-    /// The account's grants, kept in spend order.
-    grants: Vec<Grant>,
+    /// Per-layer state, index-aligned with the plan's layers. Boxed slices, not vectors, here
+    /// and for the grants: 16 bytes an account less, which at a million accounts took the
+    /// state's cell to a smaller allocation class (docs/BENCHMARKS.md, memory).
+    pub layers: Box<[LayerState]>,
+    /// The account's grants, kept in spend order. A grant is added rarely (a purchase, a
+    /// promotion); each addition reallocates.
+    grants: Box<[Grant]>,
     /// Strict mode's slices (`None` for a plan that is not strict). Boxed: most plans are not
     /// strict, and inline slices would cost every account of a large view 208 bytes.
     pub leases: Option<Box<Leases>>,
@@ -595,10 +598,10 @@ pub struct AccountState {
 pub enum LayerState {
     /// Units used per minute, oldest first, for a usage-limit layer.
     UsageLimit {
-        /// Everything that counts: committed and unsettled.
-        used: UsageLog,
-        /// This gateway's holds and queued charges not yet committed.
-        unsettled: UsageLog,
+        /// Per minute, everything that counts (committed and unsettled) and, of it, this
+        /// gateway's holds and queued charges not yet committed. One log for both: at a million
+        /// accounts, a second log per layer was 80 bytes an account (docs/BENCHMARKS.md).
+        log: UsageLog,
     },
     /// Units used in the free tier's current period.
     FreeTier {
@@ -632,10 +635,22 @@ fn first_minute(at: Millis) -> i64 {
     at.div_euclid(MINUTE_MS) + i64::from(at.rem_euclid(MINUTE_MS) != 0)
 }
 
-/// Units used per minute, oldest first; minutes with no usage are absent.
+/// One minute of a [`UsageLog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bucket {
+    /// The minute, since the epoch.
+    minute: i64,
+    /// Units that count in it: committed and unsettled.
+    used: Units,
+    /// Of `used`, what this gateway has not committed yet.
+    unsettled: Units,
+}
+
+/// Units used per minute, oldest first; minutes with neither usage nor unsettled units are
+/// absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsageLog {
-    buckets: VecDeque<(i64, Units)>,
+    buckets: VecDeque<Bucket>,
 }
 
 impl UsageLog {
@@ -645,8 +660,8 @@ impl UsageLog {
         self.buckets
             .iter()
             .rev()
-            .take_while(|(m, _)| *m >= first)
-            .map(|(_, u)| *u)
+            .take_while(|b| b.minute >= first)
+            .map(|b| b.used)
             .sum()
     }
 
@@ -659,18 +674,27 @@ impl UsageLog {
             .enumerate()
             .map(|(i, &f)| {
                 let first = first_minute(f);
-                (self.buckets.partition_point(|(m, _)| *m < first), i)
+                (self.buckets.partition_point(|b| b.minute < first), i)
             })
             .collect();
         starts.sort_unstable_by_key(|&(start, _)| std::cmp::Reverse(start));
         let mut used: SmallVec<[Units; 4]> = smallvec::smallvec![0; from.len()];
         let (mut end, mut sum) = (self.buckets.len(), 0);
         for &(start, i) in &starts {
-            sum += self.buckets.range(start..end).map(|b| b.1).sum::<Units>();
+            sum += self
+                .buckets
+                .range(start..end)
+                .map(|b| b.used)
+                .sum::<Units>();
             used[i] = sum;
             end = start;
         }
         used
+    }
+
+    /// Of the units logged, those this gateway has not committed yet.
+    pub fn unsettled(&self) -> Units {
+        self.buckets.iter().map(|b| b.unsettled).sum()
     }
 
     /// Units `window` counts at `now`.
@@ -709,43 +733,77 @@ impl UsageLog {
             return reset;
         };
         let first = first_minute(from);
-        let oldest = self.buckets.partition_point(|(m, _)| *m < first);
-        for &(minute, units) in self.buckets.range(oldest..) {
-            used = used.saturating_sub(units);
+        let oldest = self.buckets.partition_point(|b| b.minute < first);
+        for b in self.buckets.range(oldest..) {
+            used = used.saturating_sub(b.used);
             if window.limit.saturating_sub(used) >= needed {
-                return Some((minute + i64::from(minutes)) * MINUTE_MS);
+                return Some((b.minute + i64::from(minutes)) * MINUTE_MS);
             }
         }
         Some(now)
     }
 
-    /// Records `units` used in the minute of `at`.
-    fn add(&mut self, at_minute: i64, units: Units) {
-        match self.buckets.iter_mut().rev().find(|(m, _)| *m == at_minute) {
-            Some((_, u)) => *u += units,
+    /// Records `used` units in `at_minute`, of which `unsettled` are this gateway's and not
+    /// committed yet.
+    fn add(&mut self, at_minute: i64, used: Units, unsettled: Units) {
+        if used == 0 && unsettled == 0 {
+            return; // an empty minute is an absent one
+        }
+        match self
+            .buckets
+            .iter_mut()
+            .rev()
+            .find(|b| b.minute == at_minute)
+        {
+            Some(b) => {
+                b.used += used;
+                b.unsettled += unsettled;
+            }
             None => {
-                let pos = self.buckets.partition_point(|(m, _)| *m < at_minute);
-                self.buckets.insert(pos, (at_minute, units));
+                if self.buckets.capacity() == 0 {
+                    // Room for exactly one: most accounts of a large view have a minute or two
+                    // in their windows, and the default first allocation holds four (72 bytes
+                    // more an account). A second minute grows it to four as usual.
+                    self.buckets.reserve_exact(1);
+                }
+                let pos = self.buckets.partition_point(|b| b.minute < at_minute);
+                let bucket = Bucket {
+                    minute: at_minute,
+                    used,
+                    unsettled,
+                };
+                self.buckets.insert(pos, bucket);
             }
         }
     }
 
-    /// Takes back `units` recorded in `at_minute` (a released hold).
-    fn remove(&mut self, at_minute: i64, units: Units) {
+    /// Takes back `used` and `unsettled` units recorded in `at_minute` (a released hold takes
+    /// both; a commit only `unsettled`, a refund only `used`).
+    fn remove(&mut self, at_minute: i64, used: Units, unsettled: Units) {
         // From the newest: a released hold is almost always of the last minutes.
-        if let Some(pos) = self.buckets.iter().rposition(|(m, _)| *m == at_minute) {
-            let (_, u) = &mut self.buckets[pos];
-            *u = u.saturating_sub(units);
-            if *u == 0 {
+        if let Some(pos) = self.buckets.iter().rposition(|b| b.minute == at_minute) {
+            let b = &mut self.buckets[pos];
+            b.used = b.used.saturating_sub(used);
+            b.unsettled = b.unsettled.saturating_sub(unsettled);
+            if b.used == 0 && b.unsettled == 0 {
                 self.buckets.remove(pos);
             }
         }
     }
 
+    /// Forgets what the store committed: every minute counts only what this gateway has not
+    /// committed yet (a resync then observes the store's truth on top).
+    fn keep_unsettled(&mut self) {
+        self.buckets.retain_mut(|b| {
+            b.used = b.unsettled;
+            b.unsettled > 0
+        });
+    }
+
     /// Forgets minutes older than `keep_minutes` before `now`: they can no longer count.
     fn prune(&mut self, keep_minutes: u32, now: Millis) {
         let first = now.div_euclid(MINUTE_MS) - i64::from(keep_minutes) + 1;
-        while self.buckets.front().is_some_and(|(m, _)| *m < first) {
+        while self.buckets.front().is_some_and(|b| b.minute < first) {
             self.buckets.pop_front();
         }
     }
@@ -759,8 +817,7 @@ impl AccountState {
             .iter()
             .map(|l| match &l.kind {
                 LayerKind::UsageLimit { .. } => LayerState::UsageLimit {
-                    used: UsageLog::default(),
-                    unsettled: UsageLog::default(),
+                    log: UsageLog::default(),
                 },
                 LayerKind::FreeTier { period, zone, .. } => {
                     let (period_start, period_end) = period.bounds(*zone, now);
@@ -780,15 +837,14 @@ impl AccountState {
                 _ => LayerState::Stateless,
             })
             .collect();
-        let mut state = AccountState {
+        let mut grants = grants;
+        // Stable: grants that tie keep the order they came in, as adding them one by one would.
+        grants.sort_by_key(Grant::spend_order);
+        AccountState {
             layers,
-            grants: Vec::with_capacity(grants.len()),
+            grants: grants.into_boxed_slice(),
             leases: plan.strict.then(Box::default),
-        };
-        for g in grants {
-            state.add_grant(g);
         }
-        state
     }
 
     /// Adds a grant, keeping spend order.
@@ -796,7 +852,9 @@ impl AccountState {
         let pos = self
             .grants
             .partition_point(|g| g.spend_order() <= grant.spend_order());
-        self.grants.insert(pos, grant);
+        let mut grants = std::mem::take(&mut self.grants).into_vec();
+        grants.insert(pos, grant);
+        self.grants = grants.into_boxed_slice();
     }
 
     /// The account's grants, in spend order.
@@ -824,8 +882,8 @@ impl AccountState {
                         grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
                     }
                 }
-                (Pool::Window { minute }, Some(LayerState::UsageLimit { unsettled, .. })) => {
-                    unsettled.remove(*minute, draw.units);
+                (Pool::Window { minute }, Some(LayerState::UsageLimit { log })) => {
+                    log.remove(*minute, 0, draw.units);
                 }
                 (
                     Pool::FreeTier { period_start: p },
@@ -887,9 +945,9 @@ impl AccountState {
     /// as balances ([`AccountState::sync_grant`]).
     pub fn observe(&mut self, plan: &Plan, draw: &Draw, now: Millis) {
         match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
-            (Pool::Window { minute }, Some(LayerState::UsageLimit { used, .. })) => {
-                used.add(*minute, draw.units);
-                used.prune(plan.longest_window_minutes(), now);
+            (Pool::Window { minute }, Some(LayerState::UsageLimit { log })) => {
+                log.add(*minute, draw.units, 0);
+                log.prune(plan.longest_window_minutes(), now);
             }
             (
                 Pool::FreeTier { period_start: p },
@@ -937,8 +995,8 @@ impl AccountState {
     /// Takes back committed usage from the windows and free tier (a refunded charge).
     pub fn unobserve(&mut self, draw: &Draw) {
         match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
-            (Pool::Window { minute }, Some(LayerState::UsageLimit { used, .. })) => {
-                used.remove(*minute, draw.units);
+            (Pool::Window { minute }, Some(LayerState::UsageLimit { log })) => {
+                log.remove(*minute, draw.units, 0);
             }
             (
                 Pool::FreeTier { period_start: p },
@@ -965,8 +1023,8 @@ impl AccountState {
     pub fn resync_usage(&mut self, plan: &Plan, committed: &[Draw], now: Millis) {
         for (layer, state) in plan.layers.iter().zip(self.layers.iter_mut()) {
             match (&layer.kind, state) {
-                (LayerKind::UsageLimit { .. }, LayerState::UsageLimit { used, unsettled }) => {
-                    used.clone_from(unsettled);
+                (LayerKind::UsageLimit { .. }, LayerState::UsageLimit { log }) => {
+                    log.keep_unsettled();
                 }
                 (
                     LayerKind::FreeTier { period, zone, .. },
@@ -1046,7 +1104,7 @@ impl AccountState {
     /// The per-minute usage of usage-limit layer `layer` (`None` for any other layer).
     pub fn usage_log(&self, layer: usize) -> Option<&UsageLog> {
         match self.layers.get(layer) {
-            Some(LayerState::UsageLimit { used, .. }) => Some(used),
+            Some(LayerState::UsageLimit { log }) => Some(log),
             _ => None,
         }
     }
@@ -2005,18 +2063,12 @@ fn apply_draw(
         }
     }
     match (&draw.pool, state.layers.get_mut(draw.layer as usize)) {
-        (Pool::Window { minute }, Some(LayerState::UsageLimit { used, unsettled })) => match dir {
+        (Pool::Window { minute }, Some(LayerState::UsageLimit { log })) => match dir {
             Direction::Take => {
-                let keep = plan.longest_window_minutes();
-                used.add(*minute, draw.units);
-                used.prune(keep, now);
-                unsettled.add(*minute, draw.units);
-                unsettled.prune(keep, now);
+                log.add(*minute, draw.units, draw.units);
+                log.prune(plan.longest_window_minutes(), now);
             }
-            Direction::Give => {
-                used.remove(*minute, draw.units);
-                unsettled.remove(*minute, draw.units);
-            }
+            Direction::Give => log.remove(*minute, draw.units, draw.units),
         },
         (
             Pool::FreeTier { period_start: p },

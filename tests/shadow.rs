@@ -59,9 +59,7 @@ fn unsettled(h: &Harness, account: &str) -> u64 {
         s.layers
             .iter()
             .map(|l| match l {
-                flowgate::waterfall::LayerState::UsageLimit { unsettled, .. } => {
-                    unsettled.used_since(0)
-                }
+                flowgate::waterfall::LayerState::UsageLimit { log } => log.unsettled(),
                 _ => 0,
             })
             .sum()
@@ -334,7 +332,7 @@ async fn an_account_is_shadowed_through_the_admin_api(kind: StoreKind) {
     let counted_there = |g: &flowgate::gateway::Gateway| {
         g.app().accounts.get("frank").map_or(0, |a| {
             a.with_state(|_, s| match &s.layers[0] {
-                flowgate::waterfall::LayerState::UsageLimit { used, .. } => used.used_since(0),
+                flowgate::waterfall::LayerState::UsageLimit { log } => log.used_since(0),
                 _ => 0,
             })
         })

@@ -186,8 +186,8 @@ fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
     let w = window("10m", 10, 3);
     let now_minute = t0() / MIN;
     let mut log = UsageLog::default();
-    log.add(now_minute - 10, 1); // one minute before the window: not counted
-    log.add(now_minute - 5, 3); // fills it
+    log.add(now_minute - 10, 1, 0); // one minute before the window: not counted
+    log.add(now_minute - 5, 3, 0); // fills it
     assert_eq!(log.used(&w, t0()), 3);
     // One unit is free when the minute-5 usage slides out, not the minute-10 one.
     assert_eq!(log.free_at(&w, 1, t0()), Some(t0() + 5 * MIN));
@@ -197,10 +197,15 @@ fn usage_just_outside_a_window_does_not_bring_its_reset_forward() {
 fn a_log_forgets_exactly_the_minutes_no_window_can_count() {
     let m = t0() / MIN;
     let mut log = UsageLog::default();
-    log.add(m, 1);
-    log.add(m + 1, 2);
+    log.add(m, 1, 0);
+    log.add(m + 1, 2, 1);
     log.prune(10, (m + 10) * MIN);
-    assert_eq!(log.buckets, [(m + 1, 2)]);
+    let kept = Bucket {
+        minute: m + 1,
+        used: 2,
+        unsettled: 1,
+    };
+    assert_eq!(log.buckets, [kept]);
 }
 
 #[test]
@@ -889,7 +894,7 @@ fn observable(plan: &Plan, s: &AccountState, now: Millis) -> (Vec<Units>, Vec<Gr
             _ => {}
         }
     }
-    (used, s.grants.clone())
+    (used, s.grants.to_vec())
 }
 
 fn steps() -> impl Strategy<Value = Vec<(u64, bool, Units, bool)>> {
@@ -1729,8 +1734,8 @@ fn a_span_counts_the_minutes_that_start_within_it() {
     // A calendar span that does not start on a minute (only zones' old local mean times do)
     // counts the minutes that start at or after it.
     let mut log = UsageLog::default();
-    log.add(9, 1);
-    log.add(10, 2);
+    log.add(9, 1, 0);
+    log.add(10, 2, 0);
     assert_eq!(log.used_since(10 * MIN), 2);
     assert_eq!(log.used_since(9 * MIN + 1), 2);
     assert_eq!(log.used_since(9 * MIN), 3);
@@ -1738,6 +1743,68 @@ fn a_span_counts_the_minutes_that_start_within_it() {
 }
 
 proptest! {
+    /// A log of both counts behaves as the two logs it replaced: what counts per minute, and
+    /// what is unsettled per minute, each changed only by its own operations.
+    #[test]
+    fn one_log_keeps_used_and_unsettled_apart(
+        ops in prop::collection::vec((0u8..5, 0i64..30, 0u64..6, 0u64..6), 0..120),
+    ) {
+        use std::collections::BTreeMap;
+        let mut log = UsageLog::default();
+        let (mut used, mut unsettled) = (BTreeMap::<i64, u64>::new(), BTreeMap::<i64, u64>::new());
+        let take = |map: &mut BTreeMap<i64, u64>, m: i64, u: u64| {
+            if let Some(v) = map.get_mut(&m) {
+                *v = v.saturating_sub(u);
+                if *v == 0 {
+                    map.remove(&m);
+                }
+            }
+        };
+        for (op, m, u, v) in ops {
+            match op {
+                0 => {
+                    log.add(m, u, v.min(u));
+                    *used.entry(m).or_default() += u;
+                    *unsettled.entry(m).or_default() += v.min(u);
+                }
+                1 => {
+                    log.remove(m, u, v);
+                    take(&mut used, m, u);
+                    take(&mut unsettled, m, v);
+                }
+                2 => {
+                    log.keep_unsettled();
+                    used = unsettled.clone();
+                }
+                3 => {
+                    log.prune(10, m * MIN);
+                    let first = m - 10 + 1;
+                    used.retain(|&k, _| k >= first);
+                    unsettled.retain(|&k, _| k >= first);
+                }
+                _ => {
+                    log.add(m, u, 0);
+                    *used.entry(m).or_default() += u;
+                }
+            }
+            used.retain(|_, v| *v > 0);
+            unsettled.retain(|_, v| *v > 0);
+            for from in [0, 5, 12, 29] {
+                let expected: u64 = used.range(from..).map(|(_, v)| v).sum();
+                prop_assert_eq!(log.used_since(from * MIN), expected);
+            }
+            let log_unsettled: BTreeMap<i64, u64> = log
+                .buckets
+                .iter()
+                .filter(|b| b.unsettled > 0)
+                .map(|b| (b.minute, b.unsettled))
+                .collect();
+            prop_assert_eq!(&log_unsettled, &unsettled);
+            prop_assert!(log.buckets.iter().all(|b| b.used > 0 || b.unsettled > 0));
+            prop_assert!(log.buckets.iter().zip(log.buckets.iter().skip(1)).all(|(a, b)| a.minute < b.minute));
+        }
+    }
+
     /// One pass for every window of a layer counts what one pass per window counts.
     #[test]
     fn used_since_each_is_used_since_of_each(
@@ -1746,7 +1813,7 @@ proptest! {
     ) {
         let mut log = UsageLog::default();
         for (m, u) in minutes {
-            log.add(m, u);
+            log.add(m, u, 0);
         }
         let froms: Vec<Millis> = froms.iter().map(|m| m * MIN - 7).collect();
         let each = log.used_since_each(&froms);
