@@ -44,11 +44,30 @@ pub struct Account {
     /// account's successors ([`Accounts::change`]), so that a hold taken before a change of plan
     /// or suspension ends on the state the account has now.
     state: Arc<Mutex<AccountState>>,
-    /// The workspace whose pool the plan's `workspace` layers draw, if a member of one.
-    pub workspace: Option<AccountId>,
+    /// Its workspace, if a member of one. Boxed: most accounts are in none, and inline it
+    /// would cost each of them 32 bytes (docs/BENCHMARKS.md, memory).
+    membership: Option<Box<Membership>>,
+}
+
+/// A member's workspace and the link to its pool.
+#[derive(Debug)]
+struct Membership {
+    /// The workspace whose pool the plan's `workspace` layers draw.
+    workspace: AccountId,
     /// The workspace account's state (its grants are the pool), linked by
     /// [`Accounts::link_workspaces`] once the workspace is in the view. Shared, never a copy.
     pool: parking_lot::RwLock<Option<Arc<Mutex<AccountState>>>>,
+}
+
+impl Membership {
+    fn of(workspace: Option<AccountId>) -> Option<Box<Membership>> {
+        workspace.map(|workspace| {
+            Box::new(Membership {
+                workspace,
+                pool: parking_lot::RwLock::new(None),
+            })
+        })
+    }
 }
 
 impl Account {
@@ -60,9 +79,13 @@ impl Account {
             suspended,
             shadow: false,
             state: Arc::new(Mutex::new(state)),
-            workspace: None,
-            pool: parking_lot::RwLock::new(None),
+            membership: None,
         }
+    }
+
+    /// The workspace whose pool the plan's `workspace` layers draw, if a member of one.
+    pub fn workspace(&self) -> Option<&AccountId> {
+        self.membership.as_ref().map(|m| &m.workspace)
     }
 
     /// The account with its own shadow mode on or off.
@@ -75,7 +98,7 @@ impl Account {
     /// The account as a member of `workspace` (its pool is linked once both are in the view).
     #[must_use]
     pub fn in_workspace(mut self, workspace: Option<AccountId>) -> Account {
-        self.workspace = workspace;
+        self.membership = Membership::of(workspace);
         self
     }
 
@@ -92,7 +115,7 @@ impl Account {
         &self,
         f: impl FnOnce(&Plan, &mut AccountState, Option<&mut AccountState>) -> R,
     ) -> R {
-        let pool = self.pool.read().clone();
+        let pool = self.membership.as_ref().and_then(|m| m.pool.read().clone());
         let mut state = self.state.lock();
         match pool {
             Some(pool) if !Arc::ptr_eq(&pool, &self.state) => {
@@ -104,12 +127,50 @@ impl Account {
 
     /// Whether the account is linked to its workspace's pool.
     pub fn has_pool(&self) -> bool {
-        self.pool.read().is_some()
+        self.membership
+            .as_ref()
+            .is_some_and(|m| m.pool.read().is_some())
     }
 }
 
-/// The SHA-256 digest of an API key.
-type KeyDigest = [u8; 32];
+/// The first 128 bits of an API key's SHA-256 digest: what the view finds a key's account by.
+/// Half the digest is as safe a name as all of it (presenting another account's key means a
+/// second preimage of 128 bits, 2^108 work against a million keys) and saves 34 bytes an
+/// account in a million-account view (docs/BENCHMARKS.md).
+type KeyDigest = [u8; 16];
+
+/// [`KeyDigest`] of a full SHA-256 digest.
+fn truncated(full: &[u8; 32]) -> KeyDigest {
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&full[..16]);
+    digest
+}
+
+/// An account as the map by id holds it: the key is the account itself, found by its id (a
+/// separate id key would be 16 bytes more per slot, ~35 an account at a million).
+#[derive(Clone)]
+struct ById(Arc<Account>);
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that a lookup by `&str` finds it (`Borrow`'s contract).
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::borrow::Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        self.0.id.as_str()
+    }
+}
 
 /// The cached view: accounts by id and by API-key hash.
 #[derive(Clone)]
@@ -117,9 +178,9 @@ pub struct Accounts {
     /// By id. A sharded map, not a cache: an account is never evicted (its holds live in it),
     /// and a cache's per-entry bookkeeping (moka's is ~300 bytes) would be a third of a
     /// million-account view's memory. A lookup holds one shard's read lock for the clone.
-    by_id: Arc<dashmap::DashMap<AccountId, Arc<Account>>>,
-    /// By the SHA-256 digest of the key, held as its 32 bytes (half its hex form, and looked up
-    /// without formatting one per request). A plain map: keys are never evicted, and moka's
+    by_id: Arc<dashmap::DashMap<ById, ()>>,
+    /// By the key's [`KeyDigest`], held as bytes (looked up without formatting hex per
+    /// request). A plain map: keys are never evicted, and moka's
     /// per-entry bookkeeping (~300 bytes) would be most of a million-account view's memory.
     /// Readers hold the lock only for the lookup; writers are the admin API's key creation.
     by_key_hash: Arc<parking_lot::RwLock<HashMap<KeyDigest, AccountId>>>,
@@ -184,7 +245,15 @@ impl Accounts {
 
     /// Adds or replaces an account.
     pub fn insert(&self, account: Account) {
-        self.by_id.insert(account.id.clone(), Arc::new(account));
+        self.put(Arc::new(account));
+    }
+
+    /// Adds `account`, or replaces the account with its id (the key too: it is the account).
+    fn put(&self, account: Arc<Account>) {
+        match self.by_id.entry(ById(account)) {
+            dashmap::Entry::Occupied(e) => drop(e.replace_entry(())),
+            dashmap::Entry::Vacant(e) => drop(e.insert(())),
+        }
     }
 
     /// Maps an API-key hash (SHA-256, hex, as stored) to an account.
@@ -196,14 +265,14 @@ impl Accounts {
 
     /// The account with this id.
     pub fn get(&self, id: &str) -> Option<Arc<Account>> {
-        self.by_id.get(id).map(|a| a.value().clone())
+        self.by_id.get(id).map(|a| a.key().0.clone())
     }
 
     /// The account that owns this API key.
     pub fn by_api_key(&self, key: &str) -> Option<Arc<Account>> {
         use sha2::Digest;
-        let digest: KeyDigest = sha2::Sha256::digest(key.as_bytes()).into();
-        let id = self.by_key_hash.read().get(&digest).cloned();
+        let full: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        let id = self.by_key_hash.read().get(&truncated(&full)).cloned();
         id.and_then(|id| self.get(&id))
     }
 
@@ -244,25 +313,25 @@ impl Accounts {
     pub fn link_workspaces(&self) {
         // Collected first: linking looks accounts up, and a shard's read lock taken again
         // while iterating could wait behind a writer queued on it.
-        let all: Vec<Arc<Account>> = self.by_id.iter().map(|a| a.value().clone()).collect();
+        let all: Vec<Arc<Account>> = self.by_id.iter().map(|a| a.key().0.clone()).collect();
         for account in all {
             self.link(&account);
         }
     }
 
     fn link(&self, account: &Account) {
-        let Some(ws) = &account.workspace else {
-            *account.pool.write() = None;
+        let Some(membership) = &account.membership else {
             return;
         };
+        let ws = &membership.workspace;
         let pool = self
             .get(ws)
-            .filter(|w| w.workspace.is_none() && w.id != account.id)
+            .filter(|w| w.membership.is_none() && w.id != account.id)
             .map(|w| w.state.clone());
         if pool.is_none() {
             tracing::warn!(account = %account.id, workspace = %ws, "workspace not in the view; its pool is not drawn");
         }
-        *account.pool.write() = pool;
+        *membership.pool.write() = pool;
     }
 
     /// Takes the store's committed balances as the truth (see [`AccountState::sync_grant`]).
@@ -385,29 +454,30 @@ impl Accounts {
             (false, true) => state.leases = None,
             _ => {}
         }
-        self.by_id.insert(
-            old.id.clone(),
-            Arc::new(Account {
-                id: old.id.clone(),
-                plan,
-                suspended,
-                shadow,
-                state: old.state.clone(),
-                workspace: old.workspace.clone(),
-                pool: parking_lot::RwLock::new(old.pool.read().clone()),
+        self.put(Arc::new(Account {
+            id: old.id.clone(),
+            plan,
+            suspended,
+            shadow,
+            state: old.state.clone(),
+            membership: old.membership.as_ref().map(|m| {
+                Box::new(Membership {
+                    workspace: m.workspace.clone(),
+                    pool: parking_lot::RwLock::new(m.pool.read().clone()),
+                })
             }),
-        );
+        }));
         drop(state);
         true
     }
 }
 
-/// An API-key hash's 32 bytes. A hash that is not 64 hex digits cannot match any key: it is
-/// logged and skipped.
+/// The [`KeyDigest`] of a stored API-key hash. A hash that is not 64 hex digits cannot match any
+/// key: it is logged and skipped.
 fn digest_of(key_hash: &str, account: &str) -> Option<KeyDigest> {
     let mut digest = [0u8; 32];
     match hex::decode_to_slice(key_hash, &mut digest) {
-        Ok(()) => Some(digest),
+        Ok(()) => Some(truncated(&digest)),
         Err(e) => {
             tracing::error!(%account, error = %e, "stored API-key hash is not SHA-256 hex; key ignored");
             None
@@ -485,18 +555,17 @@ impl Accounts {
         let Some(current) = self.get(id) else {
             return;
         };
-        if current.workspace != workspace {
+        if current.workspace() != workspace.as_ref() {
             let next = Account {
                 id: current.id.clone(),
                 plan: current.plan.clone(),
                 suspended: current.suspended,
                 shadow: current.shadow,
                 state: current.state.clone(),
-                workspace,
-                pool: parking_lot::RwLock::new(None),
+                membership: Membership::of(workspace),
             };
             self.link(&next);
-            self.by_id.insert(current.id.clone(), Arc::new(next));
+            self.put(Arc::new(next));
         } else {
             self.link(&current);
         }
