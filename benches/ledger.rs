@@ -26,6 +26,11 @@ use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall::{self, FeatureId};
 use sqlx::Connection;
 
+/// The allocator `flowgate serve` runs on, so that the writer's own allocations cost here what
+/// they cost there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ACCOUNTS: usize = 1_000;
 const EVENTS: usize = 100_000;
 const RATE: usize = 10_000;
