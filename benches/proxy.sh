@@ -19,7 +19,8 @@
 # flowgate per case (/tmp/fg.max, ...; read with `perf report -i`; PERF_OPTS="--call-graph dwarf"
 # for call graphs through code without frame pointers); STRACE=/tmp/st counts its system calls
 # per case (/tmp/st.max, ...; strace slows it: not for throughput); DURABILITY=strict holds
-# each charged response's end until its usage event is committed.
+# each charged response's end until its usage event is committed; LEDGER_BATCH=2048 sets the
+# writer's batch size (default 512, as in the product).
 # wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
 set -euo pipefail
 
@@ -87,6 +88,7 @@ level = "info"
 [store]
 url = "${STORE_URL:-sqlite://$dir/flowgate.db}"
 durability = "${DURABILITY:-batched}"
+ledger_batch_size_max = ${LEDGER_BATCH:-512}
 [identity]
 mode = "api_key"
 [upstreams.api]
