@@ -311,10 +311,16 @@ impl Accounts {
     /// resync added accounts). A workspace missing from the view leaves its members unlinked:
     /// their workspace layers have nothing to give.
     pub fn link_workspaces(&self) {
-        // Collected first: linking looks accounts up, and a shard's read lock taken again
-        // while iterating could wait behind a writer queued on it.
-        let all: Vec<Arc<Account>> = self.by_id.iter().map(|a| a.key().0.clone()).collect();
-        for account in all {
+        // Members only (the others have nothing to link), collected first: linking looks
+        // accounts up, and a shard's read lock taken again while iterating could wait behind a
+        // writer queued on it.
+        let members: Vec<Arc<Account>> = self
+            .by_id
+            .iter()
+            .filter(|a| a.key().0.membership.is_some())
+            .map(|a| a.key().0.clone())
+            .collect();
+        for account in members {
             self.link(&account);
         }
     }
