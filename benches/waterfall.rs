@@ -134,6 +134,29 @@ fn worst(plan: &Plan) -> AccountState {
     typical_with(plan, grants)
 }
 
+/// A heavy user: one unit every minute for a week, within windows that allow it (300 per 5 hours,
+/// 20 000 a week), so the week window counts 10 080 minutes and the 5-hour one is full.
+fn week_of_minutes() -> (Plan, AccountState) {
+    let mut plan = plan();
+    plan.layers[0].kind = LayerKind::UsageLimit {
+        windows: vec![
+            Window::rolling("5h", 300, 300),
+            Window::rolling("week", 10_080, 20_000),
+        ],
+    };
+    let mut s = AccountState::new(
+        &plan,
+        vec![grant(2, GrantKind::Credits, 100_000_000, None)],
+        NOW,
+    );
+    for m in 0..10_080 {
+        let at = NOW - (10_080 - m) * 60_000;
+        let d = decide(&plan, &s, TASK, 1, at);
+        reserve(&plan, &mut s, &d, at);
+    }
+    (plan, s)
+}
+
 fn typical_with(plan: &Plan, grants: Vec<Grant>) -> AccountState {
     let mut s = typical(plan);
     for g in grants {
@@ -183,6 +206,10 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("decide_typical_calendar_windows", |b| {
         b.iter(|| one_request(&calendar, &mut cal, 40))
+    });
+    let (week_plan, mut week) = week_of_minutes();
+    c.bench_function("decide_week_of_minutes", |b| {
+        b.iter(|| one_request(&week_plan, &mut week, 40))
     });
     let mut denied = typical(&plan);
     c.bench_function("decide_denied", |b| {
