@@ -676,8 +676,18 @@ pub struct UsageLog {
 impl UsageLog {
     /// Units used in the minutes that start at or after `from`.
     pub fn used_since(&self, from: Millis) -> Units {
-        let first = first_minute(from);
-        self.used_from(self.buckets.partition_point(|b| b.minute < first))
+        self.used_from(self.start_of(first_minute(from)))
+    }
+
+    /// The index of the first minute at or after `first`: the log's length if none.
+    fn start_of(&self, first: i64) -> usize {
+        // Most windows hold the whole log (a light user, or the longest window, which the log
+        // is pruned to) or none of it: no search for those.
+        match (self.buckets.front(), self.buckets.back()) {
+            (Some(f), _) if f.minute >= first => 0,
+            (_, Some(l)) if l.minute < first => self.buckets.len(),
+            _ => self.buckets.partition_point(|b| b.minute < first),
+        }
     }
 
     /// Units used in the log's minutes from index `i` on.
@@ -767,13 +777,20 @@ impl UsageLog {
             return reset;
         };
         let first = first_minute(from);
-        let oldest = self.buckets.partition_point(|b| b.minute < first);
+        let oldest = self.start_of(first);
         let origin = self.through_before(oldest);
         // The first minute whose sliding out (with every older one of the window) leaves
-        // room: what slides out only grows minute by minute, so this is a binary search.
-        let frees = self.buckets.partition_point(|b| {
-            b.minute < first || !room(used.saturating_sub(b.through.wrapping_sub(origin)))
-        });
+        // room: what slides out only grows minute by minute. Usually the oldest minute or the
+        // next (a decision asks when one more unit is free), so look there before searching.
+        let short = |b: &Bucket| !room(used.saturating_sub(b.through.wrapping_sub(origin)));
+        let frees = match (self.buckets.get(oldest), self.buckets.get(oldest + 1)) {
+            (Some(b), _) if !short(b) => oldest,
+            (Some(_), Some(b)) if !short(b) => oldest + 1,
+            (Some(_), Some(_)) => self
+                .buckets
+                .partition_point(|b| b.minute < first || short(b)),
+            _ => self.buckets.len(),
+        };
         match self.buckets.get(frees) {
             Some(b) => Some((b.minute + i64::from(minutes)) * MINUTE_MS),
             None => Some(now),
@@ -2102,7 +2119,9 @@ fn apply_draw(
     dir: Direction,
     hints: &mut (usize, usize),
 ) {
-    if let (Some(leases), Some(pool)) = (&mut state.leases, draw.lease_pool()) {
+    if let Some(leases) = &mut state.leases
+        && let Some(pool) = draw.lease_pool()
+    {
         match dir {
             Direction::Take => leases.take(pool, draw.lease_amount(), now),
             Direction::Give => leases.give(pool, draw.lease_amount()),
@@ -2200,9 +2219,11 @@ fn apply_grant(
     hint: &mut usize,
 ) {
     let start = (*hint).min(grants.len());
-    let found = (start..grants.len())
-        .chain(0..start)
-        .find(|&i| grants[i].id == grant_id);
+    let (before, after) = grants.split_at(start);
+    let found = match after.iter().position(|g| g.id == grant_id) {
+        Some(i) => Some(start + i),
+        None => before.iter().position(|g| g.id == grant_id),
+    };
     if let Some(i) = found {
         *hint = i + 1;
         let grant = &mut grants[i];

@@ -1795,7 +1795,7 @@ proptest! {
                 prop_assert_eq!(log.used_since(from * MIN), expected);
             }
             // When a rolling window frees room, as a minute-by-minute walk of the model finds.
-            for (minutes, limit, needed, now) in [(10, 6, 1, 20), (30, 12, 5, 29), (7, 3, 3, 31)] {
+            for (minutes, limit, needed, now) in [(10, 6, 1, 20), (30, 12, 5, 29), (7, 3, 3, 31), (30, 20, 14, 29)] {
                 let w = window("w", minutes, limit);
                 let first = now - i64::from(minutes) + 1;
                 let mut counted: u64 = used.range(first..).map(|(_, v)| v).sum();
