@@ -37,6 +37,10 @@ const RATE: usize = 10_000;
 const LAG_SECONDS: usize = 5;
 
 fn config(url: &str) -> String {
+    // LEDGER_BATCH sets the writer's largest batch (the product's default otherwise).
+    let batch = std::env::var("LEDGER_BATCH")
+        .map(|b| format!("ledger_batch_size_max = {b}"))
+        .unwrap_or_default();
     let mut text = format!(
         r#"
 [server]
@@ -45,6 +49,7 @@ listen = "127.0.0.1:0"
 mode = "api_key"
 [store]
 url = "{url}"
+{batch}
 [upstreams.api]
 url = "http://127.0.0.1:9"
 [[routes]]

@@ -20,7 +20,8 @@
 # for call graphs through code without frame pointers); STRACE=/tmp/st counts its system calls
 # per case (/tmp/st.max, ...; strace slows it: not for throughput); DURABILITY=strict holds
 # each charged response's end until its usage event is committed; LEDGER_BATCH=2048 sets the
-# writer's batch size (default 512, as in the product).
+# writer's batch size (default 4096, as in the product), LEDGER_FLUSH_MS=20 how long it lets a
+# small batch fill (default 5, as in the product).
 # wrk, the upstream, and the proxy share the machine: on 2 cores, compare ratios within a run.
 set -euo pipefail
 
@@ -88,7 +89,8 @@ level = "info"
 [store]
 url = "${STORE_URL:-sqlite://$dir/flowgate.db}"
 durability = "${DURABILITY:-batched}"
-ledger_batch_size_max = ${LEDGER_BATCH:-512}
+ledger_batch_size_max = ${LEDGER_BATCH:-4096}
+ledger_flush_interval_ms = ${LEDGER_FLUSH_MS:-5}
 [identity]
 mode = "api_key"
 [upstreams.api]

@@ -153,7 +153,8 @@ impl LedgerWriter {
     /// Commits batches until `stop` resolves (or every [`LedgerQueue`] handle is dropped), then
     /// commits whatever is still queued and returns.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let mut batch = Vec::with_capacity(self.settings.batch_size_max);
+        // Room for a batch at a steady rate; `recv_many` grows it when a backlog forms.
+        let mut batch = Vec::with_capacity(self.settings.batch_size_max.min(512));
         let mut stop = std::pin::pin!(stop);
         let mut stopping = false;
         // The writer is the one task that writes balances, so expiry runs here too: its first

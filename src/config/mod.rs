@@ -349,8 +349,11 @@ mod defaults {
     pub fn log_level() -> String {
         "info".to_owned()
     }
+    /// Large: a batch this size forms only from a backlog, and the larger the batch, the
+    /// fewer index pages each event writes (docs/BENCHMARKS.md, stop 27: SQLite 27–31k events/s
+    /// at 512, 45–49k at 4 096).
     pub fn ledger_batch_size_max() -> usize {
-        512
+        4096
     }
     pub fn ledger_flush_interval_ms() -> u64 {
         5
