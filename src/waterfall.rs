@@ -813,7 +813,7 @@ impl UsageLog {
             Err(pos) => {
                 if self.buckets.capacity() == 0 {
                     // Room for exactly one: most accounts of a large view have a minute or two
-                    // in their windows, and the default first allocation holds four (72 bytes
+                    // in their windows, and the default first allocation holds four (96 bytes
                     // more an account). A second minute grows it to four as usual.
                     self.buckets.reserve_exact(1);
                 }
