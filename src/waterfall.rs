@@ -1697,7 +1697,11 @@ fn walk(
                 let period_start = workspace_period(*member_cap, now);
                 let usable = |g: &&Grant| g.usable(GrantKind::Credits, feature, now);
                 let held: Credits = pool.map_or(0, |p| {
-                    p.grants.iter().filter(usable).map(|g| g.balance).sum()
+                    unexpired(&p.grants, now)
+                        .iter()
+                        .filter(usable)
+                        .map(|g| g.balance)
+                        .sum()
                 });
                 let cap_left = member_cap.map(|c| {
                     c.credits
@@ -1730,7 +1734,7 @@ fn walk(
                     }
                 } else if let Some(pool) = pool {
                     let mut owed = give * price;
-                    for grant in pool.grants.iter().filter(usable) {
+                    for grant in unexpired(&pool.grants, now).iter().filter(usable) {
                         if owed == 0 {
                             break;
                         }
@@ -1777,8 +1781,7 @@ fn walk(
                 // times, a heap allocation each). When they cannot pay it all, fewer are drawn.
                 let wanted = left.saturating_mul(price);
                 let (mut held, mut draws_needed): (Credits, usize) = (0, 0);
-                for grant in state
-                    .grants
+                for grant in unexpired(&state.grants, now)
                     .iter()
                     .filter(|g| g.usable(grant_kind, feature, now))
                 {
@@ -1813,8 +1816,7 @@ fn walk(
                 }
                 let mut owed = give * price;
                 decision.draws.reserve(draws_needed);
-                for grant in state
-                    .grants
+                for grant in unexpired(&state.grants, now)
                     .iter()
                     .filter(|g| g.usable(grant_kind, feature, now))
                 {
@@ -1851,6 +1853,22 @@ fn walk(
         decision.denial = Some(deny_reason(plan, state, &decision, feature, left, now));
     }
     decision
+}
+
+/// `grants` (in spend order) without the expired ones at their head, which no decision can draw:
+/// the first priority's grants come first, earliest expiry first, so its expired grants are a
+/// prefix, found by a binary search. An account keeps its expired grants (the usage API lists
+/// them), and one that bought many expiring packs would otherwise walk them all on every
+/// decision. Expired grants of later priorities are left to [`Grant::usable`].
+fn unexpired(grants: &[Grant], now: Millis) -> &[Grant] {
+    let expired = |g: &Grant| g.expires_at.is_some_and(|at| at <= now);
+    match grants.first() {
+        Some(first) if expired(first) => {
+            let skip = grants.partition_point(|g| g.priority == first.priority && expired(g));
+            &grants[skip..]
+        }
+        _ => grants, // the usual case: nothing expired at the head, no search
+    }
 }
 
 /// Spreads a grant layer's `units` over its draws in proportion to their credits, so that each

@@ -1743,6 +1743,33 @@ fn a_span_counts_the_minutes_that_start_within_it() {
 }
 
 proptest! {
+    /// Skipping the expired grants at the head of the spend order skips none a decision could
+    /// draw, whatever the priorities and expiries.
+    #[test]
+    fn unexpired_skips_only_expired_grants(
+        grants in prop::collection::vec((-2i32..3, prop::option::of(-5i64..5)), 0..30),
+        now in -6i64..6,
+    ) {
+        let mut state = AccountState::new(&plan(), Vec::new(), t0());
+        for (i, (priority, expires)) in grants.into_iter().enumerate() {
+            state.add_grant(Grant {
+                priority,
+                expires_at: expires.map(|m| t0() + m * MIN),
+                ..grant(i as i64 + 1, GrantKind::Credits, 1)
+            });
+        }
+        let now = t0() + now * MIN;
+        let live = |gs: &[Grant]| -> Vec<i64> {
+            gs.iter()
+                .filter(|g| g.usable(GrantKind::Credits, FeatureId(0), now))
+                .map(|g| g.id)
+                .collect()
+        };
+        let kept = unexpired(state.grants(), now);
+        prop_assert_eq!(live(kept), live(state.grants()));
+        prop_assert!(kept.len() <= state.grants().len());
+    }
+
     /// A log of both counts behaves as the two logs it replaced: what counts per minute, and
     /// what is unsettled per minute, each changed only by its own operations.
     #[test]
