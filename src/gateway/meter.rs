@@ -16,6 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 use uuid::Uuid;
 
 use super::body::{MeteredBody, Watching};
+use super::coalesce::Coalesced;
 use super::layers::{
     Answer, Attribution, DecisionId, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, LogFields, LogOutcome,
     POOLS, REPLAY_OF, SHADOW, refused,
@@ -63,7 +64,7 @@ where
         + 'static,
     S::Future: Send,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError>,
+    B::Error: Into<axum::BoxError> + Send,
 {
     type Response = Response;
     type Error = Infallible;
@@ -100,7 +101,7 @@ async fn meter<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError>,
+    B::Error: Into<axum::BoxError> + Send,
 {
     let decision_id = req
         .extensions()
@@ -494,7 +495,7 @@ async fn forward_held<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError>,
+    B::Error: Into<axum::BoxError> + Send,
 {
     let Held {
         mut hold,
@@ -552,7 +553,7 @@ where
                     clock: app.clock.clone(),
                     metrics: app.metrics.clone(),
                 });
-            Body::new(MeteredBody::new(body, hold, settle, watch))
+            Body::new(MeteredBody::new(Coalesced::new(body), hold, settle, watch))
         }
     };
     Ok(Response::from_parts(parts, body))
@@ -582,7 +583,7 @@ async fn forward_shadow<S, B>(
 where
     S: Service<Request<Body>, Response = http::Response<B>, Error = GatewayError>,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<axum::BoxError>,
+    B::Error: Into<axum::BoxError> + Send,
 {
     let Shadowed {
         mut entry,

@@ -7,6 +7,7 @@
 //! panicking handler answers 500; its hold is released by `Drop` while the stack unwinds).
 
 mod body;
+mod coalesce;
 pub mod forward;
 pub mod layers;
 mod meter;
