@@ -60,6 +60,8 @@ pub struct Metrics {
     pub export_lag_seconds: GaugeVec,
     /// Billing export: unsent outbox rows, by sink.
     pub export_backlog: IntGaugeVec,
+    /// Client connections open, by serving thread (`0`, `1`, …).
+    pub connections_open: IntGaugeVec,
     /// Billing export: events the receiver accepted, by sink.
     pub export_sent: IntCounterVec,
     /// Billing export: failed sends, by sink and reason (`status`, `connect`, `rejected`,
@@ -239,6 +241,11 @@ impl Metrics {
                 "flowgate_export_lag_seconds",
                 "Age of the oldest unsent billing-export event.",
                 &["sink"],
+            ),
+            connections_open: int_gauge_vec(
+                "flowgate_connections_open",
+                "Client connections open, by serving thread.",
+                &["thread"],
             ),
             export_backlog: int_gauge_vec(
                 "flowgate_export_backlog",

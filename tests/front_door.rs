@@ -160,3 +160,61 @@ async fn five_hundred_stalled_connections_do_not_stop_normal_clients() {
     }
     served(&h).await;
 }
+
+/// The open connections on each serving thread, from `/metrics`.
+async fn connections_open(h: &Harness) -> Vec<i64> {
+    let text = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let mut open: Vec<(String, i64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("flowgate_connections_open{thread=\""))
+        .filter_map(|l| {
+            let (thread, n) = l.split_once("\"} ")?;
+            Some((thread.to_owned(), n.parse().ok()?))
+        })
+        .collect();
+    open.sort();
+    open.into_iter().map(|(_, n)| n).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opened_at_once_spread_over_the_serving_threads() {
+    let h = start("threads = 4\nclient_header_timeout_ms = 10000").await;
+    // Twelve at once, as a load balancer's pool opens them: the thread woken first used to
+    // take them all.
+    let mut held = futures_util::future::join_all((0..12).map(|_| connect(&h))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // all accepted
+    // The metrics request's own connection is one more on some thread.
+    let open = connections_open(&h).await;
+    assert_eq!(open.len(), 4, "{open:?}");
+    assert_eq!(open.iter().sum::<i64>(), 13, "{open:?}");
+    assert!(
+        open.iter().all(|&n| (3..=4).contains(&n)),
+        "connections per thread: {open:?}"
+    );
+    // Each of them is served, wherever it went.
+    for socket in &mut held {
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        let n = socket.read(&mut buf).await.expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = connections_open(&h).await;
+    assert_eq!(open.iter().sum::<i64>(), 1, "after the close: {open:?}");
+}

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod layers;
 mod meter;
 pub mod pool;
+mod spread;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -184,6 +185,7 @@ impl Gateway {
             connections_max: server.connections_max,
             http2_streams: server.http2_max_concurrent_streams,
             threads: server.threads,
+            connections_open: app.metrics.connections_open.clone(),
         };
         let listener = listener
             .into_std()
@@ -331,11 +333,11 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
 }
 
 /// The front door: `threads` serving threads, each with its own single-threaded event loop,
-/// accepting from the one listening socket. A connection, its requests, and the upstream
-/// connections they use stay on the thread that accepted it, as in nginx's workers: no
-/// hand-off between threads on the request path (a multi-threaded runtime woke its other
-/// worker and moved tasks between them several times per request). Returns once every
-/// thread has stopped (see [`serve_thread`]).
+/// accepting from the one listening socket. A connection goes to the thread with the fewest
+/// open ([`spread`]); it, its requests, and the upstream connections they use then stay on
+/// that thread, as in nginx's workers: no hand-off between threads on the request path (a
+/// multi-threaded runtime woke its other worker and moved tasks between them several times
+/// per request). Returns once every thread has stopped (see [`serve_thread`]).
 async fn serve(
     listener: std::net::TcpListener,
     routers: watch::Receiver<Router>,
@@ -344,8 +346,9 @@ async fn serve(
     limits: FrontDoor,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let (spread, inboxes) = spread::Spread::new(limits.threads, &limits.connections_open);
     let mut done = Vec::with_capacity(limits.threads);
-    for index in 0..limits.threads {
+    for (index, inbox) in inboxes.into_iter().enumerate() {
         let listener = match listener.try_clone() {
             Ok(l) => l,
             Err(e) => {
@@ -354,6 +357,12 @@ async fn serve(
             }
         };
         let (routers, stopped, permits) = (routers.clone(), stopped.clone(), permits.clone());
+        let (limits, spread) = (limits.clone(), spread.clone());
+        let threads = Threads {
+            index,
+            spread,
+            inbox,
+        };
         let (finished, finished_rx) = oneshot::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name(format!("flowgate-http-{index}"))
@@ -364,7 +373,7 @@ async fn serve(
                     .build()
                 {
                     Ok(rt) => rt.block_on(serve_thread(
-                        listener, routers, stopped, permits, grace, limits,
+                        listener, routers, stopped, permits, grace, limits, threads,
                     )),
                     Err(e) => tracing::error!(error = %e, "cannot start a serving thread"),
                 }
@@ -383,10 +392,11 @@ async fn serve(
 }
 
 /// One serving thread: accepts connections (at most `connections_max` open at once, across
-/// threads), serves each with hyper — HTTP/1.1 with a header read timeout that also closes
-/// idle keep-alive connections, or HTTP/2 with a stream limit — and on `stopped` stops
-/// accepting, lets its open connections finish for up to `grace`, then abandons them. Each
-/// request is served by the router current when it arrives (see [`Gateway::reload`]).
+/// threads) and serves each with hyper — HTTP/1.1 with a header read timeout that also closes
+/// idle keep-alive connections, or HTTP/2 with a stream limit — here, or on the thread with
+/// fewer open, which gets it through its inbox. On `stopped` it stops accepting, lets its open
+/// connections finish for up to `grace`, then abandons them. Each request is served by the
+/// router current when it arrives (see [`Gateway::reload`]).
 async fn serve_thread(
     listener: std::net::TcpListener,
     routers: watch::Receiver<Router>,
@@ -394,6 +404,7 @@ async fn serve_thread(
     permits: Arc<tokio::sync::Semaphore>,
     grace: Duration,
     limits: FrontDoor,
+    mut threads: Threads,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -416,32 +427,9 @@ async fn serve_thread(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_streams);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        // Past the limit, wait for a connection to close before accepting another.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // closed: never, but then there is nothing to serve
-            },
-            () = &mut stop => break,
-        };
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors or a connection reset before accept: wait, go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        // Without TCP_NODELAY a stream's small event writes wait for the client's delayed ACK
-        // (~40 ms each): an SSE response through the gateway crawled (benches/proxy.sh).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
+    let me = threads.index;
+    let serve_here = |tcp: tokio::net::TcpStream, permit: tokio::sync::OwnedSemaphorePermit| {
+        let open = spread::Open::new(threads.spread.clone(), me);
         let routers = routers.clone();
         let service = hyper_util::service::TowerToHyperService::new(tower::service_fn(
             move |request: http::Request<hyper::body::Incoming>| {
@@ -456,10 +444,63 @@ async fn serve_thread(
         tokio::spawn(async move {
             // A client that goes away or times out ends its connection; nothing to report.
             let _ = conn.await;
-            drop(permit);
+            drop((permit, open));
         });
+    };
+    loop {
+        let (tcp, permit) = tokio::select! {
+            () = &mut stop => break,
+            Some(handed) = threads.inbox.recv() => {
+                match tokio::net::TcpStream::from_std(handed.tcp) {
+                    Ok(tcp) => serve_here(tcp, handed.permit),
+                    Err(e) => {
+                        threads.spread.closed(me);
+                        tracing::warn!(error = %e, "cannot take over a handed connection");
+                    }
+                }
+                continue;
+            }
+            accepted = accept(&listener, &permits) => match accepted {
+                Some(a) => a,
+                None => break, // the permits closed: never, but then there is nothing to serve
+            },
+        };
+        // Without TCP_NODELAY a stream's small event writes wait for the client's delayed ACK
+        // (~40 ms each): an SSE response through the gateway crawled (benches/proxy.sh).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let to = threads.spread.pick(me);
+        if to == me {
+            serve_here(tcp, permit);
+            continue;
+        }
+        let handed = match tcp.into_std() {
+            Ok(tcp) => threads.spread.hand(to, spread::Handed { tcp, permit }),
+            Err(e) => {
+                threads.spread.closed(to);
+                tracing::warn!(error = %e, "cannot hand a connection over");
+                continue;
+            }
+        };
+        // The other thread has stopped: serve it here after all.
+        if let Err(spread::Handed { tcp, permit }) = handed {
+            threads.spread.closed(to);
+            threads.spread.opened(me);
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => serve_here(tcp, permit),
+                Err(_) => threads.spread.closed(me),
+            }
+        }
     }
     drop(listener);
+    // Connections handed over before the stop are served like the others.
+    while let Ok(handed) = threads.inbox.try_recv() {
+        match tokio::net::TcpStream::from_std(handed.tcp) {
+            Ok(tcp) => serve_here(tcp, handed.permit),
+            Err(_) => threads.spread.closed(me),
+        }
+    }
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => {
@@ -468,13 +509,41 @@ async fn serve_thread(
     }
 }
 
-/// The front door's limits, from `[server]`.
-#[derive(Debug, Clone, Copy)]
+/// The next connection, once one of `permits` is free. Waits and goes on when accepting fails
+/// (out of descriptors, a connection reset before accept); `None` only if `permits` closed.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    // Past the limit, wait for a connection to close before accepting another.
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => return Some((tcp, permit)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A serving thread's place among the others: its index, the spread of connections over
+/// them, and its inbox of connections handed over by the others.
+struct Threads {
+    index: usize,
+    spread: Arc<spread::Spread>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<spread::Handed>,
+}
+
+/// The front door's limits, from `[server]`, and its gauge of open connections.
+#[derive(Debug, Clone)]
 struct FrontDoor {
     header_timeout: Duration,
     connections_max: usize,
     http2_streams: u32,
     threads: usize,
+    connections_open: prometheus::IntGaugeVec,
 }
 
 /// One configured route's request path: access log → identify → meter → forward.
