@@ -70,7 +70,8 @@ impl SqliteStore {
             .connect_with(
                 options
                     .clone()
-                    .pragma("cache_size", format!("-{PAGE_CACHE_KIB}")),
+                    .pragma("cache_size", format!("-{PAGE_CACHE_KIB}"))
+                    .statement_cache_capacity(commit::STATEMENT_CACHE),
             )
             .await?;
         let checkpointer = checkpoint::Checkpointer::start(options).await?;
