@@ -163,15 +163,7 @@ async fn five_hundred_stalled_connections_do_not_stop_normal_clients() {
 
 /// The open connections on each serving thread, from `/metrics`.
 async fn connections_open(h: &Harness) -> Vec<i64> {
-    let text = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = h.metrics().await;
     let mut open: Vec<(String, i64)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("flowgate_connections_open{thread=\""))

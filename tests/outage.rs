@@ -65,15 +65,7 @@ async fn an_unreachable_store_keeps_usage_queued_and_fails_readiness() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = h.metrics().await;
     assert!(
         metrics
             .lines()

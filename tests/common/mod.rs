@@ -307,6 +307,18 @@ impl Harness {
             .bearer_auth(key)
     }
 
+    /// The gateway's `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// A task of `units` units for the holder of `key`.
     pub async fn task(&self, key: &str, units: u64) -> reqwest::Response {
         self.post("/v1/tasks", key)
