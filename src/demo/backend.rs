@@ -47,6 +47,11 @@ impl MockBackend {
             .route("/v1/tasks/{id}", get(get_task))
             .route("/v1/videos", post(render_video))
             .with_state(counters.clone());
+        // Without TCP_NODELAY a stream's second event waits for the gateway's delayed ACK
+        // (~40 ms): the demo's video events arrived in a clump.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
