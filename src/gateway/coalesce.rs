@@ -27,14 +27,14 @@ const JOINED_MAX: usize = 64 * 1024;
 /// request included; 7.1 without joining).
 const TURNS: u8 = 2;
 
-/// `inner`, with the data frames that arrive within one turn of the scheduler joined.
+/// `inner`, with the data frames that arrive within [`TURNS`] turns of the scheduler joined.
 pub struct Coalesced<B: Body> {
     inner: B,
     /// Data taken from `inner` and not yet given.
     held: Held,
     /// What `inner` gave after the held data (trailers, an error, or its end), given next.
     after: Option<Option<Result<Frame<Bytes>, B::Error>>>,
-    /// This body gave way once since its last new frame.
+    /// The turns this body gave way since its last new frame.
     yielded: u8,
 }
 
