@@ -250,11 +250,8 @@ mod tests {
                 denial: None,
                 draws: draws
                     .iter()
-                    .map(|&(layer, grant_id, credits)| Draw {
-                        layer,
-                        pool: Pool::Grant { grant_id },
-                        units: credits,
-                        credits,
+                    .map(|&(layer, grant_id, credits)| {
+                        Draw::new(layer, Pool::Grant { grant_id }, credits, credits)
                     })
                     .collect(),
                 layers: smallvec![],
@@ -406,15 +403,15 @@ mod tests {
             ..grant(id, GrantKind::Credits, balance)
         };
         let mut e = entry(&[(0, 1, 30)], 0);
-        e.decision.draws.push(Draw {
-            layer: 1,
-            pool: Pool::Workspace {
+        e.decision.draws.push(Draw::new(
+            1,
+            Pool::Workspace {
                 grant_id: 10,
                 period_start: 0,
             },
-            units: 20,
-            credits: 20,
-        });
+            20,
+            20,
+        ));
         // The member's own grant is short by 10 and the member has nothing else: that is
         // forgiven, never taken from the workspace; the workspace's short grant moves to its
         // other grant, never to the member's.

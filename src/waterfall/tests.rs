@@ -1765,7 +1765,7 @@ proptest! {
                 .map(|g| g.id)
                 .collect()
         };
-        prop_assert_eq!(live(unexpired(state.grants(), now)), live(state.grants()));
+        prop_assert_eq!(live(unexpired(state.grants(), now).1), live(state.grants()));
     }
 
     /// A log of both counts behaves as the two logs it replaced: what counts per minute, and
@@ -1983,21 +1983,16 @@ fn a_member_draws_the_workspace_pool_after_its_own_credits() {
     assert_eq!(
         d.draws.as_slice(),
         [
-            Draw {
-                layer: 0,
-                pool: Pool::Grant { grant_id: 1 },
-                units: 2,
-                credits: 10
-            },
-            Draw {
-                layer: 1,
-                pool: Pool::Workspace {
+            Draw::new(0, Pool::Grant { grant_id: 1 }, 2, 10),
+            Draw::new(
+                1,
+                Pool::Workspace {
                     grant_id: 100,
                     period_start: 0
                 },
-                units: 2,
-                credits: 10
-            },
+                2,
+                10
+            ),
         ]
     );
     let report = d.layers[1];
