@@ -3,7 +3,7 @@
 //!
 //!     cargo bench --bench waterfall
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,17 +13,18 @@ use flowgate::waterfall::{
     PriceTable, Tz, Window, decide, release, reserve,
 };
 
-/// Counts allocations, to show the decision path makes none.
+/// Counts allocations, to show the decision path makes none, over the allocator
+/// `flowgate serve` runs on (mimalloc), so that an allocation costs here what it costs there.
 struct Counting;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
     }
 }
 

@@ -2283,29 +2283,32 @@ fn apply_draw(
 fn apply_grant(grants: &mut [Grant], grant_id: i64, draw: &Draw, dir: Direction, hint: &mut usize) {
     let credits = draw.credits;
     let slot = draw.slot as usize;
-    let found = if grants.get(slot).is_some_and(|g| g.id == grant_id) {
-        Some(slot)
+    let i = if slot < grants.len() && grants[slot].id == grant_id {
+        slot
     } else {
         let start = (*hint).min(grants.len());
         let (before, after) = grants.split_at(start);
         match after.iter().position(|g| g.id == grant_id) {
-            Some(i) => Some(start + i),
-            None => before.iter().position(|g| g.id == grant_id),
+            Some(i) => start + i,
+            None => match before.iter().position(|g| g.id == grant_id) {
+                Some(i) => i,
+                None => return,
+            },
         }
     };
-    if let Some(i) = found {
-        *hint = i + 1;
-        let grant = &mut grants[i];
-        match dir {
-            Direction::Take => {
-                debug_assert!(grant.balance >= credits, "overdrawn grant");
-                grant.balance = grant.balance.saturating_sub(credits);
-                grant.unsettled += credits;
-            }
-            Direction::Give => {
-                grant.balance += credits;
-                grant.unsettled = grant.unsettled.saturating_sub(credits);
-            }
+    *hint = i + 1;
+    let Some(grant) = grants.get_mut(i) else {
+        return;
+    };
+    match dir {
+        Direction::Take => {
+            debug_assert!(grant.balance >= credits, "overdrawn grant");
+            grant.balance = grant.balance.saturating_sub(credits);
+            grant.unsettled += credits;
+        }
+        Direction::Give => {
+            grant.balance += credits;
+            grant.unsettled = grant.unsettled.saturating_sub(credits);
         }
     }
 }
