@@ -242,11 +242,17 @@ async fn run(name: &str, url: &str) {
     drained(&queue).await;
     stop.await;
     let lag = &metrics.ledger_lag_seconds;
+    let commit = &metrics.ledger_commit_seconds;
     println!(
-        "{name}: lag at {RATE}/s over {LAG_SECONDS} s: p50 <= {} ms, p99 <= {} ms ({} events)",
+        "{name}: lag at {RATE}/s over {LAG_SECONDS} s: p50 <= {} ms, p99 <= {} ms ({} events); \
+         its {} commits: p50 <= {} ms, p99 <= {} ms, mean {:.0} events",
         quantile(lag, 0.50) * 1000.0,
         quantile(lag, 0.99) * 1000.0,
         lag.get_sample_count(),
+        commit.get_sample_count(),
+        quantile(commit, 0.50) * 1000.0,
+        quantile(commit, 0.99) * 1000.0,
+        lag.get_sample_count() as f64 / commit.get_sample_count().max(1) as f64,
     );
 
     let counts = bench.store.counts().await.expect("counts");
