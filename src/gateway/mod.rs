@@ -494,7 +494,10 @@ async fn serve_thread(
         }
     }
     drop(listener);
-    // Connections handed over before the stop are served like the others.
+    // Connections handed over before the stop are served like the others. The inbox is
+    // closed first: a thread handing one over from now on gets it back and serves it itself,
+    // where before it was lost in an inbox nobody read any more.
+    threads.inbox.close();
     while let Ok(handed) = threads.inbox.try_recv() {
         match tokio::net::TcpStream::from_std(handed.tcp) {
             Ok(tcp) => serve_here(tcp, handed.permit),

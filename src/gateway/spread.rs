@@ -50,6 +50,8 @@ impl Spread {
 
     /// The thread to serve a connection that thread `me` accepted: `me`, unless another has
     /// fewer open. The connection is counted there at once, so a burst spreads as it arrives.
+    /// A thread whose inbox is closed (it is stopping, or never started) is not picked: having
+    /// no connections, it would otherwise be picked for every one, each handed back.
     pub fn pick(&self, me: usize) -> usize {
         let mine = self.open[me].load(Ordering::Relaxed);
         let target = self
@@ -57,6 +59,7 @@ impl Spread {
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
             .enumerate()
+            .filter(|&(i, _)| !self.inboxes[i].is_closed())
             .min_by_key(|&(_, n)| n)
             .filter(|&(_, n)| n < mine)
             .map_or(me, |(least, _)| least);
@@ -120,5 +123,19 @@ mod tests {
         assert_eq!(spread.pick(0), 2);
         assert_eq!(spread.pick(1), 2);
         assert_eq!(spread.pick(1), 1);
+    }
+
+    #[test]
+    fn a_thread_whose_inbox_closed_is_never_picked() {
+        let gauge =
+            prometheus::IntGaugeVec::new(prometheus::Opts::new("g", "g"), &["thread"]).unwrap();
+        let (spread, mut inboxes) = Spread::new(3, &gauge);
+        // Thread 1 never started (its inbox dropped); thread 2 is stopping (inbox closed).
+        drop(inboxes.remove(1));
+        inboxes[1].close();
+        let picked: Vec<usize> = (0..6).map(|_| spread.pick(0)).collect();
+        assert_eq!(picked, vec![0; 6], "only the accepting thread serves");
+        assert_eq!(gauge.with_label_values(&["1"]).get(), 0);
+        assert_eq!(gauge.with_label_values(&["2"]).get(), 0);
     }
 }
