@@ -35,6 +35,7 @@ const ACCOUNTS: usize = 1_000;
 const EVENTS: usize = 100_000;
 const RATE: usize = 10_000;
 const LAG_SECONDS: usize = 5;
+const SETTLE_SECONDS: u64 = 3;
 
 fn config(url: &str) -> String {
     // LEDGER_BATCH sets the writer's largest batch (the product's default otherwise).
@@ -226,7 +227,10 @@ async fn run(name: &str, url: &str) {
         EVENTS as f64 / batches.max(1) as f64,
     );
 
-    // Lag at a steady rate: a tick per millisecond, RATE / 1000 entries each.
+    // Lag at a steady rate: a tick per millisecond, RATE / 1000 entries each. First the store
+    // settles after the burst (SQLite's checkpoint copies its WAL into the database file), so
+    // that this measures the steady rate, not the burst's aftermath.
+    tokio::time::sleep(Duration::from_secs(SETTLE_SECONDS)).await;
     let (queue, metrics, stop) = bench.writer();
     let per_tick = RATE / 1000;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
