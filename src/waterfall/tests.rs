@@ -586,6 +586,52 @@ fn release_after_reserve_restores_the_state() {
 }
 
 #[test]
+fn grants_short_of_a_whole_unit_give_back_the_part_and_the_next_layer_pays() {
+    let plan = plan();
+    let promo = Grant {
+        priority: 0,
+        ..grant(9, GrantKind::Promotion, 100)
+    };
+    let grants = vec![
+        grant(1, GrantKind::Credits, 3),
+        grant(2, GrantKind::Credits, 4),
+        promo,
+    ];
+    let mut s = AccountState::new(&plan, grants, t0());
+    let before = s.grants.clone();
+    // 7 tasks: 3 from the window, 2 free; the credits hold 7 (one task at 5, and 2 over),
+    // so they pay one task, grant 2 keeps the 2 over, and the promotion pays the last.
+    let d = admit(&plan, &mut s, TASK, 7, t0());
+    assert_eq!(
+        pools(&d),
+        vec![(0, 3, 0), (1, 2, 0), (2, 1, 3), (2, 0, 2), (3, 1, 5)]
+    );
+    let balances = |s: &AccountState| -> Vec<(i64, Credits, Credits)> {
+        s.grants
+            .iter()
+            .map(|g| (g.id, g.balance, g.unsettled))
+            .collect()
+    };
+    assert_eq!(balances(&s), vec![(1, 0, 3), (2, 2, 2), (9, 95, 5)]);
+
+    // The draws as the store gives them back (no hint of where each grant was), after a grant
+    // that sorts first was added: each still finds its own grant.
+    let stored: Vec<Draw> =
+        serde_json::from_str(&serde_json::to_string(&d.draws).expect("serialize"))
+            .expect("deserialize");
+    assert_eq!(stored.as_slice(), d.draws.as_slice());
+    s.add_grant(Grant {
+        priority: -1,
+        ..grant(7, GrantKind::Credits, 50)
+    });
+    release(&plan, &mut s, &stored, t0() + MIN);
+    let mut expected: Vec<(i64, Credits, Credits)> =
+        before.iter().map(|g| (g.id, g.balance, 0)).collect();
+    expected.insert(0, (7, 50, 0));
+    assert_eq!(balances(&s), expected);
+}
+
+#[test]
 fn trim_gives_back_the_last_pools_first_at_the_price() {
     let plan = plan();
     let mut s = AccountState::new(
