@@ -1757,22 +1757,21 @@ fn walk(
                     let mut owed = give * price;
                     let first = decision.draws.len();
                     let (skipped, grants) = unexpired(&pool.grants, now);
-                    for (slot, grant) in (skipped..).zip(grants) {
+                    for (i, grant) in grants.iter().enumerate() {
                         if owed == 0 {
                             break;
                         }
-                        let take = if usable(&grant) {
-                            grant.balance.min(owed)
-                        } else {
-                            0
-                        };
+                        if !usable(&grant) {
+                            continue;
+                        }
+                        let take = grant.balance.min(owed);
                         if take == 0 {
                             continue;
                         }
                         owed -= take;
                         decision.draws.push(Draw {
                             layer: idx,
-                            slot: slot as u32,
+                            slot: (skipped + i) as u32,
                             pool: Pool::Workspace {
                                 grant_id: grant.id,
                                 period_start,
