@@ -10,6 +10,10 @@
 //! - lag: entries queued at `RATE` per second for `LAG_SECONDS`, the writer's own
 //!   `flowgate_ledger_lag_seconds` histogram read back (p50/p99 are bucket upper bounds).
 //!
+//! `LEDGER_KEYS` says which idempotency keys the entries carry: `ordered` (the default: client
+//! keys that grow with time), `random` (client keys in no order, as UUIDv4 keys are) or `none`
+//! (no client key: the gateway assigns the decision id, as for every request sent without one).
+//!
 //! PostgreSQL: `FLOWGATE_BENCH_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
 //! names a database from which a throwaway one is created and dropped. Set `LEDGER_STORES=sqlite`
 //! to skip it.
@@ -80,6 +84,8 @@ struct Bench {
     settings: std::sync::Arc<Settings>,
     accounts: Accounts,
     feature: FeatureId,
+    /// `LEDGER_KEYS`: `ordered`, `random` or `none`.
+    keys: String,
 }
 
 impl Bench {
@@ -111,7 +117,23 @@ impl Bench {
             settings,
             accounts,
             feature,
+            keys: std::env::var("LEDGER_KEYS").unwrap_or_else(|_| "ordered".to_owned()),
         }
+    }
+
+    /// Entry `i`'s idempotency key, as `LEDGER_KEYS` says.
+    fn key(&self, i: usize) -> Option<flowgate::ids::IdempotencyKey> {
+        let key = match self.keys.as_str() {
+            "none" => return None,
+            // Fibonacci hashing: distinct for distinct `i`, in no order.
+            "random" => format!(
+                "bench-{:016x}",
+                (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ),
+            "ordered" => format!("bench-{}", uuid::Uuid::now_v7()),
+            other => panic!("LEDGER_KEYS={other}: ordered, random or none"),
+        };
+        Some(flowgate::ids::IdempotencyKey::parse(&key).expect("a valid key"))
     }
 
     /// A completed request of one unit by account `i % ACCOUNTS`, decided and held as the
@@ -139,11 +161,7 @@ impl Bench {
             outcome: Outcome::Completed,
             code: None,
             upstream_status: Some(200),
-            idempotency_key: flowgate::ids::IdempotencyKey::parse(&format!(
-                "bench-{}",
-                uuid::Uuid::now_v7()
-            ))
-            .ok(),
+            idempotency_key: self.key(i),
             decided_at: now,
             completed_at: now,
             committed: None,
@@ -221,10 +239,11 @@ async fn run(name: &str, url: &str) {
     stop.await;
     let batches = metrics.ledger_batch_size.get_sample_count();
     println!(
-        "{name}: throughput {:.0} events/s ({EVENTS} events in {:.2} s, {batches} batches, mean {:.0}/batch)",
+        "{name}: throughput {:.0} events/s ({EVENTS} events in {:.2} s, {batches} batches, mean {:.0}/batch; keys {})",
         EVENTS as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         EVENTS as f64 / batches.max(1) as f64,
+        bench.keys,
     );
 
     // Lag at a steady rate: a tick per millisecond, RATE / 1000 entries each. First the store
@@ -235,7 +254,7 @@ async fn run(name: &str, url: &str) {
     let per_tick = RATE / 1000;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut next = 0;
+    let mut next = EVENTS; // after the burst's entries: a key is charged once
     for _ in 0..LAG_SECONDS * 1000 {
         tick.tick().await;
         for _ in 0..per_tick {

@@ -264,10 +264,10 @@ async fn old_joined_charge_keys_are_migrated_per_account(kind: StoreKind) {
             use sqlx::Connection;
             let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
             sqlx::raw_sql(&format!(
-                "ALTER TABLE usage_events DROP CONSTRAINT usage_events_account_charge_key;
+                "DROP INDEX usage_events_client_charge;
                  {to_old};
                  ALTER TABLE usage_events ADD CONSTRAINT usage_events_charge_key_key UNIQUE (charge_key);
-                 {redo}"
+                 {redo}; DELETE FROM _sqlx_migrations WHERE version = 13"
             ))
             .execute(&mut c)
             .await
@@ -278,10 +278,11 @@ async fn old_joined_charge_keys_are_migrated_per_account(kind: StoreKind) {
             let url = format!("sqlite://{}", dir.path().join("l.db").display());
             let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
             // SQLite's 0004 rebuilds usage_events with the columns it knew: later migrations
-            // that add to it (0010's shadow columns) run again after it, as on an old ledger.
+            // that add to it (0010's shadow columns) or rebuild it (0012) run again after it,
+            // as on an old ledger.
             sqlx::raw_sql(&format!(
                 "{to_old}; {redo}; ALTER TABLE accounts DROP COLUMN shadow;
-                 DELETE FROM _sqlx_migrations WHERE version = 10"
+                 DELETE FROM _sqlx_migrations WHERE version IN (10, 12)"
             ))
             .execute(&mut c)
             .await
