@@ -14,6 +14,7 @@ store_tests!(
     a_batch_charges_each_key_once_and_writes_each_entry_once,
     charge_keys_never_collide_across_accounts,
     old_joined_charge_keys_are_migrated_per_account,
+    a_request_without_a_key_is_charged_once_by_its_decision_id,
 );
 
 const CONFIG: &str = r#"
@@ -162,6 +163,37 @@ async fn a_batch_charges_each_key_once_and_writes_each_entry_once(kind: StoreKin
     );
     let grants = store.grants("acct").await.unwrap();
     assert_eq!(grants[0].balance, 79);
+}
+
+/// A request sent without a key is charged under its decision id, which has no unique index of
+/// its own as a charge key (migration 0012/0013): the decision id's index is what keeps a
+/// repeated commit of it, in the same batch or a retried one, from charging twice.
+async fn a_request_without_a_key_is_charged_once_by_its_decision_id(kind: StoreKind) {
+    let (store, settings, accounts, _pg, _dir) = open(kind).await;
+    let keyless = LedgerEntry {
+        idempotency_key: None,
+        ..entry(&accounts, &settings, 2, "unused")
+    };
+    let report = store
+        .commit(&[keyless.clone(), keyless.clone()], 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.results,
+        vec![Committed::Recorded, Committed::AlreadyRecorded]
+    );
+    let report = store.commit(&[keyless], 3_000).await.unwrap();
+    assert_eq!(report.results, vec![Committed::AlreadyRecorded]);
+    assert!(report.balances.is_empty(), "nothing debited again");
+
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        (counts.usage_events, counts.monetization_events),
+        (1, 1),
+        "one usage event, one charge"
+    );
+    // 2 units at 7 credits, once.
+    assert_eq!(store.grants("acct").await.unwrap()[0].balance, 100 - 2 * 7);
 }
 
 /// A fresh store of `kind` with the config's accounts, and its view.
