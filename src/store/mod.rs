@@ -692,6 +692,23 @@ pub struct MonetizationRow {
     pub dimensions: Option<String>,
 }
 
+/// An account's draws since `$2`: its charges not refunded, and its shadow decisions' window
+/// and free-tier draws (counters, not money). Same text for both dialects.
+///
+/// The charges are found through the account's usage events (`usage_events_by_account`, then
+/// each one's charge by `usage_event_id`): `monetization_events` has no index led by the
+/// account, and asked directly it was read by time, every account's charges since `$2`, for
+/// each account evaluated (an alert evaluation read 1 M rows to find one account's 1 000).
+/// A charge's `decided_at` is its usage event's, so the rows are the same.
+pub(crate) const ACCOUNT_DRAWS_SQL: &str = "SELECT draws FROM (
+         SELECT m.id, m.draws FROM usage_events u
+         JOIN monetization_events m ON m.usage_event_id = u.id
+         WHERE u.account_id = $1 AND u.decided_at >= $2 AND m.refunded_at IS NULL
+         UNION ALL
+         SELECT id, shadow_draws AS draws FROM usage_events
+         WHERE account_id = $1 AND decided_at >= $2 AND shadow_draws IS NOT NULL
+     ) AS d ORDER BY id";
+
 /// The snapshot's queries, the same text for both dialects (`$1` is understood by both).
 pub(crate) mod snapshot_sql {
     pub const GRANTS: &str =

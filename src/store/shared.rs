@@ -402,16 +402,7 @@ macro_rules! api_statements {
             account: &str,
             since: Millis,
         ) -> Result<Vec<Draw>, StoreError> {
-            // Shadow decisions' window and free-tier draws count too (counters, not money).
-            let rows = sqlx::query(
-                "SELECT draws FROM (
-                     SELECT id, draws FROM monetization_events
-                     WHERE account_id = $1 AND decided_at >= $2 AND refunded_at IS NULL
-                     UNION ALL
-                     SELECT id, shadow_draws AS draws FROM usage_events
-                     WHERE account_id = $1 AND decided_at >= $2 AND shadow_draws IS NOT NULL
-                 ) AS d ORDER BY id",
-            )
+            let rows = sqlx::query(crate::store::ACCOUNT_DRAWS_SQL)
             .bind(account)
             .bind(since)
             .fetch_all(&mut *conn)

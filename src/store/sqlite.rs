@@ -315,3 +315,46 @@ fn grant_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredGrant, StoreError
             .transpose()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SqliteStore;
+    use sqlx::Row;
+
+    /// Alerts and a refreshed account read one account's draws since its longest window:
+    /// through that account's own events, not through every account's charges since then.
+    #[tokio::test]
+    async fn an_accounts_draws_are_read_through_its_own_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.db");
+        let store = SqliteStore::open(path.to_str().expect("path"))
+            .await
+            .expect("open");
+        store.migrate().await.expect("migrate");
+        let rows = sqlx::query(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            crate::store::ACCOUNT_DRAWS_SQL
+        ))
+        .bind("acct")
+        .bind(0_i64)
+        .fetch_all(&store.pool)
+        .await
+        .expect("explain");
+        let plan: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(3).expect("detail"))
+            .collect();
+        for step in [
+            "SEARCH u USING COVERING INDEX usage_events_by_account (account_id=? AND decided_at>?)",
+            "SEARCH m USING INDEX sqlite_autoindex_monetization_events_1 (usage_event_id=?)",
+        ] {
+            assert!(plan.iter().any(|s| s == step), "no {step:?} in {plan:?}");
+        }
+        assert!(
+            !plan
+                .iter()
+                .any(|s| s.contains("monetization_events_by_time")),
+            "every account's charges read: {plan:?}"
+        );
+    }
+}
