@@ -316,34 +316,48 @@ fn grant_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredGrant, StoreError
     })
 }
 
+/// What the plan tests of this store share: a fresh, migrated ledger, and SQLite's plan for a
+/// statement.
 #[cfg(test)]
-mod tests {
+pub(super) mod test_support {
     use super::SqliteStore;
     use sqlx::Row;
+    use sqlx::sqlite::{Sqlite, SqliteArguments};
 
-    /// Alerts and a refreshed account read one account's draws since its longest window:
-    /// through that account's own events, not through every account's charges since then.
-    #[tokio::test]
-    async fn an_accounts_draws_are_read_through_its_own_events() {
+    /// A migrated ledger in a temporary directory (kept while the directory lives).
+    pub(in crate::store) async fn migrated() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.db");
         let store = SqliteStore::open(path.to_str().expect("path"))
             .await
             .expect("open");
         store.migrate().await.expect("migrate");
-        let rows = sqlx::query(&format!(
-            "EXPLAIN QUERY PLAN {}",
-            crate::store::ACCOUNT_DRAWS_SQL
-        ))
-        .bind("acct")
-        .bind(0_i64)
-        .fetch_all(&store.pool)
-        .await
-        .expect("explain");
-        let plan: Vec<String> = rows
-            .iter()
+        (dir, store)
+    }
+
+    /// The plan SQLite makes for `query` (an `EXPLAIN QUERY PLAN …`), one line per step.
+    pub(in crate::store) async fn plan<'q>(
+        store: &SqliteStore,
+        query: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
+    ) -> Vec<String> {
+        let rows = query.fetch_all(&store.pool).await.expect("explain");
+        rows.iter()
             .map(|r| r.try_get::<String, _>(3).expect("detail"))
-            .collect();
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{migrated, plan};
+
+    /// Alerts and a refreshed account read one account's draws since its longest window:
+    /// through that account's own events, not through every account's charges since then.
+    #[tokio::test]
+    async fn an_accounts_draws_are_read_through_its_own_events() {
+        let (_dir, store) = migrated().await;
+        let sql = format!("EXPLAIN QUERY PLAN {}", crate::store::ACCOUNT_DRAWS_SQL);
+        let plan = plan(&store, sqlx::query(&sql).bind("acct").bind(0_i64)).await;
         for step in [
             "SEARCH u USING COVERING INDEX usage_events_by_account (account_id=? AND decided_at>?)",
             "SEARCH m USING INDEX sqlite_autoindex_monetization_events_1 (usage_event_id=?)",

@@ -527,36 +527,23 @@ mod tests {
         ROWS_PER_STATEMENT, STATEMENT_CACHE, push_charges_lookup, push_recorded_lookup,
         statement_chunks,
     };
-    use crate::store::sqlite::SqliteStore;
-    use sqlx::{QueryBuilder, Row, Sqlite};
-
-    /// The plan SQLite makes for a look-up, one line per step.
-    async fn plan(store: &SqliteStore, mut q: QueryBuilder<'_, Sqlite>) -> Vec<String> {
-        let rows = q.build().fetch_all(&store.writer).await.expect("explain");
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(3).expect("detail"))
-            .collect()
-    }
+    use crate::store::sqlite::test_support::{migrated, plan};
+    use sqlx::QueryBuilder;
 
     /// Every commit asks which of its decisions and charge keys are recorded already. Asked
     /// against the whole ledger, not by index, that question costs a commit time in
     /// proportion to every event ever recorded.
     #[tokio::test]
     async fn the_writers_look_ups_search_the_ledgers_indexes_never_scan_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger.db");
-        let store = SqliteStore::open(path.to_str().expect("path"))
-            .await
-            .expect("open");
-        store.migrate().await.expect("migrate");
+        let (_dir, store) = migrated().await;
 
         let pairs = [("acct-1", "k:a"), ("acct-2", "k:b"), ("acct-1", "k:c")];
         let mut q = QueryBuilder::new("EXPLAIN QUERY PLAN ");
         push_charges_lookup(&mut q, &pairs);
-        let charges = plan(&store, q).await;
+        let charges = plan(&store, q.build()).await;
         let mut q = QueryBuilder::new("EXPLAIN QUERY PLAN ");
         push_recorded_lookup(&mut q, "decision_id", ["a", "b"].into_iter());
-        let recorded = plan(&store, q).await;
+        let recorded = plan(&store, q.build()).await;
 
         for (what, index, plan) in [
             ("charges", "usage_events_client_charge", &charges),
