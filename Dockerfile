@@ -9,6 +9,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that a source change does not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+# Build settings (the bundled SQLite's compile options).
+COPY .cargo .cargo
 # The manifest names the benchmarks: they must exist for it to parse.
 COPY benches benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \

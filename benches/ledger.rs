@@ -42,10 +42,14 @@ const LAG_SECONDS: usize = 5;
 const SETTLE_SECONDS: u64 = 3;
 
 fn config(url: &str) -> String {
-    // LEDGER_BATCH sets the writer's largest batch (the product's default otherwise).
-    let batch = std::env::var("LEDGER_BATCH")
-        .map(|b| format!("ledger_batch_size_max = {b}"))
+    // LEDGER_BATCH sets the writer's largest batch, LEDGER_FLUSH_MS how long a small batch
+    // waits to fill (the product's defaults otherwise).
+    let mut batch = std::env::var("LEDGER_BATCH")
+        .map(|b| format!("ledger_batch_size_max = {b}\n"))
         .unwrap_or_default();
+    if let Ok(ms) = std::env::var("LEDGER_FLUSH_MS") {
+        batch.push_str(&format!("ledger_flush_interval_ms = {ms}\n"));
+    }
     let mut text = format!(
         r#"
 [server]
@@ -224,6 +228,22 @@ fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
         .map_or(f64::INFINITY, |b| b.upper_bound())
 }
 
+/// The share of `h`'s samples above `bound` seconds (a bucket's upper bound).
+fn share_over(h: &prometheus::Histogram, bound: f64) -> f64 {
+    use prometheus::core::Collector;
+    let families = h.collect();
+    let Some(metric) = families.first().and_then(|f| f.get_metric().first()) else {
+        return f64::NAN;
+    };
+    let hist = metric.get_histogram();
+    let within = hist
+        .get_bucket()
+        .iter()
+        .find(|b| b.upper_bound() >= bound)
+        .map_or(0, |b| b.cumulative_count());
+    1.0 - within as f64 / hist.get_sample_count().max(1) as f64
+}
+
 async fn run(name: &str, url: &str) {
     let bench = Bench::open(url).await;
 
@@ -267,10 +287,11 @@ async fn run(name: &str, url: &str) {
     let lag = &metrics.ledger_lag_seconds;
     let commit = &metrics.ledger_commit_seconds;
     println!(
-        "{name}: lag at {RATE}/s over {LAG_SECONDS} s: p50 <= {} ms, p99 <= {} ms ({} events); \
-         its {} commits: p50 <= {} ms, p99 <= {} ms, mean {:.0} events",
+        "{name}: lag at {RATE}/s over {LAG_SECONDS} s: p50 <= {} ms, p99 <= {} ms, {:.2} % over 20 ms \
+         ({} events); its {} commits: p50 <= {} ms, p99 <= {} ms, mean {:.0} events",
         quantile(lag, 0.50) * 1000.0,
         quantile(lag, 0.99) * 1000.0,
+        share_over(lag, 0.02) * 100.0,
         lag.get_sample_count(),
         commit.get_sample_count(),
         quantile(commit, 0.50) * 1000.0,

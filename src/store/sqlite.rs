@@ -371,4 +371,19 @@ mod tests {
             "every account's charges read: {plan:?}"
         );
     }
+
+    /// The build's SQLite options (`.cargo/config.toml`) are the ones compiled in: without
+    /// them SQLite takes a global mutex on every allocation to count it.
+    #[tokio::test]
+    async fn the_bundled_sqlite_keeps_no_memory_statistics() {
+        let (_dir, store) = migrated().await;
+        let options: Vec<String> = sqlx::query_scalar("PRAGMA compile_options")
+            .fetch_all(&store.pool)
+            .await
+            .expect("compile options");
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "built without .cargo/config.toml's LIBSQLITE3_FLAGS: {options:?}"
+        );
+    }
 }
