@@ -38,6 +38,8 @@ need wrk wrk
 need nginx nginx
 
 cargo build --release -q
+# FLOWGATE_BIN: another build of flowgate to measure (an A/B against this one, say).
+FLOWGATE_BIN=${FLOWGATE_BIN:-target/release/flowgate}
 upstream_bin=$(cargo bench --bench upstream --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 [ -x "$upstream_bin" ] || { echo "could not build benches/upstream.rs"; exit 1; }
 
@@ -140,7 +142,7 @@ if [[ " $CASES " == *" accounts "* ]]; then
     printf '[[accounts]]\nid = "bench-%d"\nplan = "bench"\napi_keys = ["sk-bench-%d"]\n[[accounts.grants]]\nid = "bench-%d-credits"\nkind = "credits"\namount = 1000000000000\n' "$i" "$i" "$i"
   done >>"$dir/flowgate.toml"
 fi
-target/release/flowgate serve --config "$dir/flowgate.toml" >"$dir/flowgate.log" 2>&1 & pids+=($!)
+"$FLOWGATE_BIN" serve --config "$dir/flowgate.toml" >"$dir/flowgate.log" 2>&1 & pids+=($!)
 fg_pid=$!
 wait_port $FG
 
@@ -252,4 +254,4 @@ if [ -n "${res[paced-flowgate]:-}" ]; then
 fi
 sleep 1 # the writer commits within its flush interval
 echo "flowgate ledger after the load:"
-target/release/flowgate reconcile --config "$dir/flowgate.toml" | tail -3
+"$FLOWGATE_BIN" reconcile --config "$dir/flowgate.toml" | tail -3
