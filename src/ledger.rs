@@ -206,7 +206,7 @@ impl LedgerWriter {
             // Give a small batch a moment to fill: fewer, larger transactions. The moment
             // counts from when its oldest entry was queued: entries that queued while the last
             // commit ran have waited already, and under load that commit took the moment or
-            // most of it (waiting it again from here put a tenth of the ledger bench's events
+            // most of it (waiting it again from here put 4–12 % of the ledger bench's events
             // at 10 000/s over 20 ms of lag). Not when a response waits on its entry (strict
             // durability): it would wait that moment too, and entries arriving during this
             // commit form the next batch anyway. The writer sleeps through that moment rather
