@@ -8,7 +8,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that a source change does not rebuild them.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 # Build settings (the bundled SQLite's compile options).
 COPY .cargo .cargo
 # The manifest names the benchmarks: they must exist for it to parse.
