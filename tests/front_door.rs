@@ -46,14 +46,7 @@ async fn closed_within(socket: &mut TcpStream, within: Duration) -> Duration {
 /// closes it is reset (the race every keep-alive client has with a server's idle timeout; CI
 /// hit it once). What these tests check is that new clients are served.
 async fn served(h: &Harness) {
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/tasks", h.base))
-        .bearer_auth("sk-alice")
-        .header("x-units", 1)
-        .json(&serde_json::json!({"prompt": "test"}))
-        .send()
-        .await
-        .expect("request reaches the gateway");
+    let r = h.task_on(&reqwest::Client::new(), "sk-alice", 1).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.expect("body");
 }

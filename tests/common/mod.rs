@@ -302,9 +302,17 @@ impl Harness {
 
     /// A POST to the gateway as the holder of `key`.
     pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(key)
+        self.post_on(&self.http, path, key)
+    }
+
+    /// [`Harness::post`] from `client` (another client, with connections of its own).
+    pub fn post_on(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        key: &str,
+    ) -> reqwest::RequestBuilder {
+        client.post(format!("{}{path}", self.base)).bearer_auth(key)
     }
 
     /// The gateway's `/metrics`, as text.
@@ -321,7 +329,17 @@ impl Harness {
 
     /// A task of `units` units for the holder of `key`.
     pub async fn task(&self, key: &str, units: u64) -> reqwest::Response {
-        self.post("/v1/tasks", key)
+        self.task_on(&self.http, key, units).await
+    }
+
+    /// [`Harness::task`] sent by `client`: another client's own connections, say.
+    pub async fn task_on(
+        &self,
+        client: &reqwest::Client,
+        key: &str,
+        units: u64,
+    ) -> reqwest::Response {
+        self.post_on(client, "/v1/tasks", key)
             .header("x-units", units)
             .json(&serde_json::json!({"prompt": "test"}))
             .send()
