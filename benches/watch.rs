@@ -105,6 +105,7 @@ fn bench(c: &mut Criterion) {
                     kind: GrantKind::Credits,
                     balance: 1_000_000,
                     unsettled: 0,
+                    version: 0,
                     expires_at: None,
                     priority: 0,
                     features: FeatureSet::ALL,

@@ -92,6 +92,7 @@ fn grant(id: i64, kind: GrantKind, balance: u64, expires: Option<i64>) -> Grant 
         kind,
         balance,
         unsettled: 0,
+        version: 0,
         expires_at: expires,
         priority: 0,
         features: FeatureSet::ALL,

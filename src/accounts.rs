@@ -346,7 +346,8 @@ impl Accounts {
         let mut unknown: Vec<String> = Vec::new();
         for b in balances {
             if let Some(account) = self.get(&b.account) {
-                let known = account.with_state(|_, state| state.sync_grant(b.grant_id, b.balance));
+                let known = account
+                    .with_state(|_, state| state.sync_grant(b.grant_id, b.balance, b.version));
                 if !known && !unknown.contains(&b.account) {
                     unknown.push(b.account.clone());
                 }
@@ -734,7 +735,7 @@ impl Stored {
 /// grant's features as the config (maybe reloaded) numbers them.
 fn merge_grants(settings: &Settings, state: &mut AccountState, stored: &[StoredGrant]) {
     for g in stored {
-        if state.sync_grant(g.id, g.balance) {
+        if state.sync_grant(g.id, g.balance, Some(g.version)) {
             state.set_grant_features(g.id, settings.feature_set(g.features.as_deref()));
         } else {
             state.add_grant(grant_of(settings, g));
@@ -759,6 +760,7 @@ pub fn grant_of(settings: &Settings, g: &StoredGrant) -> Grant {
         kind: g.kind,
         balance: g.balance,
         unsettled: 0,
+        version: g.version,
         expires_at: g.expires_at,
         priority: g.priority,
         features: settings.feature_set(g.features.as_deref()),

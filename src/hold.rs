@@ -409,6 +409,7 @@ mod tests {
             kind: GrantKind::Credits,
             balance: 50,
             unsettled: 0,
+            version: 0,
             expires_at: None,
             priority: 0,
             features: FeatureSet::ALL,

@@ -652,6 +652,7 @@ impl Replay {
                         kind: g.kind,
                         balance: g.amount,
                         unsettled: 0,
+                        version: 0,
                         expires_at: g.expires_at,
                         priority: g.priority,
                         features: self.candidate.feature_set(g.features.as_deref()),

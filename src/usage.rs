@@ -326,6 +326,7 @@ mod tests {
             kind: GrantKind::Credits,
             balance,
             unsettled: 0,
+            version: 0,
             expires_at: None,
             priority: 0,
             features: FeatureSet::ALL,

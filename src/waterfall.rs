@@ -550,6 +550,9 @@ pub struct Grant {
     /// Credits drawn in memory (held, or charged and queued) that the store has not debited
     /// yet. What the store reports is reconciled against it ([`AccountState::sync_grant`]).
     pub unsettled: Credits,
+    /// The version of the committed balance `balance` was last taken from (the store's
+    /// `grants.version`): a committed balance of a lower version is older and is ignored.
+    pub version: u64,
     /// After this instant the grant is never drawn from.
     pub expires_at: Option<Millis>,
     /// Lower is spent first; ties go to the earliest expiry.
@@ -990,10 +993,17 @@ impl AccountState {
 
     /// Takes the store's committed balance of a grant as the truth: what is left to draw is
     /// that balance minus what this gateway holds unsettled. This is how the view learns what
-    /// other replicas spent, and what a debit found missing. Returns whether the grant is known.
-    pub fn sync_grant(&mut self, grant_id: i64, committed: Credits) -> bool {
+    /// other replicas spent, and what a debit found missing. A balance of a lower `version`
+    /// than the one last taken is older (heard late) and changes nothing; `None` (a version
+    /// not known) is taken as it comes. Returns whether the grant is known.
+    pub fn sync_grant(&mut self, grant_id: i64, committed: Credits, version: Option<u64>) -> bool {
         match self.grants.iter_mut().find(|g| g.id == grant_id) {
             Some(grant) => {
+                match version {
+                    Some(v) if v < grant.version => return true,
+                    Some(v) => grant.version = v,
+                    None => {}
+                }
                 grant.balance = committed.saturating_sub(grant.unsettled);
                 true
             }

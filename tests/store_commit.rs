@@ -6,7 +6,7 @@ mod common;
 use common::{PgDatabase, StoreKind};
 use flowgate::accounts::Accounts;
 use flowgate::config::Settings;
-use flowgate::store::{Committed, Page, Store};
+use flowgate::store::{Committed, GrantBalance, Page, Refund, Store};
 use flowgate::usage::{LedgerEntry, Outcome};
 use flowgate::waterfall;
 
@@ -15,6 +15,7 @@ store_tests!(
     charge_keys_never_collide_across_accounts,
     old_joined_charge_keys_are_migrated_per_account,
     a_request_without_a_key_is_charged_once_by_its_decision_id,
+    every_balance_change_moves_its_grant_one_version_up,
 );
 
 const CONFIG: &str = r#"
@@ -65,6 +66,14 @@ plan = "p"
 id = "g"
 kind = "credits"
 amount = 100
+[[accounts]]
+id = "exp"
+plan = "p"
+[[accounts.grants]]
+id = "g"
+kind = "credits"
+amount = 100
+expires_at = "1970-01-01T00:00:05Z"
 "#;
 
 /// A completed request of `units` with the client's `key`, decided and held by the engine.
@@ -157,9 +166,9 @@ async fn a_batch_charges_each_key_once_and_writes_each_entry_once(kind: StoreKin
             counts.monetization_events,
             counts.balance_updates
         ),
-        // Usage: k1, k1 duplicate, k2, k1 duplicate. Balance updates: the four accounts'
+        // Usage: k1, k1 duplicate, k2, k1 duplicate. Balance updates: the five accounts'
         // grants, two debits.
-        (4, 2, 6)
+        (4, 2, 7)
     );
     let grants = store.grants("acct").await.unwrap();
     assert_eq!(grants[0].balance, 79);
@@ -194,6 +203,59 @@ async fn a_request_without_a_key_is_charged_once_by_its_decision_id(kind: StoreK
     );
     // 2 units at 7 credits, once.
     assert_eq!(store.grants("acct").await.unwrap()[0].balance, 100 - 2 * 7);
+}
+
+/// Every change of a grant's balance (a commit's debit, a refund, an expiry) moves the grant one
+/// version up, and the store says the version with the balance: a replica hears balances from
+/// its own commits and from other replicas' notices in no common order, and keeps the newest.
+async fn every_balance_change_moves_its_grant_one_version_up(kind: StoreKind) {
+    let (store, settings, accounts, _pg, _dir) = open(kind).await;
+    let of = |balances: &[GrantBalance]| {
+        balances
+            .iter()
+            .find(|b| b.account == "exp")
+            .map(|b| (b.balance, b.version))
+    };
+    let first = entry_of(&accounts, &settings, "exp", 2, "v1");
+    let report = store
+        .commit(std::slice::from_ref(&first), 2_000)
+        .await
+        .unwrap();
+    assert_eq!(of(&report.balances), Some((86, Some(1))));
+    let second = entry_of(&accounts, &settings, "exp", 1, "v2");
+    let report = store.commit(&[second], 2_100).await.unwrap();
+    let after_second = report.balances.clone();
+    assert_eq!(of(&after_second), Some((79, Some(2))));
+    let Refund::Refunded { balances, .. } = store
+        .refund(&first.decision_id.to_string(), 3_000)
+        .await
+        .unwrap()
+    else {
+        panic!("the first charge is refunded");
+    };
+    assert_eq!(of(&balances), Some((93, Some(3))));
+    let expired = store.expire_grants(10_000).await.unwrap();
+    assert_eq!(of(&expired), Some((0, Some(4))));
+    let grants = store.grants("exp").await.unwrap();
+    assert_eq!((grants[0].balance, grants[0].version), (0, 4));
+
+    // The view hears them newest first: the older balances change nothing.
+    let left = || {
+        accounts
+            .get("exp")
+            .unwrap()
+            .with_state(|_, s| s.grants()[0].balance)
+    };
+    accounts.settled("exp", &first.decision.draws);
+    accounts.sync_balances(&expired);
+    assert_eq!(left(), 0);
+    accounts.sync_balances(&balances);
+    accounts.sync_balances(&after_second);
+    assert_eq!(
+        left(),
+        0,
+        "a refund or debit heard after the expiry gives nothing back"
+    );
 }
 
 /// A fresh store of `kind` with the config's accounts, and its view.

@@ -51,6 +51,7 @@ fn state(plan: &Plan, credits: u64) -> AccountState {
         kind: GrantKind::Credits,
         balance: credits,
         unsettled: 0,
+        version: 0,
         expires_at: None,
         priority: 0,
         features: FeatureSet::ALL,

@@ -195,6 +195,7 @@ fn ledger(settings: &Settings, requests: &[Request], grants: &[GrantHistory]) ->
                 kind: g.kind,
                 balance: g.amount,
                 unsettled: 0,
+                version: 0,
                 expires_at: None,
                 priority: 0,
                 features: FeatureSet::ALL,

@@ -30,6 +30,8 @@ mod replay;
 mod shared;
 mod sqlite;
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use crate::config::AccountSeed;
@@ -107,7 +109,19 @@ impl CommitReport {
                 account: account.to_owned(),
                 grant_id,
                 balance,
+                version: None,
             }),
+        }
+    }
+
+    /// Notes the versions the commit's balance updates gave the grants (`(grant id, version)`,
+    /// as the store's `UPDATE … RETURNING` said).
+    fn set_versions(&mut self, versions: &[(i64, i64)]) {
+        let versions: HashMap<i64, i64> = versions.iter().copied().collect();
+        for b in &mut self.balances {
+            b.version = versions
+                .get(&b.grant_id)
+                .and_then(|v| u64::try_from(*v).ok());
         }
     }
 }
@@ -141,6 +155,11 @@ pub struct GrantBalance {
     pub grant_id: i64,
     /// Its balance.
     pub balance: u64,
+    /// `grants.version` of that balance: one more at every change, in commit order per grant.
+    /// A view keeps the balance of the highest version it has seen, so a balance heard late
+    /// (another replica's notice delivered after this replica's newer commit) cannot replace a
+    /// newer one. `None`: not known (a replica of an older version sent it): taken as it comes.
+    pub version: Option<u64>,
 }
 
 /// What a ledger transaction did to the numbers other replicas decide on.
@@ -280,6 +299,9 @@ pub struct StoredGrant {
     pub amount: u64,
     /// Credits left.
     pub balance: u64,
+    /// The balance's version (see [`GrantBalance::version`]); not part of any API answer.
+    #[serde(skip)]
+    pub version: u64,
     /// When it expires.
     pub expires_at: Option<Millis>,
     /// Spend priority.

@@ -343,28 +343,31 @@ impl PostgresStore {
         // One statement: lock the due grants (in id order, like every debit), zero them, and
         // write each one's balance update.
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
             "WITH due AS (
                  SELECT id, account_id, balance FROM grants
                  WHERE expires_at IS NOT NULL AND expires_at <= $1 AND balance > 0
                  ORDER BY id FOR UPDATE
              ), zeroed AS (
-                 UPDATE grants g SET balance = 0 FROM due WHERE g.id = due.id
-                 RETURNING due.id, due.account_id, due.balance
+                 UPDATE grants g SET balance = 0, version = g.version + 1
+                 FROM due WHERE g.id = due.id
+                 RETURNING due.id, due.account_id, due.balance, g.version
+             ), recorded AS (
+                 INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
+                 SELECT account_id, id, 'expired', -balance, 0, $1 FROM zeroed
              )
-             INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
-             SELECT account_id, id, 'expired', -balance, 0, $1 FROM zeroed
-             RETURNING account_id, grant_id",
+             SELECT account_id, id, version FROM zeroed",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         let expired: Vec<GrantBalance> = rows
             .into_iter()
-            .map(|(account, grant_id)| GrantBalance {
+            .map(|(account, grant_id, version)| GrantBalance {
                 account,
                 grant_id,
                 balance: 0,
+                version: u64::try_from(version).ok(),
             })
             .collect();
         let change = LedgerChange {
@@ -411,22 +414,22 @@ impl PostgresStore {
         // Credit back each debited grant (locked in id order, like every debit) with its
         // balance update, in one statement.
         // The owner of each grant: the charged account, or the workspace whose pool it drew.
-        let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, i64, String, i64)> = sqlx::query_as(
             "WITH debits AS (
                  SELECT grant_id, -delta AS taken FROM balance_updates
                  WHERE monetization_event_id = $1 AND reason = 'debit'
              ), locked AS (
                  SELECT g.id FROM grants g JOIN debits d ON d.grant_id = g.id ORDER BY g.id FOR UPDATE
              ), credited AS (
-                 UPDATE grants g SET balance = g.balance + d.taken
+                 UPDATE grants g SET balance = g.balance + d.taken, version = g.version + 1
                  FROM debits d WHERE g.id = d.grant_id AND g.id IN (SELECT id FROM locked)
-                 RETURNING g.id, d.taken, g.balance, g.account_id
+                 RETURNING g.id, d.taken, g.balance, g.account_id, g.version
              ), recorded AS (
                  INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, monetization_event_id, created_at)
                  SELECT $2, id, 'refund', taken, balance, $1, $3 FROM credited
                  RETURNING grant_id
              )
-             SELECT id, taken, balance, account_id FROM credited",
+             SELECT id, taken, balance, account_id, version FROM credited",
         )
         .bind(charge_id)
         .bind(&account)
@@ -435,12 +438,13 @@ impl PostgresStore {
         .await?;
         let mut credits = 0;
         let mut balances = Vec::with_capacity(rows.len());
-        for (grant_id, taken, after, owner) in rows {
+        for (grant_id, taken, after, owner, version) in rows {
             credits += to_unsigned(taken, "refund")?;
             balances.push(GrantBalance {
                 account: owner,
                 grant_id,
                 balance: to_unsigned(after, "grants.balance")?,
+                version: Some(to_unsigned(version, "grants.version")?),
             });
         }
         let draws: Vec<crate::waterfall::Draw> = serde_json::from_str(&draws)
@@ -840,16 +844,21 @@ async fn charge(
         return Ok(());
     }
 
+    // Every grant the batch recorded an update of moves one version up, its balance changed
+    // or not (a forgiven shortfall leaves it at 0): one rule, and the version is what the
+    // view orders balances by.
     let (ids, balances): (Vec<i64>, Vec<i64>) = changed.into_iter().unzip();
-    sqlx::query(
-        "UPDATE grants AS g SET balance = n.balance
+    let versions: Vec<(i64, i64)> = sqlx::query_as(
+        "UPDATE grants AS g SET balance = n.balance, version = g.version + 1
          FROM UNNEST($1::bigint[], $2::bigint[]) AS n(id, balance)
-         WHERE g.id = n.id AND g.balance <> n.balance",
+         WHERE g.id = n.id
+         RETURNING g.id, g.version",
     )
     .bind(ids)
     .bind(balances)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
+    report.set_versions(&versions);
     sqlx::query(
         "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, forgiven,
              monetization_event_id, created_at)
@@ -873,7 +882,7 @@ async fn charge(
     Ok(())
 }
 
-const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, expires_at, priority, features FROM grants";
+const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, version, expires_at, priority, features FROM grants";
 
 fn grant_from_row(r: &PgRow) -> Result<StoredGrant, StoreError> {
     let kind: String = r.get("kind");
@@ -886,6 +895,7 @@ fn grant_from_row(r: &PgRow) -> Result<StoredGrant, StoreError> {
             .ok_or_else(|| StoreError::Corrupt(format!("grants.kind = {kind:?}")))?,
         amount: to_unsigned(r.get("amount"), "grants.amount")?,
         balance: to_unsigned(r.get("balance"), "grants.balance")?,
+        version: to_unsigned(r.get("version"), "grants.version")?,
         expires_at: r.get("expires_at"),
         priority: i32::try_from(priority)
             .map_err(|_| StoreError::Corrupt(format!("grants.priority = {priority}")))?,

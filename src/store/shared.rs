@@ -283,6 +283,8 @@ macro_rules! api_statements {
                         account: account.to_owned(),
                         grant_id,
                         balance: g.amount,
+                        // A new grant's row starts at version 0.
+                        version: Some(0),
                     };
                     self.announce_grant(&mut tx, balance).await?;
                 }

@@ -146,11 +146,20 @@ impl SqliteStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        let mut expired = Vec::with_capacity(due.len());
         for (id, account, balance) in &due {
-            sqlx::query("UPDATE grants SET balance = 0 WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            let version: i64 = sqlx::query_scalar(
+                "UPDATE grants SET balance = 0, version = version + 1 WHERE id = ? RETURNING version",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            expired.push(GrantBalance {
+                account: account.clone(),
+                grant_id: *id,
+                balance: 0,
+                version: u64::try_from(version).ok(),
+            });
             sqlx::query(
                 "INSERT INTO balance_updates (account_id, grant_id, reason, delta, balance_after, created_at)
                  VALUES (?, ?, 'expired', ?, 0, ?)",
@@ -163,14 +172,7 @@ impl SqliteStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(due
-            .into_iter()
-            .map(|(grant_id, account, _)| GrantBalance {
-                account,
-                grant_id,
-                balance: 0,
-            })
-            .collect())
+        Ok(expired)
     }
 
     pub(super) async fn refund(
@@ -210,8 +212,9 @@ impl SqliteStore {
         let mut credits = 0;
         for (grant_id, taken) in debits {
             // The grant's owner: the charged account, or the workspace whose pool it drew.
-            let (after, owner): (i64, String) = sqlx::query_as(
-                "UPDATE grants SET balance = balance + ? WHERE id = ? RETURNING balance, account_id",
+            let (after, owner, version): (i64, String, i64) = sqlx::query_as(
+                "UPDATE grants SET balance = balance + ?, version = version + 1 WHERE id = ?
+                 RETURNING balance, account_id, version",
             )
             .bind(taken)
             .bind(grant_id)
@@ -234,6 +237,7 @@ impl SqliteStore {
                 account: owner,
                 grant_id,
                 balance: after as u64,
+                version: u64::try_from(version).ok(),
             });
         }
         // The billing export's outbox: the refund, for every active sink.
@@ -293,7 +297,7 @@ fn locked_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<LockedGrant, StoreErro
     })
 }
 
-const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, expires_at, priority, features FROM grants";
+const GRANT_COLUMNS: &str = "SELECT id, account_id, external_id, kind, amount, balance, version, expires_at, priority, features FROM grants";
 
 fn grant_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredGrant, StoreError> {
     let kind: String = r.get("kind");
@@ -305,6 +309,7 @@ fn grant_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredGrant, StoreError
             .ok_or_else(|| StoreError::Corrupt(format!("grants.kind = {kind:?}")))?,
         amount: r.get::<i64, _>("amount") as u64,
         balance: r.get::<i64, _>("balance") as u64,
+        version: r.get::<i64, _>("version") as u64,
         expires_at: r.get("expires_at"),
         priority: r.get("priority"),
         features: features

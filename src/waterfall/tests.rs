@@ -35,6 +35,7 @@ fn grant(id: i64, kind: GrantKind, balance: Credits) -> Grant {
         kind,
         balance,
         unsettled: 0,
+        version: 0,
         expires_at: None,
         priority: 0,
         features: FeatureSet::ALL,
@@ -763,13 +764,44 @@ fn sync_takes_the_committed_balance_minus_what_is_unsettled() {
     let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
     let d = admit(&plan, &mut s, TASK, 4, t0()); // 20 held
     // Another replica spent 50: the store says 50 left of what we have not debited yet.
-    assert!(s.sync_grant(1, 50));
+    assert!(s.sync_grant(1, 50, Some(1)));
     assert_eq!(s.grants[0].balance, 30);
     // Our charge commits: 30 committed, nothing unsettled.
     s.settled(&d.draws);
-    assert!(s.sync_grant(1, 30));
+    assert!(s.sync_grant(1, 30, Some(2)));
     assert_eq!((s.grants[0].balance, s.grants[0].unsettled), (30, 0));
-    assert!(!s.sync_grant(9, 1), "an unknown grant is reported");
+    assert!(!s.sync_grant(9, 1, Some(1)), "an unknown grant is reported");
+}
+
+/// A replica's own commit is applied at once, another replica's notice when the listener gets
+/// to it: a notice of an earlier commit can arrive after a newer balance. Its version is lower,
+/// and it must not give back what was spent since.
+#[test]
+fn a_balance_heard_late_does_not_replace_a_newer_one() {
+    let plan = Plan {
+        layers: vec![layer("credits", LayerKind::Credits)],
+        ..plan()
+    };
+    let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, 100)], t0());
+    // Our commit took the grant to version 4 and 10 credits (others spent the rest first).
+    assert!(s.sync_grant(1, 10, Some(4)));
+    // Another replica's commit of version 3 (balance 60 then) is heard only now.
+    assert!(s.sync_grant(1, 60, Some(3)), "a known grant");
+    assert_eq!(s.grants[0].balance, 10, "the older balance changes nothing");
+    let d = decide(&plan, &s, TASK, 3, t0()); // 15 credits
+    assert!(!d.admitted(), "10 credits cannot pay for 15");
+    // A newer one applies; so does the same version again (the same committed balance, with
+    // what is unsettled now), and one whose version is not known (an older replica's).
+    assert!(s.sync_grant(1, 40, Some(5)));
+    assert_eq!(s.grants[0].balance, 40);
+    let held = admit(&plan, &mut s, TASK, 2, t0()); // 10 held
+    assert_eq!(s.grants[0].balance, 30);
+    assert!(s.sync_grant(1, 40, Some(5)));
+    assert_eq!(s.grants[0].balance, 30);
+    assert!(s.sync_grant(1, 25, None));
+    assert_eq!((s.grants[0].balance, s.grants[0].version), (15, 5));
+    release(&plan, &mut s, &held.draws, t0());
+    assert_eq!(s.grants[0].balance, 25);
 }
 
 #[test]
@@ -905,6 +937,7 @@ fn model() -> impl Strategy<Value = Model> {
                     },
                     balance,
                     unsettled: 0,
+                    version: 0,
                     expires_at: expires.map(|m| t0() + m * MIN),
                     priority,
                     features: if video_only {
@@ -1406,7 +1439,8 @@ proptest! {
                     }
                     replicas[r].settled(&d.draws);
                     for state in &mut replicas {
-                        state.sync_grant(7, balance - store.debited);
+                        // Heard at once and in order: no version needed.
+                        state.sync_grant(7, balance - store.debited, None);
                     }
                     for draw in d.draws.iter().filter(|x| matches!(x.pool, Pool::Window { .. })) {
                         replicas[1 - r].observe(plan, draw, now);
@@ -2113,7 +2147,7 @@ fn settling_a_workspace_draw_settles_the_pool_and_the_cap() {
     reserve_in(&plan, &mut member, Some(&mut pool), &d, now);
     member.settled_in(Some(&mut pool), &d.draws);
     assert_eq!(pool.grants()[0].unsettled, 0);
-    assert!(pool.sync_grant(100, 85));
+    assert!(pool.sync_grant(100, 85, Some(1)));
     assert_eq!(pool_left(&pool), 85);
     // Still counted against the cap after the commit, and after a rebuild from the ledger.
     let start = Period::Day.bounds(Tz::UTC, now).0;

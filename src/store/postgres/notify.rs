@@ -38,6 +38,10 @@ struct Notice {
     /// `(account, grant id, balance after)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     b: Vec<(String, i64, u64)>,
+    /// The version of each balance in `b`, in the same order (a field of its own, so that a
+    /// replica of an older version still reads `b`; a notice from one has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    v: Vec<u64>,
     /// Window and free-tier usage charged: `(account, draw)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     u: Vec<(String, Draw)>,
@@ -75,7 +79,7 @@ pub(super) async fn announce_ledger(
     let items = change
         .balances
         .iter()
-        .map(|b| Item::Balance((b.account.clone(), b.grant_id, b.balance)))
+        .map(|b| Item::Balance((b.account.clone(), b.grant_id, b.balance), b.version))
         .chain(change.used.iter().map(|u| Item::Used(u.clone())))
         .chain(change.refunded.iter().map(|u| Item::Refunded(u.clone())));
     for item in items {
@@ -83,13 +87,18 @@ pub(super) async fn announce_ledger(
         if size + len > NOTIFY_BYTES_MAX && size > envelope {
             send(tx, LEDGER_CHANNEL, &notice).await?;
             notice.b.clear();
+            notice.v.clear();
             notice.u.clear();
             notice.x.clear();
             size = envelope;
         }
         size += len;
         match item {
-            Item::Balance(b) => notice.b.push(b),
+            Item::Balance(b, version) => {
+                notice.b.push(b);
+                // Versions go with every balance or none: a notice is read by position.
+                notice.v.extend(version);
+            }
             Item::Used(u) => notice.u.push(u),
             Item::Refunded(u) => notice.x.push(u),
         }
@@ -101,7 +110,7 @@ pub(super) async fn announce_ledger(
 }
 
 enum Item {
-    Balance((String, i64, u64)),
+    Balance((String, i64, u64), Option<u64>),
     Used((String, Draw)),
     Refunded((String, Draw)),
 }
@@ -109,7 +118,9 @@ enum Item {
 impl Item {
     fn json_len(&self) -> Result<usize, serde_json::Error> {
         Ok(match self {
-            Item::Balance(b) => serde_json::to_string(b)?.len(),
+            Item::Balance(b, version) => {
+                serde_json::to_string(b)?.len() + version.map_or(0, |v| v.to_string().len() + 1)
+            }
             Item::Used(u) | Item::Refunded(u) => serde_json::to_string(u)?.len(),
         })
     }
@@ -140,6 +151,21 @@ fn parse_ledger(payload: &str) -> Result<(u64, Notice), serde_json::Error> {
         _ => (0, payload),
     };
     Ok((xid, serde_json::from_str(json)?))
+}
+
+/// A notice's balances with their versions: none when the notice does not carry one for each
+/// (a replica of an older version sent it), so that no balance takes another's version.
+fn balances(b: Vec<(String, i64, u64)>, v: &[u64]) -> Vec<GrantBalance> {
+    let versioned = v.len() == b.len();
+    b.into_iter()
+        .enumerate()
+        .map(|(i, (account, grant_id, balance))| GrantBalance {
+            account,
+            grant_id,
+            balance,
+            version: v.get(i).copied().filter(|_| versioned),
+        })
+        .collect()
 }
 
 /// Sends `account` on [`ACCOUNTS_CHANNEL`] as part of `tx`.
@@ -194,15 +220,7 @@ pub(super) fn watch(
                     Ok(Some(n)) => match parse_ledger(n.payload()) {
                         Ok((_, notice)) if notice.r == *replica => continue,
                         Ok((xid, notice)) => Change::Ledger(LedgerChange {
-                            balances: notice
-                                .b
-                                .into_iter()
-                                .map(|(account, grant_id, balance)| GrantBalance {
-                                    account,
-                                    grant_id,
-                                    balance,
-                                })
-                                .collect(),
+                            balances: balances(notice.b, &notice.v),
                             used: notice.u,
                             refunded: notice.x,
                             sent_at: notice.t,
@@ -225,4 +243,39 @@ pub(super) fn watch(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balances_travel_with_their_versions() {
+        let notice = Notice {
+            r: "a".into(),
+            b: vec![("acct".into(), 7, 40), ("acct".into(), 8, 0)],
+            v: vec![5, 2],
+            ..Notice::default()
+        };
+        let payload = format!("42 {}", serde_json::to_string(&notice).expect("json"));
+        let (xid, read) = parse_ledger(&payload).expect("parse");
+        assert_eq!(xid, 42);
+        let got = balances(read.b, &read.v);
+        assert_eq!(
+            got.iter()
+                .map(|b| (b.grant_id, b.balance, b.version))
+                .collect::<Vec<_>>(),
+            [(7, 40, Some(5)), (8, 0, Some(2))]
+        );
+    }
+
+    /// A replica of an older version sends no versions: its balances are taken as they come,
+    /// and a notice whose versions do not match its balances gives none to any of them.
+    #[test]
+    fn a_notice_without_versions_gives_none() {
+        let (_, read) = parse_ledger(r#"7 {"r":"old","b":[["acct",7,40]]}"#).expect("parse");
+        assert_eq!(balances(read.b, &read.v)[0].version, None);
+        let short = balances(vec![("a".into(), 1, 1), ("a".into(), 2, 2)], &[9]);
+        assert!(short.iter().all(|b| b.version.is_none()));
+    }
 }

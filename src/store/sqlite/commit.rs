@@ -247,7 +247,8 @@ pub(super) async fn commit(
         .execute(&mut *tx)
         .await?;
     }
-    update_balances(&mut tx, &balances).await?;
+    let versions = update_balances(&mut tx, &balances).await?;
+    report.set_versions(&versions);
     insert_updates(&mut tx, &updates, now).await?;
     tx.commit().await?;
     Ok(report)
@@ -479,21 +480,30 @@ async fn insert_monetization(
     Ok(())
 }
 
-/// Sets each grant's balance to its value after the batch.
+/// Sets each grant's balance to its value after the batch, one version up; returns each
+/// grant's new version.
 async fn update_balances(
     tx: &mut Transaction<'_, Sqlite>,
     balances: &HashMap<i64, i64>,
-) -> Result<(), StoreError> {
+) -> Result<Vec<(i64, i64)>, StoreError> {
     let balances: Vec<(&i64, &i64)> = balances.iter().collect();
+    let mut versions = Vec::with_capacity(balances.len());
     for chunk in statement_chunks(&balances) {
         let mut q = QueryBuilder::<Sqlite>::new("WITH v(id, balance) AS (");
         q.push_values(chunk, |mut b, (id, balance)| {
             b.push_bind(**id).push_bind(**balance);
         });
-        q.push(") UPDATE grants SET balance = v.balance FROM v WHERE grants.id = v.id");
-        q.build().execute(&mut **tx).await?;
+        q.push(
+            ") UPDATE grants SET balance = v.balance, version = version + 1 FROM v
+             WHERE grants.id = v.id RETURNING id, version",
+        );
+        versions.extend(
+            q.build_query_as::<(i64, i64)>()
+                .fetch_all(&mut **tx)
+                .await?,
+        );
     }
-    Ok(())
+    Ok(versions)
 }
 
 async fn insert_updates(
