@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
                     balance: 1_000_000,
                     unsettled: 0,
                     version: 0,
-                    expires_at: None,
+                    expires_at: flowgate::waterfall::NEVER,
                     priority: 0,
                     features: FeatureSet::ALL,
                 };

@@ -93,7 +93,7 @@ fn grant(id: i64, kind: GrantKind, balance: u64, expires: Option<i64>) -> Grant 
         balance,
         unsettled: 0,
         version: 0,
-        expires_at: expires,
+        expires_at: expires.unwrap_or(flowgate::waterfall::NEVER),
         priority: 0,
         features: FeatureSet::ALL,
     }
@@ -125,11 +125,7 @@ fn worst(plan: &Plan) -> AccountState {
             } else {
                 FeatureSet::ALL
             },
-            expires_at: if i % 2 == 0 {
-                Some(NOW - 1)
-            } else {
-                Some(NOW + i * 1000)
-            },
+            expires_at: if i % 2 == 0 { NOW - 1 } else { NOW + i * 1000 },
             ..grant(i, GrantKind::Credits, 3, None)
         })
         .collect();

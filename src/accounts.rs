@@ -761,7 +761,7 @@ pub fn grant_of(settings: &Settings, g: &StoredGrant) -> Grant {
         balance: g.balance,
         unsettled: 0,
         version: g.version,
-        expires_at: g.expires_at,
+        expires_at: g.expires_at.unwrap_or(waterfall::NEVER),
         priority: g.priority,
         features: settings.feature_set(g.features.as_deref()),
     }

@@ -332,7 +332,7 @@ impl Evaluator {
                     let mut balance = 0u64;
                     for g in state.grants() {
                         if matches!(g.kind, GrantKind::Credits | GrantKind::Promotion)
-                            && g.expires_at.is_none_or(|at| at > now)
+                            && g.expires_at > now
                         {
                             held = true;
                             balance += g.balance;

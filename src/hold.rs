@@ -410,7 +410,7 @@ mod tests {
             balance: 50,
             unsettled: 0,
             version: 0,
-            expires_at: None,
+            expires_at: crate::waterfall::NEVER,
             priority: 0,
             features: FeatureSet::ALL,
         };

@@ -653,7 +653,7 @@ impl Replay {
                         balance: g.amount,
                         unsettled: 0,
                         version: 0,
-                        expires_at: g.expires_at,
+                        expires_at: g.expires_at.unwrap_or(crate::waterfall::NEVER),
                         priority: g.priority,
                         features: self.candidate.feature_set(g.features.as_deref()),
                     };

@@ -327,7 +327,7 @@ mod tests {
             balance,
             unsettled: 0,
             version: 0,
-            expires_at: None,
+            expires_at: crate::waterfall::NEVER,
             priority: 0,
             features: FeatureSet::ALL,
         }

@@ -34,6 +34,9 @@ pub type Credits = u64;
 /// Milliseconds since the Unix epoch, UTC. The engine never reads a clock: time is passed in.
 pub type Millis = i64;
 
+/// A grant's `expires_at` when it does not expire: no instant comes after it.
+pub const NEVER: Millis = Millis::MAX;
+
 /// One minute, the windows' precision.
 pub const MINUTE_MS: Millis = 60_000;
 
@@ -553,8 +556,9 @@ pub struct Grant {
     /// The version of the committed balance `balance` was last taken from (the store's
     /// `grants.version`): a committed balance of a lower version is older and is ignored.
     pub version: u64,
-    /// After this instant the grant is never drawn from.
-    pub expires_at: Option<Millis>,
+    /// From this instant on the grant is never drawn from; [`NEVER`] for a grant that does
+    /// not expire (a sentinel, not an `Option`: 8 bytes a grant less, at a million accounts).
+    pub expires_at: Millis,
     /// Lower is spent first; ties go to the earliest expiry.
     pub priority: i32,
     /// Which features it may pay for (promotions may be limited).
@@ -564,19 +568,18 @@ pub struct Grant {
 impl Grant {
     /// Whether the grant may pay for `feature` at `now`.
     pub fn usable(&self, kind: GrantKind, feature: FeatureId, now: Millis) -> bool {
-        self.kind == kind
-            && self.features.contains(feature)
-            && self.expires_at.is_none_or(|at| now < at)
+        self.kind == kind && self.features.contains(feature) && now < self.expires_at
+    }
+
+    /// When it expires, if it does.
+    pub fn expiry(&self) -> Option<Millis> {
+        (self.expires_at != NEVER).then_some(self.expires_at)
     }
 
     /// The order in which grants are spent: priority, then earliest expiry (never-expiring
     /// last), then the oldest grant.
     fn spend_order(&self) -> (i32, Millis, i64) {
-        (
-            self.priority,
-            self.expires_at.unwrap_or(Millis::MAX),
-            self.id,
-        )
+        (self.priority, self.expires_at, self.id)
     }
 }
 
@@ -1897,7 +1900,7 @@ fn walk(
 /// decision. Expired grants of later priorities are left to [`Grant::usable`]. With it, how
 /// many were skipped: where the slice starts in `grants`.
 fn unexpired(grants: &[Grant], now: Millis) -> (usize, &[Grant]) {
-    let expired = |g: &Grant| g.expires_at.is_some_and(|at| at <= now);
+    let expired = |g: &Grant| g.expires_at <= now;
     match grants.first() {
         Some(first) if expired(first) => {
             let skip = grants.partition_point(|g| g.priority == first.priority && expired(g));

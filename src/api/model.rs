@@ -265,7 +265,7 @@ impl UsageBody {
             })
         };
         account.with_state(|plan, state| {
-            let live = |g: &&crate::waterfall::Grant| g.expires_at.is_none_or(|at| now < at);
+            let live = |g: &&crate::waterfall::Grant| now < g.expires_at;
             let pool = |kind: GrantKind| -> u64 {
                 state
                     .grants()
@@ -351,8 +351,8 @@ impl UsageBody {
                         kind: g.kind.as_str().to_owned(),
                         balance: g.balance,
                         held: g.unsettled,
-                        expires_at: g.expires_at.map(rfc3339),
-                        expired: g.expires_at.is_some_and(|at| now >= at),
+                        expires_at: g.expiry().map(rfc3339),
+                        expired: now >= g.expires_at,
                         priority: g.priority,
                         features: names(g.features),
                     })

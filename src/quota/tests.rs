@@ -52,7 +52,7 @@ fn state(plan: &Plan, credits: u64) -> AccountState {
         balance: credits,
         unsettled: 0,
         version: 0,
-        expires_at: None,
+        expires_at: crate::waterfall::NEVER,
         priority: 0,
         features: FeatureSet::ALL,
     };

@@ -196,7 +196,7 @@ fn ledger(settings: &Settings, requests: &[Request], grants: &[GrantHistory]) ->
                 balance: g.amount,
                 unsettled: 0,
                 version: 0,
-                expires_at: None,
+                expires_at: crate::waterfall::NEVER,
                 priority: 0,
                 features: FeatureSet::ALL,
             });

@@ -36,7 +36,7 @@ fn grant(id: i64, kind: GrantKind, balance: Credits) -> Grant {
         balance,
         unsettled: 0,
         version: 0,
-        expires_at: None,
+        expires_at: NEVER,
         priority: 0,
         features: FeatureSet::ALL,
     }
@@ -395,20 +395,20 @@ fn grants_are_spent_by_priority_then_earliest_expiry_and_never_once_expired() {
     };
     let grants = vec![
         Grant {
-            expires_at: None,
+            expires_at: NEVER,
             ..grant(1, GrantKind::Credits, 10)
         },
         Grant {
-            expires_at: Some(t0() + HOUR),
+            expires_at: t0() + HOUR,
             ..grant(2, GrantKind::Credits, 10)
         },
         Grant {
-            expires_at: Some(t0() + 2 * HOUR),
+            expires_at: t0() + 2 * HOUR,
             ..grant(3, GrantKind::Credits, 10)
         },
         Grant {
             priority: -1, // spent first, whatever its expiry
-            expires_at: None,
+            expires_at: NEVER,
             ..grant(4, GrantKind::Credits, 5)
         },
     ];
@@ -938,7 +938,7 @@ fn model() -> impl Strategy<Value = Model> {
                     balance,
                     unsettled: 0,
                     version: 0,
-                    expires_at: expires.map(|m| t0() + m * MIN),
+                    expires_at: expires.map_or(NEVER, |m| t0() + m * MIN),
                     priority,
                     features: if video_only {
                         FeatureSet::EMPTY.with(VIDEO)
@@ -1013,10 +1013,7 @@ fn check_admitted(plan: &Plan, before: &AccountState, d: &Decision, now: Millis)
                     .find(|g| g.id == grant_id)
                     .expect("grant");
                 assert!(g.balance >= x.credits);
-                assert!(
-                    g.expires_at.is_none_or(|at| now < at),
-                    "expired grant drawn"
-                );
+                assert!(now < g.expires_at, "expired grant drawn");
                 assert!(g.features.contains(feature));
             }
         }
@@ -1067,7 +1064,7 @@ fn capacity(plan: &Plan, s: &AccountState, feature: FeatureId, now: Millis) -> U
                 let usable = s.grants.iter().filter(|g| {
                     g.kind == kind
                         && g.features.contains(feature)
-                        && g.expires_at.is_none_or(|at| now < at)
+                        && now < g.expires_at
                         && g.balance > 0
                 });
                 let credits: Credits = usable.map(|g| g.balance).sum();
@@ -1834,7 +1831,7 @@ proptest! {
         for (i, (priority, expires)) in grants.into_iter().enumerate() {
             state.add_grant(Grant {
                 priority,
-                expires_at: expires.map(|m| t0() + m * MIN),
+                expires_at: expires.map_or(NEVER, |m| t0() + m * MIN),
                 ..grant(i as i64 + 1, GrantKind::Credits, 1)
             });
         }
