@@ -97,31 +97,36 @@ pub struct CommitReport {
     pub balances: Vec<GrantBalance>,
     /// Credits the batch owed that no grant could pay, forgiven.
     pub forgiven: u64,
+    /// Where each grant is in `balances`: a batch of thousands of accounts notes a balance per
+    /// charge, and a search of the list per note grew with the square of the batch.
+    at: HashMap<i64, usize>,
 }
 
 impl CommitReport {
     /// Notes a grant's balance after the commit (the last one noted wins).
     fn set_balance(&mut self, account: &str, grant_id: i64, balance: i64) {
         let balance = u64::try_from(balance).unwrap_or(0);
-        match self.balances.iter_mut().find(|b| b.grant_id == grant_id) {
-            Some(b) => b.balance = balance,
-            None => self.balances.push(GrantBalance {
-                account: account.to_owned(),
-                grant_id,
-                balance,
-                version: None,
-            }),
+        match self.at.get(&grant_id) {
+            Some(&i) => self.balances[i].balance = balance,
+            None => {
+                self.at.insert(grant_id, self.balances.len());
+                self.balances.push(GrantBalance {
+                    account: account.to_owned(),
+                    grant_id,
+                    balance,
+                    version: None,
+                });
+            }
         }
     }
 
     /// Notes the versions the commit's balance updates gave the grants (`(grant id, version)`,
     /// as the store's `UPDATE … RETURNING` said).
     fn set_versions(&mut self, versions: &[(i64, i64)]) {
-        let versions: HashMap<i64, i64> = versions.iter().copied().collect();
-        for b in &mut self.balances {
-            b.version = versions
-                .get(&b.grant_id)
-                .and_then(|v| u64::try_from(*v).ok());
+        for &(grant_id, version) in versions {
+            if let Some(&i) = self.at.get(&grant_id) {
+                self.balances[i].version = u64::try_from(version).ok();
+            }
         }
     }
 }
