@@ -237,7 +237,7 @@ impl Accounts {
 
     /// Serialises store reads applied to the view: the ledger writer holds it from a commit to
     /// the view's update, [`Accounts::refresh`] and [`Accounts::resync`] from their read to
-    /// their update, the replica follower while it applies a notice ([`Accounts::apply`]).
+    /// their update, the replica follower while it applies the notices queued ([`Accounts::apply`]).
     /// Never held by the hot path.
     pub async fn sync_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.sync.lock().await

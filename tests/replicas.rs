@@ -816,11 +816,14 @@ async fn three_replicas_hammer_one_account() {
     let pool = sqlx::PgPool::connect(&r.db.url).await.expect("connect");
     for (run, admitted) in admitted_by_run.iter().enumerate() {
         assert!(*admitted >= 90, "run {run}: only {admitted} admitted");
-        // Replicas deciding apart admit up to three entitlements (270) when hammered; how far
-        // below that sharing keeps them depends on the load and the commit lag
-        // (docs/BENCHMARKS.md), so only the ceiling is asserted here: that the windows are
-        // shared at all is `a_window_counts_every_replicas_usage`'s exact check.
-        assert!(*admitted < 270, "run {run}: {admitted} admitted of 90");
+        // Replicas deciding apart admit up to three entitlements (270) when hammered: each
+        // counts at least its own admissions, so no replica passes 90 on its own. How far below
+        // 270 sharing keeps them depends on the load and the commit lag (docs/BENCHMARKS.md;
+        // on a loaded CI machine a run can end before any commit is heard), so only the
+        // ceiling is asserted here: that the windows are shared at all is
+        // `a_window_counts_every_replicas_usage`'s exact check. A balance heard late that
+        // replaced a newer one once took runs to 275 and 286.
+        assert!(*admitted <= 270, "run {run}: {admitted} admitted of 90");
         // The ledger has every admitted task; credits beyond the grant are forgiven, never
         // debited.
         let (units, credits): (i64, i64) = sqlx::query_as(

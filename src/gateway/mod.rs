@@ -286,7 +286,16 @@ pub fn price_tables(settings: &Settings) -> Vec<StoredPriceTable> {
 /// cannot be re-read (the store went away again) is caught up by re-reading everything, retried
 /// until it succeeds.
 async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::Receiver<Arc<App>>) {
-    while let Some(change) = changes.recv().await {
+    // A change taken from the channel while applying ledger notices, not one itself.
+    let mut next: Option<Change> = None;
+    loop {
+        let change = match next.take() {
+            Some(change) => change,
+            None => match changes.recv().await {
+                Some(change) => change,
+                None => return,
+            },
+        };
         let app = apps.borrow().clone();
         let (accounts, store, clock) = (&app.accounts, &app.store, &app.clock);
         let refreshed = match change {
@@ -296,16 +305,37 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
                 .await
                 .map_err(Some),
             Change::Ledger(change) => {
-                if change.sent_at > 0 {
-                    let lag_ms = (clock.now_ms() - change.sent_at).max(0);
-                    app.metrics
-                        .replica_lag_seconds
-                        .observe(lag_ms as f64 / 1000.0);
-                }
-                let unknown = {
+                // Every ledger notice already queued is applied in this one hold of the sync
+                // lock. The ledger writer holds it through each commit and, under load,
+                // commits back to back: taking the lock once per notice let the listener apply
+                // one notice per commit of this replica, and under a hammer fall behind by
+                // more than the whole run (three replicas then shared nothing).
+                let mut unknown = Vec::new();
+                {
                     let _sync = accounts.sync_lock().await;
-                    accounts.apply(&change, clock.now_ms())
-                };
+                    let mut change = change;
+                    loop {
+                        if change.sent_at > 0 {
+                            let lag_ms = (clock.now_ms() - change.sent_at).max(0);
+                            app.metrics
+                                .replica_lag_seconds
+                                .observe(lag_ms as f64 / 1000.0);
+                        }
+                        for id in accounts.apply(&change, clock.now_ms()) {
+                            if !unknown.contains(&id) {
+                                unknown.push(id);
+                            }
+                        }
+                        match changes.try_recv() {
+                            Ok(Change::Ledger(more)) => change = more,
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
                 let mut result = Ok(());
                 for id in unknown {
                     result = result.and(
