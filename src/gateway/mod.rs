@@ -308,8 +308,8 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
                 // Every ledger notice already queued is applied in this one hold of the sync
                 // lock. The ledger writer holds it through each commit and, under load,
                 // commits back to back: taking the lock once per notice let the listener apply
-                // one notice per commit of this replica, and under a hammer fall behind by
-                // more than the whole run (three replicas then shared nothing).
+                // one notice per commit of this replica while two other replicas' arrived, so
+                // it could fall ever further behind while the load lasted.
                 let mut unknown = Vec::new();
                 {
                     let _sync = accounts.sync_lock().await;
