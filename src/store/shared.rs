@@ -13,6 +13,8 @@
 //! - `begin_view_read(&self)` and `read_mark(&self, tx)`: a read of the view in one snapshot,
 //!   and where that snapshot stands among the commits other replicas announce (PostgreSQL's
 //!   `pg_current_snapshot()`; SQLite has no other writer);
+//! - `ACCOUNT_PAGE`: how a page of an account's usage events is found after and before a
+//!   cursor (SQLite must be told to find the ids first);
 //! - `grant_from_row` and `GRANT_COLUMNS`, over the dialect's row type.
 
 /// Expands the API statements as methods of `$store` (see the module documentation).
@@ -311,14 +313,8 @@ macro_rules! api_statements {
                 limit: u32,
             ) -> Result<Vec<LedgerEvent>, StoreError> {
                 let (sql, cursor) = match page {
-                    Page::After(after) => (
-                        "WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-                        after,
-                    ),
-                    Page::Before(before) => (
-                        "WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-                        before.unwrap_or(i64::MAX),
-                    ),
+                    Page::After(after) => (ACCOUNT_PAGE[0], after),
+                    Page::Before(before) => (ACCOUNT_PAGE[1], before.unwrap_or(i64::MAX)),
                 };
                 let usage: Vec<UsageEventRecord> = sqlx::query_as(&format!(
                     "SELECT {} FROM usage_events {sql}",

@@ -18,6 +18,14 @@ use crate::waterfall::{Draw, Millis};
 /// An id list: a `bigint[]` parameter.
 const IDS_IN: &str = "= ANY($1)";
 
+/// A page of an account's usage events after, then before, a cursor (`$1` the account, `$2` the
+/// cursor, `$3` the limit). Asked directly: PostgreSQL's planner walks the primary key from the
+/// cursor or the account's index, as its statistics say (SQLite needs the ids found first).
+const ACCOUNT_PAGE: [&str; 2] = [
+    "WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+    "WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+];
+
 #[allow(clippy::unnecessary_wraps)] // the same signature as SQLite's, which can fail
 fn ids_arg(ids: impl Iterator<Item = i64>) -> Result<Vec<i64>, StoreError> {
     Ok(ids.collect())

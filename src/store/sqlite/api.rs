@@ -16,6 +16,18 @@ use crate::waterfall::{Draw, Millis};
 /// An id list: the ids as a JSON array, read back by `json_each`.
 const IDS_IN: &str = "IN (SELECT value FROM json_each($1))";
 
+/// A page of an account's usage events after, then before, a cursor (`$1` the account, `$2` the
+/// cursor, `$3` the limit). The page's ids are found first, from `usage_events_by_account` alone
+/// (an index holds each row's id), and only those rows are read: asked for whole rows at once,
+/// SQLite read every row of the account to sort them by id, about a second a page for an account
+/// of 500 000 events (docs/BENCHMARKS.md, "The ledger's pages").
+const ACCOUNT_PAGE: [&str; 2] = [
+    "WHERE id IN (SELECT id FROM usage_events WHERE account_id = $1 AND id > $2 \
+     ORDER BY id LIMIT $3) ORDER BY id",
+    "WHERE id IN (SELECT id FROM usage_events WHERE account_id = $1 AND id < $2 \
+     ORDER BY id DESC LIMIT $3) ORDER BY id DESC",
+];
+
 fn ids_arg(ids: impl Iterator<Item = i64>) -> Result<String, StoreError> {
     serde_json::to_string(&ids.collect::<Vec<_>>())
         .map_err(|e| StoreError::Corrupt(format!("ids: {e}")))
