@@ -13,8 +13,12 @@
 //! change (the admin API's, here or on another replica) is applied by re-reading the account
 //! ([`Accounts::refresh`]); another replica's ledger commits arrive as numbers
 //! ([`Accounts::apply`]); after a lost listener everything is re-read ([`Accounts::resync`]).
-//! Whatever reads the store and then applies what it read holds [`Accounts::sync_lock`], the
-//! ledger writer included, so that nothing applies a read older than one already applied.
+//! A re-read holds [`Accounts::reread_lock`] from its read to its update, alone, so that
+//! nothing applies a read older than one already applied. The ledger writer (from its commit to
+//! the view's update) and the replica follower hold [`Accounts::apply_lock`], shared: they may
+//! run together, because each balance carries its commit's version and a draw is settled with
+//! the balance of the commit that debited it (`AccountState::settled_in`), so whichever lands
+//! first the view ends at the newest balance.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use crate::ids::AccountId;
 use crate::store::{
     ApiKeyRow, GrantBalance, LedgerChange, ReadMark, Store, StoreError, StoredGrant,
 };
-use crate::waterfall::{self, AccountState, Draw, Grant, Millis, Plan};
+use crate::waterfall::{self, AccountState, Credits, Draw, Grant, Millis, Plan};
 
 /// One account in the cached view.
 #[derive(Debug)]
@@ -184,10 +188,10 @@ pub struct Accounts {
     /// per-entry bookkeeping (~300 bytes) would be most of a million-account view's memory.
     /// Readers hold the lock only for the lookup; writers are the admin API's key creation.
     by_key_hash: Arc<parking_lot::RwLock<HashMap<KeyDigest, AccountId>>>,
-    /// Held by whatever reads the store and then applies what it read (see the module).
-    sync: Arc<tokio::sync::Mutex<()>>,
+    /// Written by re-reads, read by the ledger writer and the replica follower (see the module).
+    sync: Arc<tokio::sync::RwLock<()>>,
     /// The configuration whose plans the view's accounts are on (`None`: a view built by hand,
-    /// which never re-reads the store). Replaced only under `sync`, so that no re-read applies
+    /// which never re-reads the store). Replaced only under [`Accounts::reread_lock`], so that no re-read applies
     /// an account on a plan of a configuration that was replaced meanwhile.
     settings: Arc<parking_lot::RwLock<Option<Arc<Settings>>>>,
     /// Which announced commits the view's last reads already include (see [`Marks`]).
@@ -235,12 +239,21 @@ impl Accounts {
         self.settings.read().clone()
     }
 
-    /// Serialises store reads applied to the view: the ledger writer holds it from a commit to
-    /// the view's update, [`Accounts::refresh`] and [`Accounts::resync`] from their read to
-    /// their update, the replica follower while it applies the notices queued ([`Accounts::apply`]).
+    /// Held alone by a re-read ([`Accounts::refresh`], [`Accounts::resync`],
+    /// [`Accounts::reconfigure`]) from its read of the store to its update of the view. Never
+    /// held by the hot path.
+    async fn reread_lock(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.sync.write().await
+    }
+
+    /// Keeps re-reads out, and no one else: the ledger writer holds it from a commit to the
+    /// view's update (a re-read between the two would miss usage neither committed in what it
+    /// read nor unsettled any more), the replica follower while it applies the notices queued
+    /// ([`Accounts::apply`]). The two hold it at once: the writer's store commit, which on
+    /// PostgreSQL waits for grant rows other replicas hold, never delays what they announce.
     /// Never held by the hot path.
-    pub async fn sync_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.sync.lock().await
+    pub async fn apply_lock(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.sync.read().await
     }
 
     /// Adds or replaces an account.
@@ -300,10 +313,16 @@ impl Accounts {
     }
 
     /// Marks an entry's draws as debited by the store (a member's draws from its workspace's
-    /// grants on the workspace's state).
-    pub fn settled(&self, id: &str, draws: &[Draw]) {
+    /// grants on the workspace's state). `committed` says what the commit left in a grant, its
+    /// balance and version, where known (see [`AccountState::settled_in`]).
+    pub fn settled(
+        &self,
+        id: &str,
+        draws: &[Draw],
+        committed: impl Fn(i64) -> Option<(Credits, u64)>,
+    ) {
         if let Some(account) = self.get(id) {
-            account.with_states(|_, state, pool| state.settled_in(pool, draws));
+            account.with_states(|_, state, pool| state.settled_in(pool, draws, committed));
         }
     }
 
@@ -498,7 +517,7 @@ impl Accounts {
     /// one way an account change reaches the view, on the replica that made it and on every
     /// other (see the module).
     pub async fn refresh(&self, store: &Store, id: &str, now: Millis) -> Result<(), StoreError> {
-        let _sync = self.sync_lock().await;
+        let _sync = self.reread_lock().await;
         let Some(settings) = self.settings() else {
             return Ok(());
         };
@@ -596,7 +615,7 @@ impl Accounts {
     /// Applies another replica's ledger commit: its window and free-tier usage counts here too,
     /// a refund's usage no longer does, and grants take their committed balances. A commit an
     /// account's last re-read already included is skipped for it. Returns the accounts with
-    /// grants the view lacks (to [`Accounts::refresh`]). Call it under [`Accounts::sync_lock`],
+    /// grants the view lacks (to [`Accounts::refresh`]). Call it under [`Accounts::apply_lock`],
     /// so that no re-read lands between the check and the change.
     pub fn apply(&self, change: &LedgerChange, now: Millis) -> Vec<String> {
         let marks = self.marks.lock();
@@ -624,7 +643,7 @@ impl Accounts {
     /// their balances, and each account's windows and free tier as committed by every replica
     /// plus what this gateway still holds unsettled.
     pub async fn resync(&self, store: &Store, now: Millis) -> Result<(), StoreError> {
-        let _sync = self.sync_lock().await;
+        let _sync = self.reread_lock().await;
         let Some(settings) = self.settings() else {
             return Ok(());
         };
@@ -642,7 +661,7 @@ impl Accounts {
         settings: Arc<Settings>,
         now: Millis,
     ) -> Result<(), StoreError> {
-        let _sync = self.sync_lock().await;
+        let _sync = self.reread_lock().await;
         let stored = Stored::read(store, &settings, now).await?;
         *self.settings.write() = Some(settings.clone());
         self.apply_stored(&stored, &settings, now);

@@ -263,7 +263,7 @@ impl LedgerWriter {
     /// A shadow entry's counted draws are committed (`shadow_draws`): no longer unsettled.
     fn shadow_settled(&self, entry: &LedgerEntry) {
         if let Some(draws) = entry.shadow_draws() {
-            self.accounts.settled(&entry.account, &draws);
+            self.accounts.settled(&entry.account, &draws, |_| None);
         }
     }
 
@@ -273,7 +273,7 @@ impl LedgerWriter {
         // Held from the commit to the view's update, so that a resync never reads the store
         // between the two (it would miss usage that is neither committed nor unsettled).
         let (report, _sync) = loop {
-            let sync = self.accounts.sync_lock().await;
+            let sync = self.accounts.apply_lock().await;
             let started = crate::clock::Stopwatch::start();
             match self.store.commit(batch, self.clock.now_ms()).await {
                 Ok(report) => {
@@ -317,7 +317,10 @@ impl LedgerWriter {
                         .with_label_values(&[entry.outcome.as_str()])
                         .inc();
                     if entry.charged() {
-                        self.accounts.settled(&entry.account, &entry.decision.draws);
+                        self.accounts
+                            .settled(&entry.account, &entry.decision.draws, |grant| {
+                                report.committed(grant)
+                            });
                         // Settled above what the account could pay: forgiven at its price.
                         m.overdraft_forgiven.inc_by(
                             entry
@@ -343,7 +346,10 @@ impl LedgerWriter {
                 Committed::AlreadyRecorded => {
                     // A retried batch that had in fact committed: the debits are in the store.
                     if entry.charged() {
-                        self.accounts.settled(&entry.account, &entry.decision.draws);
+                        self.accounts
+                            .settled(&entry.account, &entry.decision.draws, |grant| {
+                                report.committed(grant)
+                            });
                     }
                     self.shadow_settled(entry);
                 }

@@ -937,15 +937,26 @@ impl AccountState {
     }
 
     /// Marks `draws` as committed by the store: they are no longer unsettled (they still count).
-    /// Draws from a workspace pool settle only the member's count here: see
-    /// [`AccountState::settled_in`].
+    /// A grant's balance is left for the caller to sync. Draws from a workspace pool settle only
+    /// the member's count here: see [`AccountState::settled_in`].
     pub fn settled(&mut self, draws: &[Draw]) {
-        self.settled_in(None, draws);
+        self.settled_in(None, draws, |_| None);
     }
 
-    /// [`AccountState::settled`] for a member whose workspace's state is `pool`: a draw from
-    /// the workspace's grants is settled there.
-    pub fn settled_in(&mut self, mut pool: Option<&mut AccountState>, draws: &[Draw]) {
+    /// [`AccountState::settled`] for a member whose workspace's state is `pool` (a draw from the
+    /// workspace's grants is settled there), given what the commit that debited the draws left
+    /// in each grant: `committed(grant id)`, its balance and version.
+    ///
+    /// A grant's balance is then right at once, whatever another replica's notice did in the
+    /// meantime (see [`settle_grant`]): the replica follower applies notices while the ledger
+    /// writer settles, so a notice of a later commit, which counts these draws already, may
+    /// have been taken before them.
+    pub fn settled_in(
+        &mut self,
+        mut pool: Option<&mut AccountState>,
+        draws: &[Draw],
+        committed: impl Fn(i64) -> Option<(Credits, u64)>,
+    ) {
         for draw in draws {
             if let (Some(leases), Some(pool)) = (&mut self.leases, draw.lease_pool()) {
                 leases.committed(pool, draw.lease_amount());
@@ -953,7 +964,7 @@ impl AccountState {
             match (&draw.pool, self.layers.get_mut(draw.layer as usize)) {
                 (Pool::Grant { grant_id }, _) => {
                     if let Some(grant) = self.grants.iter_mut().find(|g| g.id == *grant_id) {
-                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                        settle_grant(grant, draw.credits, committed(*grant_id));
                     }
                 }
                 (Pool::Window { minute }, Some(LayerState::UsageLimit { log })) => {
@@ -986,7 +997,7 @@ impl AccountState {
                     if let Some(pool) = pool.as_deref_mut()
                         && let Some(grant) = pool.grants.iter_mut().find(|g| g.id == *grant_id)
                     {
-                        grant.unsettled = grant.unsettled.saturating_sub(draw.credits);
+                        settle_grant(grant, draw.credits, committed(*grant_id));
                     }
                 }
                 _ => {}
@@ -1891,6 +1902,26 @@ fn walk(
         decision.denial = Some(deny_reason(plan, state, &decision, feature, left, now));
     }
     decision
+}
+
+/// Settles `credits` of `grant` that a commit debited, the commit having left the grant at
+/// `committed` (its balance and version; `None` when not known, and the caller syncs the
+/// balance afterwards). What is left to draw stays the committed balance minus what is still
+/// unsettled, whichever commit the view's balance is of:
+/// - one before this commit: the view takes this commit's balance, which counts the draw;
+/// - this commit or a later one (another replica's, heard first): its balance counts the draw
+///   already, and only held it back as unsettled; now it holds it back no more.
+fn settle_grant(grant: &mut Grant, credits: Credits, committed: Option<(Credits, u64)>) {
+    let freed = grant.unsettled.min(credits);
+    grant.unsettled -= freed;
+    match committed {
+        Some((balance, version)) if version > grant.version => {
+            grant.version = version;
+            grant.balance = balance.saturating_sub(grant.unsettled);
+        }
+        Some(_) => grant.balance += freed,
+        None => {}
+    }
 }
 
 /// `grants` (in spend order) without the expired ones at their head, which no decision can draw:

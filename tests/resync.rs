@@ -66,7 +66,7 @@ async fn a_commit_heard_after_a_re_read_that_included_it_counts_once() {
     };
     assert_ne!(change.xid, 0, "a notice names its transaction");
     {
-        let _sync = accounts.sync_lock().await;
+        let _sync = accounts.apply_lock().await;
         accounts.apply(&change, now);
     }
     assert_eq!(alice_used(&accounts), 2, "counted once, not twice");
@@ -80,7 +80,7 @@ async fn a_commit_heard_after_a_re_read_that_included_it_counts_once() {
         unreachable!()
     };
     {
-        let _sync = accounts.sync_lock().await;
+        let _sync = accounts.apply_lock().await;
         accounts.apply(&change, now);
     }
     assert_eq!(alice_used(&accounts), 3, "a later commit counts");

@@ -246,7 +246,7 @@ async fn every_balance_change_moves_its_grant_one_version_up(kind: StoreKind) {
             .unwrap()
             .with_state(|_, s| s.grants()[0].balance)
     };
-    accounts.settled("exp", &first.decision.draws);
+    accounts.settled("exp", &first.decision.draws, |_| None);
     accounts.sync_balances(&expired);
     assert_eq!(left(), 0);
     accounts.sync_balances(&balances);

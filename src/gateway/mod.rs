@@ -305,14 +305,12 @@ async fn follow(mut changes: tokio::sync::mpsc::Receiver<Change>, apps: watch::R
                 .await
                 .map_err(Some),
             Change::Ledger(change) => {
-                // Every ledger notice already queued is applied in this one hold of the sync
-                // lock. The ledger writer holds it through each commit and, under load,
-                // commits back to back: taking the lock once per notice let the listener apply
-                // one notice per commit of this replica while two other replicas' arrived, so
-                // it could fall ever further behind while the load lasted.
+                // Every ledger notice already queued is applied in this one hold of the apply
+                // lock, which only a re-read waits for: notices that arrive together cost one
+                // wait, not one each.
                 let mut unknown = Vec::new();
                 {
-                    let _sync = accounts.sync_lock().await;
+                    let _sync = accounts.apply_lock().await;
                     let mut change = change;
                     loop {
                         if change.sent_at > 0 {

@@ -120,6 +120,12 @@ impl CommitReport {
         }
     }
 
+    /// What the commit left in grant `grant_id`, its balance and version, if it debited it.
+    pub fn committed(&self, grant_id: i64) -> Option<(u64, u64)> {
+        let b = &self.balances[*self.at.get(&grant_id)?];
+        Some((b.balance, b.version?))
+    }
+
     /// Notes the versions the commit's balance updates gave the grants (`(grant id, version)`,
     /// as the store's `UPDATE … RETURNING` said).
     fn set_versions(&mut self, versions: &[(i64, i64)]) {

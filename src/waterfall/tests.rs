@@ -2142,7 +2142,7 @@ fn settling_a_workspace_draw_settles_the_pool_and_the_cap() {
     let mut pool = pool_state(&[100]);
     let d = decide_in(&plan, &member, Some(&pool), TASK, 3, now);
     reserve_in(&plan, &mut member, Some(&mut pool), &d, now);
-    member.settled_in(Some(&mut pool), &d.draws);
+    member.settled_in(Some(&mut pool), &d.draws, |_| None);
     assert_eq!(pool.grants()[0].unsettled, 0);
     assert!(pool.sync_grant(100, 85, Some(1)));
     assert_eq!(pool_left(&pool), 85);
@@ -2240,5 +2240,96 @@ proptest! {
         }
         prop_assert_eq!(pool_left(&pool), start_total);
         prop_assert!(pool.grants().iter().all(|g| g.unsettled == 0));
+    }
+}
+
+/// What a replica hears of one grant after a run of commits, in [`settles_and_notices_in_any_order_end_at_the_newest_balance`].
+#[derive(Debug, Clone, Copy)]
+enum Heard {
+    /// Another replica's commit of this version, announced.
+    Notice(u64),
+    /// Our draw number `.1`, debited by our commit of version `.0`, settled by our writer.
+    Settle(u64, usize),
+    /// Our writer's sync of its commit of this version, after the batch's settles.
+    Synced(u64),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The ledger writer settles its batches while the replica follower applies other
+    /// replicas' notices, in any interleaving (they share `Accounts::apply_lock`). Whatever the
+    /// order, the view never counts more credits left than the newest commit it has heard
+    /// leaves beyond what it still holds, and once everything is heard it has exactly that.
+    #[test]
+    fn settles_and_notices_in_any_order_end_at_the_newest_balance(
+        units in prop::collection::vec(1u64..10, 1..8),
+        // The commits in store order: another replica's spend, or our next `n` draws.
+        commits in prop::collection::vec(prop_oneof![
+            (0u64..200).prop_map(|x| (false, x)),
+            (1u64..4).prop_map(|n| (true, n)),
+        ], 1..10),
+        order in prop::collection::vec(any::<u32>(), 64),
+    ) {
+        let plan = Plan { layers: vec![layer("credits", LayerKind::Credits)], ..plan() };
+        let start = 100_000;
+        let mut s = AccountState::new(&plan, vec![grant(1, GrantKind::Credits, start)], t0());
+        let draws: Vec<Decision> = units.iter().map(|&u| admit(&plan, &mut s, TASK, u, t0())).collect();
+        let credits = |i: usize| draws[i].draws[0].credits;
+
+        // The store's side: each commit's version (1, 2, …) and the balance it left, and which
+        // of our draws each debited (`debited_in[i]`: the version, if any).
+        let mut balance_at = vec![start];
+        let mut debited_in: Vec<Option<u64>> = vec![None; draws.len()];
+        let (mut ours, mut theirs, mut next) = (Vec::new(), Vec::new(), 0);
+        for &(mine, n) in &commits {
+            let v = balance_at.len() as u64;
+            let mut left = *balance_at.last().unwrap();
+            if mine {
+                let mut batch = Vec::new();
+                while batch.len() < n as usize && next < draws.len() {
+                    left -= credits(next);
+                    debited_in[next] = Some(v);
+                    batch.push(Heard::Settle(v, next));
+                    next += 1;
+                }
+                batch.push(Heard::Synced(v));
+                ours.extend(batch);
+            } else {
+                left = left.saturating_sub(n);
+                theirs.push(Heard::Notice(v));
+            }
+            balance_at.push(left);
+        }
+        let committed = |v: u64| (balance_at[v as usize], v);
+
+        // The view's side: our writer's steps in order, the notices anywhere among them (and
+        // in any order among themselves: each is the listener's, heard late or early).
+        let mut heard: Vec<(u32, Heard)> = theirs.iter().enumerate().map(|(i, &h)| (order[i % 64], h)).collect();
+        let mut keys: Vec<u32> = (0..ours.len()).map(|i| order[(i + 31) % 64]).collect();
+        keys.sort_unstable();
+        heard.extend(keys.into_iter().zip(ours.iter().copied()));
+        heard.sort_by_key(|&(k, _)| k);
+
+        // What is left beyond our holds, as the newest commit the view has heard says.
+        let exact = |s: &AccountState| {
+            let newest = s.grants()[0].version;
+            let held: Credits = (0..draws.len())
+                .filter(|&i| debited_in[i].is_none_or(|v| v > newest))
+                .map(credits)
+                .sum();
+            balance_at[newest as usize] - held
+        };
+        for (_, h) in heard {
+            match h {
+                Heard::Notice(v) => { s.sync_grant(1, balance_at[v as usize], Some(v)); }
+                Heard::Settle(v, i) => s.settled_in(None, &draws[i].draws, |_| Some(committed(v))),
+                Heard::Synced(v) => { s.sync_grant(1, balance_at[v as usize], Some(v)); }
+            }
+            prop_assert!(s.grants()[0].balance <= exact(&s), "{:?}: {} > {}", h, s.grants()[0].balance, exact(&s));
+        }
+        let newest = balance_at.len() as u64 - 1;
+        prop_assert_eq!(s.grants()[0].version, newest);
+        prop_assert_eq!(s.grants()[0].balance, exact(&s));
     }
 }
