@@ -286,7 +286,7 @@ async fn reconcile(
     json: bool,
 ) -> Result<bool, Box<dyn std::error::Error>> {
     let settings = Settings::load(&config)?;
-    let store = Store::open(&settings.store.url).await?;
+    let store = Store::open_read_only(&settings.store.url).await?;
     let report = store
         .reconcile(since.map_or(i64::MIN, |t| t.timestamp_millis()), &settings)
         .await?;

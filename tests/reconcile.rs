@@ -142,3 +142,29 @@ async fn reconcile_is_clean_after_traffic_and_names_tampering(store: StoreKind) 
     assert!(record("grant_balance").contains("purchase-1"), "{report}");
     assert!(record("debits").contains("monetization_event"), "{report}");
 }
+
+/// `flowgate reconcile` only reads: pointed at a SQLite file that does not exist (a mistyped
+/// path), it says so and fails, and leaves no new, empty ledger behind to be found clean.
+#[tokio::test]
+async fn reconcile_of_a_missing_ledger_fails_and_creates_nothing() {
+    let h = Harness::start(StoreKind::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo.db");
+    let config = dir.path().join("reconcile.toml");
+    let url = format!("sqlite://{}", missing.display());
+    std::fs::write(&config, h.config.replace(&h.store_url, &url)).unwrap();
+    assert_ne!(std::fs::read_to_string(&config).unwrap(), h.config);
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["reconcile", "--config"])
+        .arg(&config)
+        .env_remove("FLOWGATE_STORE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no ledger at") && stderr.contains("typo.db"),
+        "{stderr}"
+    );
+    assert!(!missing.exists(), "a read created the file");
+}

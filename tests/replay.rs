@@ -390,7 +390,10 @@ async fn replay_refuses_bad_arguments_and_writes_nothing(store: StoreKind) {
         .unwrap();
         let (code, _, err) = run(&["--config", cfg.to_str().unwrap(), "--candidate", good]);
         assert_ne!(code, 0);
-        assert!(err.contains("database"), "{err}");
+        assert!(
+            err.contains("no ledger at") && err.contains("missing.db"),
+            "{err}"
+        );
         assert!(!missing.exists());
     }
 }

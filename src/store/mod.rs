@@ -58,6 +58,9 @@ pub enum StoreError {
     /// The store's URL names no backend flowgate has.
     #[error("unsupported store url (expected sqlite://... or postgres://...): {0}")]
     UnsupportedUrl(String),
+    /// A command that only reads the ledger was pointed at a SQLite file that does not exist.
+    #[error("no ledger at {0}: the file does not exist (check [store] url)")]
+    NoLedger(String),
     /// A stored value could not be read back (a bug or a tampered row).
     #[error("corrupt ledger row: {0}")]
     Corrupt(String),
@@ -383,7 +386,8 @@ impl Store {
 
     /// Opens the store at `url` for reading only: nothing is created or migrated, and no
     /// statement on it can write (SQLite: a read-only connection to an existing file;
-    /// PostgreSQL: read-only transactions). For `flowgate replay`.
+    /// PostgreSQL: read-only transactions). For `flowgate replay` and `flowgate reconcile`: a
+    /// mistyped SQLite path is an error, never a new empty ledger.
     pub async fn open_read_only(url: &str) -> Result<Store, StoreError> {
         if let Some(path) = url
             .strip_prefix("sqlite://")

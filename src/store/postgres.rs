@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{ConnectOptions, PgPool, Postgres, Row, Transaction};
 
 use super::debit::{self, LockedGrant};
 use super::shared::{to_bigint, to_unsigned};
@@ -119,9 +119,12 @@ impl PostgresStore {
     /// Connects for reading only: every transaction of these connections is read-only
     /// (`default_transaction_read_only`), so the server refuses any write.
     pub async fn open_read_only(url: &str) -> Result<PostgresStore, StoreError> {
+        // Its readers stream whole tables on purpose: sqlx's warning for a statement over a
+        // second would fire on every run of a large ledger.
         let options = PgConnectOptions::from_str(url)?
-            .application_name("flowgate-replay")
-            .options([("default_transaction_read_only", "on")]);
+            .application_name("flowgate-read-only")
+            .options([("default_transaction_read_only", "on")])
+            .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)

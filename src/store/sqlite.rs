@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use super::debit::LockedGrant;
 use super::{CommitReport, GrantBalance, LedgerSnapshot, Refund, StoreError, StoredGrant};
@@ -85,9 +85,16 @@ impl SqliteStore {
     /// Opens the existing database file at `path` read-only: SQLite refuses every write on
     /// these connections, and a missing file is an error, not a new ledger.
     pub async fn open_read_only(path: &str) -> Result<SqliteStore, StoreError> {
+        let file = path.split('?').next().unwrap_or(path);
+        if !std::path::Path::new(file).exists() {
+            return Err(StoreError::NoLedger(file.to_owned()));
+        }
+        // Its readers stream whole tables on purpose: sqlx's warning for a statement over a
+        // second would fire on every run of a large ledger.
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
             .read_only(true)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            .disable_statement_logging();
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
