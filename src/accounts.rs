@@ -191,8 +191,8 @@ pub struct Accounts {
     /// Written by re-reads, read by the ledger writer and the replica follower (see the module).
     sync: Arc<tokio::sync::RwLock<()>>,
     /// The configuration whose plans the view's accounts are on (`None`: a view built by hand,
-    /// which never re-reads the store). Replaced only under [`Accounts::reread_lock`], so that no re-read applies
-    /// an account on a plan of a configuration that was replaced meanwhile.
+    /// which never re-reads the store). Replaced only under [`Accounts::reread_lock`], so that
+    /// no re-read applies an account on a plan of a configuration that was replaced meanwhile.
     settings: Arc<parking_lot::RwLock<Option<Arc<Settings>>>>,
     /// Which announced commits the view's last reads already include (see [`Marks`]).
     marks: Arc<Mutex<Marks>>,
