@@ -500,6 +500,120 @@ impl Replicas {
     }
 }
 
+/// A replica's ledger commit can wait for grant rows another replica's commit holds (PostgreSQL
+/// row locks). Meanwhile the other replicas' notices are applied, not queued behind the wait:
+/// the view's follower and its writer do not wait for each other (`Accounts::apply_lock`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_hears_others_while_its_own_commit_waits() {
+    use flowgate::clock::Clock;
+    use flowgate::config::Settings;
+    use flowgate::gateway::Gateway;
+    use std::time::Duration;
+    use tokio::time::Instant; // waits for real processes
+
+    let db = PgDatabase::create().await;
+    let backend = MockBackend::start().await.expect("backend");
+    let config = CONFIG
+        .replace("__LISTEN__", "127.0.0.1:0")
+        .replace("__STORE__", &db.url)
+        .replace("__BACKEND__", &backend.url());
+    let start = || async {
+        let settings = Settings::parse(&config).expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        Gateway::start(settings, listener, Clock::System)
+            .await
+            .expect("gateway")
+    };
+    let a = start().await;
+    let b = start().await;
+    let credits = |g: &Gateway, account: &str| {
+        let app = g.app();
+        let feature = app.settings.feature_id("task").expect("feature");
+        app.accounts
+            .get(account)
+            .expect("account")
+            .with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
+    };
+    let task = |g: &Gateway, key: &'static str, units: u64| {
+        let url = format!("http://{}/v1/tasks", g.addr());
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(key)
+                .header("x-units", units)
+                .body("{}")
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(r.status(), 200);
+            r.text().await.expect("body");
+        }
+    };
+    // A re-read waits for a commit (it must not land between a commit and its settle), so
+    // first A hears a commit of B's: the account notices of both starts, sent before it, are
+    // then applied, and no re-read is left to queue behind A's commit below.
+    task(&b, "sk-bob", 10).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while credits(&a, "bob") != 99_970 {
+        assert!(Instant::now() < deadline, "A never heard B");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Alice's grant rows held, as another replica's long commit would hold them.
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("connect");
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM grants WHERE account_id = 'alice' FOR UPDATE")
+        .fetch_all(&mut *holder)
+        .await
+        .expect("lock alice's grants");
+    // A charges alice: its writer's commit waits for those rows.
+    task(&a, "sk-alice", 10).await;
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_activity")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while waiting().await == 0 {
+        assert!(Instant::now() < deadline, "A's commit never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // B charges bob; A hears it while its own commit still waits.
+    task(&b, "sk-bob", 100).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while credits(&a, "bob") != 99_670 {
+        assert!(
+            Instant::now() < deadline,
+            "A did not hear B's commit while its own waited: bob has {} there",
+            credits(&a, "bob")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(waiting().await, 1, "A's commit still waits");
+
+    // The rows free, A's commit lands and B hears it.
+    holder.rollback().await.expect("rollback");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while credits(&b, "alice") != 100_470 {
+        assert!(
+            Instant::now() < deadline,
+            "B still sees {} credits for alice",
+            credits(&b, "alice")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(credits(&a, "alice"), 100_470);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn json_of(r: reqwest::Response) -> serde_json::Value {
     let status = r.status();
     let body: serde_json::Value = r.json().await.expect("json");
