@@ -287,12 +287,31 @@ async fn two_replicas_charge_every_key_once() {
     pool.close().await;
 }
 
+/// A gateway in this process on `config`, on an ephemeral port: its view can be read directly.
+async fn in_process(config: &str) -> flowgate::gateway::Gateway {
+    let settings = flowgate::config::Settings::parse(config).expect("config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    flowgate::gateway::Gateway::start(settings, listener, flowgate::clock::Clock::System)
+        .await
+        .expect("gateway")
+}
+
+/// The credits `account` may spend on a task, as `g`'s view has them.
+fn spendable(g: &flowgate::gateway::Gateway, account: &str) -> u64 {
+    let app = g.app();
+    let feature = app.settings.feature_id("task").expect("feature");
+    app.accounts
+        .get(account)
+        .expect("account")
+        .with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
+}
+
 /// A replica's view follows what another replica spends (PostgreSQL LISTEN/NOTIFY), without
 /// waiting to write to the same grant itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_learns_what_another_spent() {
-    use flowgate::clock::Clock;
-    use flowgate::config::Settings;
     use flowgate::gateway::Gateway;
     use std::time::Duration;
     use tokio::time::Instant; // waits for real processes
@@ -307,25 +326,9 @@ async fn a_replica_learns_what_another_spent() {
             "amount = 100000\n\n[[accounts.grants]]",
             "amount = 1000\n\n[[accounts.grants]]",
         );
-    let start = || async {
-        let settings = Settings::parse(&config).expect("config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        Gateway::start(settings, listener, Clock::System)
-            .await
-            .expect("gateway")
-    };
-    let a = start().await;
-    let b = start().await;
-    let credits = |g: &Gateway| {
-        let app = g.app();
-        let feature = app.settings.feature_id("task").expect("feature");
-        app.accounts
-            .get("alice")
-            .expect("alice")
-            .with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
-    };
+    let a = in_process(&config).await;
+    let b = in_process(&config).await;
+    let credits = |g: &Gateway| spendable(g, "alice");
     assert_eq!(credits(&b), 1500); // g1 1000 + g2 500
 
     // 100 units × 3 credits through A.
@@ -505,8 +508,6 @@ impl Replicas {
 /// the view's follower and its writer do not wait for each other (`Accounts::apply_lock`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_hears_others_while_its_own_commit_waits() {
-    use flowgate::clock::Clock;
-    use flowgate::config::Settings;
     use flowgate::gateway::Gateway;
     use std::time::Duration;
     use tokio::time::Instant; // waits for real processes
@@ -517,25 +518,9 @@ async fn a_replica_hears_others_while_its_own_commit_waits() {
         .replace("__LISTEN__", "127.0.0.1:0")
         .replace("__STORE__", &db.url)
         .replace("__BACKEND__", &backend.url());
-    let start = || async {
-        let settings = Settings::parse(&config).expect("config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        Gateway::start(settings, listener, Clock::System)
-            .await
-            .expect("gateway")
-    };
-    let a = start().await;
-    let b = start().await;
-    let credits = |g: &Gateway, account: &str| {
-        let app = g.app();
-        let feature = app.settings.feature_id("task").expect("feature");
-        app.accounts
-            .get(account)
-            .expect("account")
-            .with_state(|_, s| s.spendable_credits(feature, flowgate::clock::now_ms()))
-    };
+    let a = in_process(&config).await;
+    let b = in_process(&config).await;
+    let credits = spendable;
     let task = |g: &Gateway, key: &'static str, units: u64| {
         let url = format!("http://{}/v1/tasks", g.addr());
         async move {
