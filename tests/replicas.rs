@@ -520,7 +520,6 @@ async fn a_replica_hears_others_while_its_own_commit_waits() {
         .replace("__BACKEND__", &backend.url());
     let a = in_process(&config).await;
     let b = in_process(&config).await;
-    let credits = spendable;
     let task = |g: &Gateway, key: &'static str, units: u64| {
         let url = format!("http://{}/v1/tasks", g.addr());
         async move {
@@ -541,7 +540,7 @@ async fn a_replica_hears_others_while_its_own_commit_waits() {
     // then applied, and no re-read is left to queue behind A's commit below.
     task(&b, "sk-bob", 10).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while credits(&a, "bob") != 99_970 {
+    while spendable(&a, "bob") != 99_970 {
         assert!(Instant::now() < deadline, "A never heard B");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -573,11 +572,11 @@ async fn a_replica_hears_others_while_its_own_commit_waits() {
     // B charges bob; A hears it while its own commit still waits.
     task(&b, "sk-bob", 100).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while credits(&a, "bob") != 99_670 {
+    while spendable(&a, "bob") != 99_670 {
         assert!(
             Instant::now() < deadline,
             "A did not hear B's commit while its own waited: bob has {} there",
-            credits(&a, "bob")
+            spendable(&a, "bob")
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -586,15 +585,15 @@ async fn a_replica_hears_others_while_its_own_commit_waits() {
     // The rows free, A's commit lands and B hears it.
     holder.rollback().await.expect("rollback");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while credits(&b, "alice") != 100_470 {
+    while spendable(&b, "alice") != 100_470 {
         assert!(
             Instant::now() < deadline,
             "B still sees {} credits for alice",
-            credits(&b, "alice")
+            spendable(&b, "alice")
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(credits(&a, "alice"), 100_470);
+    assert_eq!(spendable(&a, "alice"), 100_470);
     a.shutdown().await;
     b.shutdown().await;
 }
